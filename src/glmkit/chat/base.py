@@ -1,0 +1,146 @@
+"""The ChatFormat contract shared by every format, plus helpers for the ChatGLM-style output segments.
+
+A format turns normalized messages into prompt token ids (`render`), a finished generation into visible text
+and tool calls (`parse`), and a generation in progress into what a streaming UI may show (`display_text`).
+Subclasses implement `_render`; text-only formats inherit `parse`/`display_text`. Knows nothing of the engine,
+HTTP or sampling.
+"""
+
+from __future__ import annotations
+
+from ..errors import InvalidParameterError
+from .messages import normalize_messages, normalize_tools, persona_system_prompt, validate_character
+from .tool_calls import ParsedOutput, ToolCall
+
+REPLACEMENT_CHAR = "\ufffd"
+TRAINING_TIME_MARKER = "[[训练时间]]"
+
+
+def dedupe(ids) -> list[int]:
+    return [i for n, i in enumerate(ids) if i is not None and i not in ids[:n]]
+
+
+def withhold_partial(text: str, markers: tuple[str, ...] = ()) -> str:
+    """Drop a tail that may still change as tokens arrive: an incomplete UTF-8 character (decoded as U+FFFD)
+    or the start of a marker the post-processing would rewrite or hide. Keeps streamed text prefix-stable."""
+    text = text.rstrip(REPLACEMENT_CHAR)
+    for marker in markers:
+        for k in range(len(marker) - 1, 0, -1):
+            if text.endswith(marker[:k]):
+                return text[:-k]
+    return text
+
+
+def chatglm_postprocess(text: str) -> str:
+    """ChatGLM2/3's own response clean-up: strip, and the training-time placeholder becomes 2023年."""
+    return text.replace(TRAINING_TIME_MARKER, "2023年").strip()
+
+
+class ChatFormat:
+    name = ""
+    required_special_tokens: tuple[str, ...] = ()
+    supports_tools = True
+    # Formats without a native character profile get it as a leading system message.
+    persona_as_system = True
+
+    def __init__(self, tokenizer, eos_token_ids: list[int] | None = None, template: str | None = None):
+        self.tokenizer = tokenizer
+        missing = [t for t in self.required_special_tokens if t not in tokenizer.special_tokens]
+        if missing:
+            raise InvalidParameterError(
+                "chat_format", self.name, f"needs the special tokens {missing}, which this model's tokenizer lacks; "
+                "pick the format of this model (or omit chat_format to detect it)")
+        self.stop_token_ids = dedupe(self._format_stop_ids() + list(eos_token_ids or []))
+
+    def _format_stop_ids(self) -> list[int]:
+        return [self.tokenizer.eos_token_id]
+
+    def special(self, token: str) -> int:
+        return self.tokenizer.special_id(token)
+
+    # -- rendering ---------------------------------------------------------------------------------------
+    def render(self, messages, tools=None, character=None, add_generation_prompt: bool = True) -> list[int]:
+        msgs = normalize_messages(messages)
+        tool_list = normalize_tools(tools)
+        if tool_list and not self.supports_tools:
+            raise InvalidParameterError("tools", f"{len(tool_list)} tools",
+                                        f"the {self.name} chat format has no tool calling; send the request "
+                                        "without tools, or serve a model that supports them (ChatGLM3, GLM-4, "
+                                        "Qwen2.5)")
+        profile = validate_character(character) if character is not None else None
+        if profile is not None and self.persona_as_system:
+            msgs = [{"role": "system", "content": persona_system_prompt(profile), "metadata": ""}] + msgs
+            profile = None
+        return self._render(msgs, tool_list, profile, add_generation_prompt)
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, character: dict | None,
+                add_generation_prompt: bool) -> list[int]:
+        raise NotImplementedError
+
+    # -- output ------------------------------------------------------------------------------------------
+    def postprocess(self, text: str) -> str:
+        return text.strip()
+
+    def stream_markers(self) -> tuple[str, ...]:
+        return ()
+
+    def parse(self, output_ids: list[int], tools=None) -> ParsedOutput:
+        return ParsedOutput(content=self.postprocess(self.tokenizer.decode(output_ids)), tool_calls=[])
+
+    def display_text(self, output_ids: list[int], final: bool = False) -> str:
+        """Visible text so far. `final=True` (the generation has ended) releases withheld tails, so the last
+        display equals parse(...).content for plain answers."""
+        text = self.tokenizer.decode(output_ids)
+        return self.postprocess(text if final else withhold_partial(text, self.stream_markers()))
+
+
+class SegmentedFormat(ChatFormat):
+    """ChatGLM3/GLM-4 output: segments separated by <|assistant|>, each `metadata line \\n body`.
+
+    An empty metadata line marks text; a tool name marks a call, which the subclass parses in `_parse_call`.
+    """
+
+    def _split(self, output_ids: list[int]) -> list[str]:
+        assistant_id = self.special("<|assistant|>")
+        runs: list[list[int]] = [[]]
+        for token_id in output_ids:
+            if token_id == assistant_id:
+                runs.append([])
+            else:
+                runs[-1].append(token_id)
+        # Split on ids, not on decoded text: a model writing the characters "<|assistant|>" as plain text
+        # must not start a segment.
+        return [self.tokenizer.decode(run) for run in runs]
+
+    def _parse_call(self, metadata: str, body: str, tools) -> ToolCall | None:
+        raise NotImplementedError
+
+    def parse(self, output_ids: list[int], tools=None) -> ParsedOutput:
+        texts, calls = [], []
+        for segment in self._split(output_ids):
+            metadata, sep, body = segment.partition("\n")
+            if not sep:  # no metadata line at all: the original parser keeps it as text
+                metadata, body = "", segment
+            metadata = metadata.strip()
+            call = self._parse_call(metadata, body, tools)
+            if call is not None:
+                calls.append(call)
+            else:
+                texts.append(self.postprocess(body))
+        return ParsedOutput(content="\n".join(t for t in texts if t), tool_calls=calls)
+
+    def display_text(self, output_ids: list[int], final: bool = False) -> str:
+        if final:
+            return self.parse(output_ids).content
+        texts = []
+        segments = self._split(output_ids)
+        for n, segment in enumerate(segments):
+            metadata, sep, body = segment.partition("\n")
+            if not sep:  # the metadata line is not finished: text or tool call is not known yet
+                break
+            if metadata.strip():  # a tool-call segment: nothing to show
+                continue
+            if n == len(segments) - 1:
+                body = withhold_partial(body, self.stream_markers())
+            texts.append(self.postprocess(body))
+        return "\n".join(t for t in texts if t)

@@ -1,0 +1,75 @@
+"""GLM-4-9B-chat: `[gMASK]<sop>`, an optional `<|system|>` tools block, then per message with non-empty content
+`<|role|>` + encode(metadata + "\\n" + content), then `<|assistant|>` (spec 4.3).
+
+Mirrors the checkpoint's Jinja template at token level: the text between two special tokens is encoded as
+one piece (one `encode` call), and role tokens are placed as ids, so user text cannot forge a turn. Tool calls
+are `<|assistant|>{name}\\n{json}` segments (spec 4.4). Only "function" tools are supported; the template's
+built-in python/simple_browser/cogview tools are not. Knows nothing of the engine.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .base import SegmentedFormat
+from .chatglm3 import ROLE_TOKENS, call_turns
+from .messages import normalize_tools
+from .tool_calls import ToolCall, declared_tool_names, parse_json_tool_call
+
+TOOLS_SYSTEM_PROMPT = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+                       "你的任务是针对用户的问题和要求提供适当的答复和支持。")
+TOOLS_HEADER = "\n\n# 可用工具"
+FUNCTION_FOOTER = "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+
+
+def tools_block(tools: list[dict]) -> str:
+    """The text after `<|system|>` for a tools list, as the template's tojson(indent=4) writes it."""
+    text = "\n" + TOOLS_SYSTEM_PROMPT + TOOLS_HEADER
+    for tool in tools:
+        function = tool["function"]
+        text += f"\n\n## {function['name']}\n\n{json.dumps(function, ensure_ascii=False, indent=4)}{FUNCTION_FOOTER}"
+    return text
+
+
+class GLM4Format(SegmentedFormat):
+    name = "glm4"
+    required_special_tokens = ("[gMASK]", "<sop>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>",
+                               "<|observation|>")
+
+    def _format_stop_ids(self) -> list[int]:
+        return [self.special("<|endoftext|>"), self.special("<|user|>"), self.special("<|observation|>")]
+
+    def _render(self, messages, tools, character, add_generation_prompt):
+        ids = [self.special("[gMASK]"), self.special("<sop>")]
+        if tools:
+            ids += [self.special("<|system|>")] + self.tokenizer.encode(tools_block(tools))
+        for i, message in enumerate(messages):
+            if "tools" in message:  # ChatGLM-shaped history: the tools ride on a system message
+                message_tools = normalize_tools(message["tools"], field=f"messages[{i}].tools")
+                if message_tools:
+                    ids += [self.special("<|system|>")] + self.tokenizer.encode(tools_block(message_tools))
+            if message["role"] == "assistant":
+                turns = call_turns(message, lambda name, arguments: arguments)
+            else:
+                turns = [(message["role"], message["metadata"], message["content"])]
+            for role, metadata, content in turns:
+                if content:  # the template skips items with empty content entirely
+                    ids.append(self.special(ROLE_TOKENS[role]))
+                    ids += self.tokenizer.encode(metadata + "\n" + content)
+        if add_generation_prompt:
+            ids.append(self.special("<|assistant|>"))
+        return ids
+
+    def _parse_call(self, metadata: str, body: str, tools) -> ToolCall | None:
+        names = declared_tool_names(tools)
+        if metadata:
+            # With a declared tools list only its names count; without one (tools given inside the
+            # messages) any metadata line followed by a JSON object is a call.
+            if names and metadata not in names:
+                return None
+            return parse_json_tool_call(metadata, body)
+        # GLM-4's own server rule: first line a declared tool name, the rest a JSON object.
+        first, sep, rest = body.strip().partition("\n")
+        if sep and first.strip() in names and rest.lstrip().startswith("{"):
+            return parse_json_tool_call(first.strip(), rest)
+        return None

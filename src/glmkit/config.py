@@ -1,0 +1,41 @@
+"""EngineConfig: how the model is loaded and run. A dataclass that validates itself; no environment reads."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import InvalidParameterError
+
+DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
+          "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None            # None: the embedded default model
+    dtype: str = "auto"                 # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"                # auto: cuda if available, else cpu
+    chat_format: str | None = None      # None: chosen from the checkpoint
+    max_model_len: int | None = None    # None: the model's own limit (capped by the KV cache)
+    kv_cache_memory_gb: float | None = None  # None: 2 GiB on CPU, 40% of free memory on GPU
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    num_threads: int | None = None      # CPU threads for torch; None: torch's default
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise InvalidParameterError("dtype", self.dtype, f"must be one of {', '.join(DTYPES)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise InvalidParameterError("device", self.device, "must be auto, cpu, cuda or cuda:N")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidParameterError(name, value, "must be a positive integer")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise InvalidParameterError("kv_cache_memory_gb", self.kv_cache_memory_gb, "must be > 0 (GiB)")
+        if self.block_size not in (8, 16, 32, 64, 128, 256):
+            raise InvalidParameterError("block_size", self.block_size, "must be one of 8, 16, 32, 64, 128, 256")
+
+    def summary(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in asdict(self).items())

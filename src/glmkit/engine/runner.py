@@ -1,0 +1,60 @@
+"""ModelRunner: owns the model and the KV-cache tensors; turns scheduled sequences into one forward pass.
+
+KV cache per layer: k and v of shape [num_blocks * block_size, num_kv_heads, head_dim], addressed by slot
+(see BlockManager). Knows tensors and the model; knows nothing of requests' text, chat formats or HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..models.layers import AttentionBatch, DecoderModel, SeqSlice
+from .block_manager import BlockManager
+from .sampler import Sampler
+from .sequence import Sequence
+
+log = logging.getLogger("glmkit")
+
+
+def kv_bytes_per_token(model: DecoderModel, dtype: torch.dtype) -> int:
+    c = model.config
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
+        self.model = model
+        self.device = model.embed.weight.device
+        self.block_size = block_size
+        c = model.config
+        shape = (num_blocks * block_size, c.num_kv_heads, c.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=kv_dtype, device=self.device)) for _ in range(c.num_layers)]
+        self.sampler = Sampler(invalid_score_token=5 if c.family == "glm" else None)
+
+    def _prepare(self, seqs: list[Sequence], blocks: BlockManager):
+        input_ids, positions, slots, slices, last_rows = [], [], [], [], []
+        for seq in seqs:
+            start, end = seq.num_cached, len(seq)
+            ids = seq.all_ids
+            q_start = len(input_ids)
+            input_ids.extend(ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(blocks.slots(seq, start, end))
+            kv_slots = None if start == 0 else torch.tensor(blocks.slots(seq, 0, end), device=self.device)
+            slices.append(SeqSlice(q_start, end - start, kv_slots))
+            last_rows.append(len(input_ids) - 1)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        batch = AttentionBatch(slot_mapping=as_tensor(slots), seqs=slices)
+        return as_tensor(input_ids), as_tensor(positions), batch, as_tensor(last_rows)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], blocks: BlockManager) -> list[int]:
+        input_ids, positions, batch, last_rows = self._prepare(seqs, blocks)
+        hidden = self.model(input_ids, positions, batch, self.kv_caches)
+        logits = self.model.compute_logits(hidden[last_rows])
+        for seq in seqs:
+            seq.num_cached = len(seq)
+        return self.sampler(logits, seqs)

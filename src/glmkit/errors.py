@@ -1,0 +1,34 @@
+"""Typed errors for user mistakes.
+
+Every message names the field, the value, the limit and the fix, so a user (or the server, which maps these
+to OpenAI-shaped JSON) can act on it without reading a stack trace. Internal invariants use `assert` instead.
+"""
+
+
+class GlmkitError(Exception):
+    """Base class of every error glmkit raises on purpose."""
+
+
+class ModelLoadError(GlmkitError):
+    """The model directory, file, config or tokenizer cannot be used as given."""
+
+
+class InvalidParameterError(GlmkitError, ValueError):
+    """A request or sampling parameter is out of range or of the wrong kind."""
+
+    def __init__(self, field: str, value, message: str):
+        super().__init__(f"{field}={value!r}: {message}")
+        self.field = field
+        self.value = value
+
+
+class ContextLengthError(GlmkitError, ValueError):
+    """The prompt (plus what must be generated) does not fit the model's context."""
+
+    def __init__(self, num_prompt_tokens: int, max_model_len: int):
+        super().__init__(
+            f"prompt has {num_prompt_tokens} tokens but the model accepts {max_model_len} (max_model_len); "
+            "shorten the messages or raise --max-model-len if the model supports it"
+        )
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_model_len = max_model_len

@@ -1,0 +1,191 @@
+"""LLM: the in-process Python API. Loads a model directory (or GGUF, or the embedded default), its tokenizer
+and chat format, sizes the KV cache, and runs `generate` / `chat` on the engine.
+
+Shapes follow vLLM's: `generate(prompts, params)` and `chat(messages, params)` return RequestOutputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .chat import get_chat_format
+from .config import DTYPES, EngineConfig
+from .engine.llm_engine import LLMEngine
+from .engine.outputs import CompletionOutput, Delta, RequestOutput
+from .engine.runner import ModelRunner, kv_bytes_per_token
+from .engine.sampling_params import SamplingParams
+from .errors import InvalidParameterError, ModelLoadError
+from .models.loader import load_model, read_config
+from .tokenizers import load_tokenizer
+
+log = logging.getLogger("glmkit")
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """A directory with config.json: as given, converted from a GGUF file, or the embedded default model."""
+    from .models.gguf import ensure_converted
+
+    if model is None:
+        from .models.default import default_gguf_path
+
+        return ensure_converted(default_gguf_path())
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {model!r} does not exist; pass a local model directory or .gguf file "
+                             "(glmkit never downloads weights), or omit --model for the embedded default model")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{model!r} is a file but not a .gguf; pass the model's directory instead")
+        return ensure_converted(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").is_file() and len(ggufs) == 1:
+        return ensure_converted(ggufs[0])
+    return path
+
+
+def _device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidParameterError("device", config.device, "CUDA is not available on this machine; use cpu")
+    name = DTYPES[config.dtype] or ("bfloat16" if device.startswith("cuda") else "float32")
+    return torch.device(device), getattr(torch, name)
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs):
+        self.config = EngineConfig(model=model, **kwargs)
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.model_dir = resolve_model_dir(model)
+        self.device, self.dtype = _device_and_dtype(self.config)
+        _, self.model_config = read_config(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.model = load_model(self.model_dir, self.model_config, self.dtype, self.device)
+        mc = self.model_config
+        self.chat_format = get_chat_format(self.config.chat_format, tokenizer=self.tokenizer,
+                                           model_type=mc.model_type, model_name=mc.name or self.model_dir.name,
+                                           eos_token_ids=mc.eos_token_ids)
+        eos = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
+        self.engine = self._build_engine(sorted(eos))
+        log.info("glmkit: model=%s format=%s device=%s dtype=%s max_model_len=%d kv_blocks=%d",
+                 self.model_dir, self.chat_format.name, self.device, self.dtype, self.engine.max_model_len,
+                 self.engine.blocks.num_blocks)
+
+    def _build_engine(self, eos_token_ids: list[int]) -> LLMEngine:
+        c = self.config
+        per_token = kv_bytes_per_token(self.model, self.dtype)
+        if c.kv_cache_memory_gb is not None:
+            budget = int(c.kv_cache_memory_gb * 2**30)
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * 0.4)
+        else:
+            budget = 2 * 2**30
+        num_blocks = max(budget // (per_token * c.block_size), 1)
+        capacity = num_blocks * c.block_size
+        max_len = min(c.max_model_len or self.model_config.max_position_embeddings, capacity)
+        if c.max_model_len and c.max_model_len > capacity:
+            log.warning("max_model_len=%d does not fit the KV cache (%d tokens); using %d. Raise "
+                        "--kv-cache-memory to allow longer contexts", c.max_model_len, capacity, max_len)
+        runner = ModelRunner(self.model, num_blocks, c.block_size, self.dtype)
+        return LLMEngine(runner, self.tokenizer, num_blocks, c.block_size, max_len, c.max_num_seqs,
+                         c.max_num_batched_tokens, eos_token_ids)
+
+    # -- prompts ---------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            if getattr(self.tokenizer, "add_bos", False) and self.tokenizer.bos_token_id is not None:
+                ids = [self.tokenizer.bos_token_id] + ids
+            return ids
+        if isinstance(prompt, (list, tuple)) and all(isinstance(i, int) for i in prompt):
+            return list(prompt)
+        raise InvalidParameterError("prompt", prompt, "must be a string or a list of token ids")
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    character: dict | None = None) -> list[int]:
+        return self.chat_format.render(messages, tools=tools, character=character)
+
+    # -- running ---------------------------------------------------------------------------------------
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+        ids = [uuid.uuid4().hex for _ in prompts]
+        for request_id, prompt_ids, p in zip(ids, prompts, params):
+            self.engine.add_request(prompt_ids, p, request_id)
+        results = {rid: {} for rid in ids}
+        try:
+            while self.engine.has_unfinished():
+                for d in self.engine.step():
+                    out = results[d.request_id].setdefault(d.index, CompletionOutput(d.index, "", [], None))
+                    out.text += d.text
+                    out.token_ids += d.token_ids
+                    out.finish_reason, out.stop_reason = d.finish_reason, d.stop_reason
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        return [RequestOutput(rid, prompt, [results[rid][i] for i in sorted(results[rid])])
+                for rid, prompt in zip(ids, prompts)]
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        encoded = [self.encode_prompt(p) for p in prompts]
+        return self._run(encoded, self._params_list(params, len(encoded)))
+
+    def chat(self, messages, params: SamplingParams | None = None, *, tools: list[dict] | None = None,
+             character: dict | None = None) -> list[RequestOutput]:
+        """One conversation (a list of message dicts) or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.render_chat(conv, tools, character) for conv in conversations]
+        outputs = self._run(prompts, [self._chat_params(p) for p in self._params_list(params, len(prompts))])
+        for out in outputs:
+            for choice in out.outputs:
+                parsed = self.chat_format.parse(choice.token_ids, tools)
+                choice.text, choice.tool_calls = parsed.content, parsed.tool_calls
+        return outputs
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
+                    tools: list[dict] | None = None, character: dict | None = None) -> Iterator[tuple[str, Delta]]:
+        """Yield (display text delta, engine delta) for one conversation; closing the iterator aborts it."""
+        prompt = self.render_chat(messages, tools, character)
+        params = self._chat_params(params or SamplingParams())
+        request_id = uuid.uuid4().hex
+        self.engine.add_request(prompt, params, request_id)
+        output_ids: list[int] = []
+        shown = ""
+        try:
+            while self.engine.has_unfinished():
+                for d in self.engine.step():
+                    if d.request_id != request_id:
+                        continue
+                    output_ids += d.token_ids
+                    display = self.chat_format.display_text(output_ids)
+                    new = display[len(shown):] if display.startswith(shown) else ""
+                    shown = display if display.startswith(shown) else shown
+                    yield new, d
+                    if d.finished:
+                        return
+        finally:
+            self.engine.abort(request_id)
+
+    def _chat_params(self, params: SamplingParams) -> SamplingParams:
+        from dataclasses import replace
+
+        return replace(params, extra_stop_token_ids=self.chat_format.stop_token_ids, skip_special_tokens=False)
+
+    @staticmethod
+    def _params_list(params, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams() for _ in range(count)]
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        if len(params) != count:
+            raise InvalidParameterError("params", f"{len(params)} items", f"must match the {count} prompts")
+        return list(params)

@@ -1,0 +1,173 @@
+"""The decoder shared by every family: RMSNorm, rotary embedding, attention over a slot-addressed KV cache,
+SwiGLU MLP.
+
+Weights use one internal layout (fused `qkv` rows [q | k | v], fused `gate_up` rows [gate | up]); the family
+modules map checkpoint names onto it. The numerics follow ChatGLM's modeling code: RMSNorm variance in fp32,
+rotary tables computed in fp32 and cast to the model dtype, KV groups expanded before SDPA.
+
+The attention reads and writes K/V through a flat slot index (`slot_mapping`, per-sequence `kv_slots`), the
+shape a paged KV cache hands over; it knows nothing of blocks, scheduling or requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+@dataclass
+class SeqSlice:
+    q_start: int                   # first row of this sequence in the flat token batch
+    q_len: int                     # new tokens of this sequence in the batch
+    kv_slots: torch.Tensor | None  # [context_len] cache slots of all its tokens (None: no past, attend new ones)
+
+
+@dataclass
+class AttentionBatch:
+    slot_mapping: torch.Tensor     # [num_tokens] cache slot for each new token's K/V
+    seqs: list[SeqSlice]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        return (self.weight * x).to(self.weight.dtype)
+
+
+class Rotary:
+    """cos/sin tables [max_pos, rotary_dim // 2], computed in fp32 as the original, grown on demand."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        self.dim, self.base, self.interleaved = config.rotary_dim, config.rope_theta, config.rope_interleaved
+        self.dtype, self.device = dtype, device
+        self.cos = self.sin = torch.empty(0, self.dim // 2, dtype=dtype, device=device)
+
+    def _grow(self, n: int) -> None:
+        n = max(n, 2 * self.cos.shape[0], 2048)
+        theta = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float, device=self.device) / self.dim))
+        angles = torch.outer(torch.arange(n, dtype=torch.float, device=self.device), theta).float()
+        self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim]; positions: [T]."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            self._grow(int(positions.max()) + 1)
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]  # [T, 1, rot/2]
+        rot, rest = x[..., : self.dim], x[..., self.dim:]
+        if self.interleaved:
+            pairs = rot.reshape(*rot.shape[:-1], self.dim // 2, 2)
+            x0, x1 = pairs[..., 0], pairs[..., 1]
+            rot = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2)
+        else:
+            x0, x1 = rot[..., : self.dim // 2], rot[..., self.dim // 2:]
+            rot = torch.cat([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)
+        return torch.cat([rot, rest], -1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last q_len positions. q: [L, H, D]; k, v: [S, G, D] with S >= L. -> [L, H*D]."""
+    num_q, num_heads, head_dim = q.shape
+    num_kv, groups = k.shape[0], k.shape[1]
+    # Expand KV groups to heads the way ChatGLM does (group g serves heads g*H/G ... (g+1)*H/G - 1).
+    k = k.unsqueeze(2).expand(-1, -1, num_heads // groups, -1).contiguous().view(num_kv, num_heads, head_dim)
+    v = v.unsqueeze(2).expand(-1, -1, num_heads // groups, -1).contiguous().view(num_kv, num_heads, head_dim)
+    q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))  # [1, H, len, D]
+    if num_q == num_kv:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif num_q == 1:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        mask = torch.ones(num_q, num_kv, dtype=torch.bool, device=q.device).tril(num_kv - num_q)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.permute(2, 0, 1, 3).reshape(num_q, num_heads * head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = [q_size, kv_size, kv_size]
+        self.qkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.o = nn.Linear(q_size, config.hidden_size, bias=False)
+
+    def forward(self, x, positions, batch: AttentionBatch, kv_cache, rotary: Rotary):
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions)
+        k = rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+        outs = []
+        for s in batch.seqs:
+            rows = slice(s.q_start, s.q_start + s.q_len)
+            if s.kv_slots is None:
+                outs.append(attend(q[rows], k[rows], v[rows]))
+            else:
+                outs.append(attend(q[rows], k_cache[s.kv_slots].to(q.dtype), v_cache[s.kv_slots].to(q.dtype)))
+        return self.o(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, batch, kv_cache, rotary):
+        x = x + self.attn(self.attn_norm(x), positions, batch, kv_cache, rotary)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary: Rotary | None = None
+
+    def finish_loading(self) -> None:
+        """Called once the weights are in place: ties the head if asked, builds the rotary tables."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rotary = Rotary(self.config, self.embed.weight.dtype, self.embed.weight.device)
+
+    def forward(self, input_ids, positions, batch: AttentionBatch, kv_caches) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden]."""
+        x = self.embed(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, batch, kv_cache, self.rotary)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in fp32."""
+        return self.lm_head(hidden).float()
