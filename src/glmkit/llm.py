@@ -75,7 +75,8 @@ class LLM:
         eos = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
         self.engine = self._build_engine(sorted(eos))
         log.info("glmkit: model=%s format=%s device=%s dtype=%s max_model_len=%d kv_blocks=%d",
-                 self.model_dir, self.chat_format.name, self.device, self.dtype, self.engine.max_model_len,
+                 self.model_dir, self.chat_format.name, self.device, str(self.dtype).removeprefix("torch."),
+                 self.engine.max_model_len,
                  self.engine.blocks.num_blocks)
 
     def _build_engine(self, eos_token_ids: list[int]) -> LLMEngine:
@@ -166,7 +167,7 @@ class LLM:
                     if d.request_id != request_id:
                         continue
                     output_ids += d.token_ids
-                    display = self.chat_format.display_text(output_ids)
+                    display = self.chat_format.display_text(output_ids, final=d.finished)
                     new = display[len(shown):] if display.startswith(shown) else ""
                     shown = display if display.startswith(shown) else shown
                     yield new, d
