@@ -1,0 +1,106 @@
+"""End to end with the real embedded default model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF): assembly,
+conversion, chat in English and Chinese, tool calling, streaming, and the `glmkit chat` command over a pipe."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from glmkit import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+GREEDY = SamplingParams(temperature=0, max_tokens=48)
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "city name"}},
+                   "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM()
+
+
+def test_default_model_is_the_verified_gguf(llm):
+    import hashlib
+
+    from glmkit.models import default
+
+    path = default.default_gguf_path()
+    assert path.stat().st_size == default.SIZE
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    assert digest.hexdigest() == default.SHA256
+    assert llm.model_config.model_type == "qwen2" and llm.chat_format.name == "jinja"
+    assert llm.model_config.num_layers == 24
+
+
+def test_english_arithmetic(llm):
+    out = llm.chat([{"role": "user", "content": "What is 2+3? Reply with just the number."}], GREEDY)[0]
+    assert out.text.strip() == "5" and out.finish_reason == "stop"
+
+
+def test_chinese_answer(llm):
+    out = llm.chat([{"role": "user", "content": "你好，请用一句话介绍你自己"}], GREEDY)[0]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in out.text)
+
+
+def test_system_prompt_and_batch_of_conversations(llm):
+    conversations = [[{"role": "system", "content": "Always answer in uppercase."},
+                      {"role": "user", "content": "Say hello."}],
+                     [{"role": "user", "content": "What is 2+3? Reply with just the number."}]]
+    outs = llm.chat(conversations, GREEDY)
+    assert len(outs) == 2 and outs[1].text.strip() == "5"
+
+
+@pytest.mark.parametrize("question,city", [("What's the weather like in Beijing today?", "Beijing"),
+                                           ("北京今天天气怎么样？", "北京")])
+def test_tool_call(llm, question, city):
+    out = llm.chat([{"role": "user", "content": question}], GREEDY, tools=[WEATHER_TOOL])[0]
+    assert [c.name for c in out.tool_calls] == ["get_weather"]
+    assert json.loads(out.tool_calls[0].arguments) == {"city": city}
+
+
+def test_tool_result_round_trip(llm):
+    messages = [{"role": "user", "content": "What's the weather like in Beijing today?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Beijing"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 22, "sky": "sunny"}'}]
+    out = llm.chat(messages, GREEDY, tools=[WEATHER_TOOL])[0]
+    assert not out.tool_calls and "22" in out.text
+
+
+def test_stream_chat_deltas_add_up(llm):
+    messages = [{"role": "user", "content": "用Python写一个函数，返回两个数的和"}]
+    pieces = [piece for piece, _ in llm.stream_chat(messages, SamplingParams(temperature=0, max_tokens=40))]
+    full = llm.chat(messages, SamplingParams(temperature=0, max_tokens=40))[0].text
+    assert "".join(pieces) == full and len(pieces) > 5
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+def test_cli_chat_over_a_pipe():
+    script = "What is 2+3? Reply with just the number.\nclear\n你好\nexit\nthis line is never read\n"
+    proc = subprocess.run([sys.executable, "-m", "glmkit.cli", "chat", "--temperature", "0", "--max-tokens", "24"],
+                          input=script, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines[0].strip() == "5"
+    assert len(lines) >= 2 and "never" not in proc.stdout
+    assert "format=jinja" in proc.stderr  # the resolved configuration is printed once at start-up
+
+
+def test_cli_generate_raw_prompt():
+    proc = subprocess.run([sys.executable, "-m", "glmkit.cli", "generate", "--prompt", "def fibonacci(n):",
+                           "--max-tokens", "16"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_cli_reports_a_bad_model_path_cleanly():
+    proc = subprocess.run([sys.executable, "-m", "glmkit.cli", "chat", "--model", "/no/such/model"],
+                          input="hi\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
