@@ -18,3 +18,14 @@ def hf_tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("hftok")
     write_hf_tokenizer(out)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_cpu_thread():
+    """Tiny test models run faster on one thread than on several (threading overhead dominates)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -19,7 +19,14 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM()
+    import os
+
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # a real model: use every core, as users do
+    yield LLM()
+    torch.set_num_threads(previous)
 
 
 def test_default_model_is_the_verified_gguf(llm):

@@ -48,16 +48,6 @@ def reference_sp_model(sp_model_path, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tiny model is all per-op overhead: one intra-op thread is ~20x faster than two on a busy 2-core box,
-    and the golden ids do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 _LLMS: dict[str, object] = {}
 
 
