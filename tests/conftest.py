@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from tokenizer_fixtures import train_sentencepiece, write_glm4_ranks, write_hf_tokenizer
@@ -29,3 +31,25 @@ def _one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def sp(sp_model_path):
+    from glmkit.tokenizers.chatglm_sp import ChatGLMSPTokenizer
+
+    return ChatGLMSPTokenizer(sp_model_path)
+
+
+@pytest.fixture(scope="session")
+def g4(glm4_ranks_path):
+    from glmkit.tokenizers.glm4 import GLM4Tokenizer
+
+    return GLM4Tokenizer(glm4_ranks_path)
+
+
+@pytest.fixture(scope="session")
+def hf(hf_tokenizer_dir):
+    from glmkit.tokenizers.hf import HFTokenizer
+
+    config = json.loads((hf_tokenizer_dir / "tokenizer_config.json").read_text())
+    return HFTokenizer(hf_tokenizer_dir / "tokenizer.json", config)

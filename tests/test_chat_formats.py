@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from glmkit.chat import FORMATS, ChatFormat, get_chat_format, normalize_messages
-from glmkit.errors import InvalidParameterError, ModelLoadError
-from glmkit.tokenizers.chatglm_sp import ChatGLMSPTokenizer
-from glmkit.tokenizers.glm4 import GLM4Tokenizer
 from glmkit.tokenizers.hf import HFTokenizer
+from glmkit.errors import InvalidParameterError, ModelLoadError
 
 GOLDEN = Path(__file__).parent / "golden" / "chat"
 
@@ -54,22 +52,6 @@ QWEN_TOOLS_TEMPLATE = r"""
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
 """
-
-
-@pytest.fixture(scope="module")
-def sp(sp_model_path):
-    return ChatGLMSPTokenizer(sp_model_path)
-
-
-@pytest.fixture(scope="module")
-def g4(glm4_ranks_path):
-    return GLM4Tokenizer(glm4_ranks_path)
-
-
-@pytest.fixture(scope="module")
-def hf(hf_tokenizer_dir):
-    config = json.loads((hf_tokenizer_dir / "tokenizer_config.json").read_text())
-    return HFTokenizer(hf_tokenizer_dir / "tokenizer.json", config)
 
 
 def fmt(name, tokenizer, **kwargs) -> ChatFormat:

@@ -4,10 +4,9 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from checkpoint_fixtures import (chatglm_config, chatglm_to_glm_hf, llama_config, make_chatglm_dir, make_hf_dir,
-                                 random_chatglm_state, random_llama_state, write_gguf, write_weights)
+                                 random_chatglm_state, random_llama_state, write_gguf)
 from glmkit import LLM, SamplingParams
 from glmkit.errors import ModelLoadError
 from glmkit.tokenizers.chatglm_sp import ChatGLMSPTokenizer

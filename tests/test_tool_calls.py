@@ -13,28 +13,9 @@ import pytest
 from glmkit.chat import get_chat_format
 from glmkit.chat.tool_calls import (ToolCall, format_python_tool_call, parse_hermes_tool_calls,
                                     parse_python_tool_call)
-from glmkit.tokenizers.chatglm_sp import ChatGLMSPTokenizer
-from glmkit.tokenizers.glm4 import GLM4Tokenizer
-from glmkit.tokenizers.hf import HFTokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
          {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
-
-
-@pytest.fixture(scope="module")
-def sp(sp_model_path):
-    return ChatGLMSPTokenizer(sp_model_path)
-
-
-@pytest.fixture(scope="module")
-def g4(glm4_ranks_path):
-    return GLM4Tokenizer(glm4_ranks_path)
-
-
-@pytest.fixture(scope="module")
-def hf(hf_tokenizer_dir):
-    config = json.loads((hf_tokenizer_dir / "tokenizer_config.json").read_text())
-    return HFTokenizer(hf_tokenizer_dir / "tokenizer.json", config)
 
 
 def fmt(name, tokenizer):
