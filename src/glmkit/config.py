@@ -20,7 +20,8 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # None: 2 GiB on CPU, 40% of free memory on GPU
     block_size: int = 16
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int = 2048  # token budget per step; longer prompts are prefilled in chunks
+    enable_prefix_caching: bool = True
     num_threads: int | None = None      # CPU threads for torch; None: torch's default
 
     def __post_init__(self):

@@ -97,7 +97,7 @@ class LLM:
                         "--kv-cache-memory to allow longer contexts", c.max_model_len, capacity, max_len)
         runner = ModelRunner(self.model, num_blocks, c.block_size, self.dtype)
         return LLMEngine(runner, self.tokenizer, num_blocks, c.block_size, max_len, c.max_num_seqs,
-                         c.max_num_batched_tokens, eos_token_ids)
+                         c.max_num_batched_tokens, eos_token_ids, c.enable_prefix_caching)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -126,6 +126,8 @@ class LLM:
                     out = results[d.request_id].setdefault(d.index, CompletionOutput(d.index, "", [], None))
                     out.text += d.text
                     out.token_ids += d.token_ids
+                    if d.logprobs:
+                        out.logprobs = (out.logprobs or []) + d.logprobs
                     out.finish_reason, out.stop_reason = d.finish_reason, d.stop_reason
         except BaseException:
             for request_id in ids:

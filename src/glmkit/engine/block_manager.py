@@ -1,44 +1,129 @@
-"""BlockManager: hands out fixed-size KV-cache blocks to sequences and takes them back. Plain Python.
+"""BlockManager: hands out fixed-size KV-cache blocks to sequences, shares full blocks by content (prefix
+caching) and takes them back. Plain Python; no torch.
 
-A sequence of L tokens holds ceil(L / block_size) blocks; token t of a sequence lives in slot
-block_table[t // block_size] * block_size + t % block_size. Knows nothing of tensors or scheduling policy.
+Token t of a sequence lives in slot block_table[t // block_size] * block_size + t % block_size. A full block
+is identified by the hash of its tokens and of everything before it, so two sequences that start alike (a
+shared system prompt, a tool list, the earlier turns of a chat) share the same physical blocks. A freed block
+keeps its content and hash until it is handed out again, so a later request can still hit it.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 from .sequence import Sequence
 
 
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] = ()
+
+
+def block_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((prev_hash, token_ids))
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in least-recently-freed order; a cached one is only overwritten when it reaches the front.
+        self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # content hash -> block id
+        self.num_queried_blocks = 0
+        self.num_hit_blocks = 0
 
     @property
     def num_free(self) -> int:
-        return len(self.free_blocks)
+        return len(self.free_ids)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether `seq` can grow to `num_tokens` tokens."""
+        """Whether `seq` can hold `num_tokens` tokens."""
         return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free
 
+    def allocate_cached_prefix(self, seq: Sequence) -> None:
+        """Give a sequence without blocks the cached blocks of its longest cached prefix (leaving at least one
+        token to compute, so its last position yields logits); sets seq.num_cached."""
+        assert not seq.block_table
+        if not self.enable_prefix_caching:
+            return
+        ids, bs, prev = seq.all_ids, self.block_size, None
+        for start in range(0, len(ids) - 1 - bs + 1, bs):
+            tokens = tuple(ids[start:start + bs])
+            h = block_hash(prev, tokens)
+            self.num_queried_blocks += 1
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            self._take(block_id)
+            seq.block_table.append(block_id)
+            self.num_hit_blocks += 1
+            prev = h
+        seq.num_cached = len(seq.block_table) * bs
+        seq.num_hashed = len(seq.block_table)
+        seq.num_prefix_hit_tokens = max(seq.num_prefix_hit_tokens, seq.num_cached)
+
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow seq's block table to hold num_tokens tokens."""
         extra = self.blocks_needed(num_tokens) - len(seq.block_table)
         assert extra <= self.num_free, "allocate() called without can_allocate()"
         for _ in range(max(extra, 0)):
-            seq.block_table.append(self.free_blocks.popleft())
+            block_id = next(iter(self.free_ids))
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = None, ()
+            self._take(block_id)
+            seq.block_table.append(block_id)
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Hash the blocks that are now full of computed tokens so that later sequences can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs, table = self.block_size, seq.block_table
+        prev = self.blocks[table[seq.num_hashed - 1]].hash if seq.num_hashed else None
+        ids = None
+        for i in range(seq.num_hashed, seq.num_cached // bs):
+            block = self.blocks[table[i]]
+            if block.hash is None:
+                ids = ids or seq.all_ids
+                block.token_ids = tuple(ids[i * bs:(i + 1) * bs])
+                block.hash = block_hash(prev, block.token_ids)
+                self.cached.setdefault(block.hash, block.block_id)
+            prev = block.hash
+        seq.num_hashed = max(seq.num_hashed, seq.num_cached // bs)
 
     def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(seq.block_table)
+        # Release the tail first so that, once freed, the earlier (more shareable) blocks are overwritten last.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0
+            if block.ref_count == 0:
+                self.free_ids[block_id] = None
         seq.block_table = []
-        seq.num_cached = 0
+        seq.num_cached = seq.num_hashed = 0
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_ids[block_id]
+        block.ref_count += 1
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache slots of tokens start..end-1 of `seq`."""
         bs, table = self.block_size, seq.block_table
         return [table[t // bs] * bs + t % bs for t in range(start, end)]
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free_ids)

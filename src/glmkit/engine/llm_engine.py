@@ -1,20 +1,24 @@
 """LLMEngine: add_request / step / abort over a model runner, a scheduler and per-sequence detokenizers.
 
 `step()` schedules a batch, runs it, updates the sequences and returns their deltas. Knows token ids,
-sampling and stop conditions; knows nothing of chat formats, tools or HTTP.
+sampling and stop conditions; knows nothing of chat formats, tools or HTTP. Not thread-safe: one loop owns
+it (see async_engine.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from ..errors import ContextLengthError, InvalidParameterError
 from ..tokenizers.base import Tokenizer
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
+from .metrics import EngineStats
 from .outputs import Delta
 from .runner import ModelRunner
+from .sampler import Sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -25,29 +29,35 @@ log = logging.getLogger("glmkit")
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, num_blocks: int, block_size: int,
                  max_model_len: int, max_num_seqs: int = 64, max_num_batched_tokens: int = 4096,
-                 eos_token_ids: list[int] | None = None):
+                 eos_token_ids: list[int] | None = None, enable_prefix_caching: bool = True):
         self.runner, self.tokenizer = runner, tokenizer
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.max_model_len = max_model_len
+        self.vocab_size = runner.model.config.vocab_size
         self.eos_token_ids = set(eos_token_ids or [])
         self.seqs: dict[str, list[Sequence]] = {}
-        self.num_generated_tokens = 0
-        self.num_prompt_tokens = 0
+        self.stats = EngineStats()
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise the error a request would get, without touching engine state (safe from any thread)."""
+        if not prompt_ids:
+            raise InvalidParameterError("prompt", prompt_ids, "is empty; give at least one token")
+        bad = [i for i in prompt_ids if not (isinstance(i, int) and 0 <= i < self.vocab_size)]
+        if bad:
+            raise InvalidParameterError("prompt", bad[:5], f"token ids must be integers in [0, {self.vocab_size})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ContextLengthError(len(prompt_ids), self.max_model_len)
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameterError("params", type(params).__name__, "must be a SamplingParams")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> None:
         if request_id in self.seqs:
             raise InvalidParameterError("request_id", request_id, "is already in use by a running request")
-        if not prompt_ids:
-            raise InvalidParameterError("prompt", prompt_ids, "is empty; give at least one token")
-        bad = [i for i in prompt_ids if not 0 <= i < self.runner.model.config.vocab_size]
-        if bad:
-            raise InvalidParameterError("prompt", bad[:5], f"token ids must be in [0, {self.runner.model.config.vocab_size})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ContextLengthError(len(prompt_ids), self.max_model_len)
+        self.validate(prompt_ids, params)
         seqs = []
         for index in range(params.n):
-            p = params if params.n == 1 or params.seed is None else _with_seed(params, params.seed + index)
+            p = params if params.n == 1 or params.seed is None else replace(params, seed=params.seed + index)
             seq = Sequence(request_id, prompt_ids, p)
             seq.index = index
             seq.stop_ids = set(p.stop_token_ids) | set(p.extra_stop_token_ids)
@@ -60,31 +70,37 @@ class LLMEngine:
         self.seqs[request_id] = seqs
 
     def abort(self, request_id: str) -> None:
-        for seq in self.scheduler.abort(request_id):
+        removed = self.scheduler.abort(request_id)
+        for seq in removed:
             self.runner.sampler.forget(seq)
+        if removed:
+            self.stats.num_requests_aborted += 1
         self.seqs.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     def step(self) -> list[Delta]:
-        seqs, is_prefill = self.scheduler.schedule()
+        seqs = self.scheduler.schedule()
         if not seqs:
             return []
-        if is_prefill:
-            self.num_prompt_tokens += sum(len(s) - s.num_cached for s in seqs)
-        next_ids = self.runner.run(seqs, self.blocks)
+        self.stats.num_prompt_tokens += sum(min(s.num_scheduled, max(len(s.prompt_ids) - s.num_cached, 0))
+                                            for s in seqs)
+        sampled = self.runner.run(seqs, self.blocks)
         now = time.monotonic()
         deltas = []
-        for seq, token_id in zip(seqs, next_ids):
-            seq.output_ids.append(token_id)
-            seq.first_token_time = seq.first_token_time or now
-            self.num_generated_tokens += 1
-            deltas.append(self._update(seq, token_id))
+        for seq, sample in sampled:
+            seq.output_ids.append(sample.token_id)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self.stats.time_to_first_token.observe(now - seq.arrival_time)
+            self.stats.num_generated_tokens += 1
+            deltas.append(self._update(seq, sample))
+        self.stats.num_preemptions = self.scheduler.num_preemptions
         return deltas
 
-    def _update(self, seq: Sequence, token_id: int) -> Delta:
-        p = seq.params
+    def _update(self, seq: Sequence, sample: Sample) -> Delta:
+        p, token_id = seq.params, sample.token_id
         num_out = len(seq.output_ids)
         new_ids, reason, stop_reason = [token_id], None, None
         if token_id in seq.stop_ids and num_out > p.min_tokens:
@@ -105,22 +121,32 @@ class LLMEngine:
                 end = max(seq.num_sent, end - longest + 1)  # hold back a possible stop-string start
         text, seq.num_sent = seq.text[seq.num_sent:end], end
         if reason is not None:
-            seq.stop_reason = stop_reason
-            self.scheduler.finish(seq, reason)
-            self.runner.sampler.forget(seq)
-            self._drop_if_done(seq.request_id)
+            self._finish(seq, reason, stop_reason)
+        logprobs = [(token_id, sample.logprob, sample.top_logprobs)] if sample.logprob is not None and new_ids else None
         return Delta(seq.request_id, seq.index, text, new_ids, reason, stop_reason,
-                     num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=num_out)
+                     num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=num_out, logprobs=logprobs,
+                     num_cached_tokens=seq.num_prefix_hit_tokens)
 
-    def _drop_if_done(self, request_id: str) -> None:
-        if all(s.finished for s in self.seqs.get(request_id, [])):
-            self.seqs.pop(request_id, None)
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq, reason)
+        self.runner.sampler.forget(seq)
+        self.stats.num_requests_finished += 1
+        if len(seq.output_ids) > 1 and seq.first_token_time is not None:
+            per_token = (time.monotonic() - seq.first_token_time) / (len(seq.output_ids) - 1)
+            self.stats.time_per_output_token.observe(per_token)
+        if all(s.finished for s in self.seqs.get(seq.request_id, [])):
+            self.seqs.pop(seq.request_id, None)
 
-
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)
+    def counters(self) -> dict[str, float]:
+        """Point-in-time gauges for monitoring."""
+        b = self.blocks
+        return {
+            "requests_running": len(self.scheduler.running), "requests_waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": b.num_used, "kv_blocks_free": b.num_free, "kv_blocks_total": b.num_blocks,
+            "prefix_cache_queries": b.num_queried_blocks, "prefix_cache_hits": b.num_hit_blocks,
+            "prefix_cache_hit_rate": b.num_hit_blocks / b.num_queried_blocks if b.num_queried_blocks else 0.0,
+        }
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:

@@ -15,6 +15,9 @@ class Delta:
     stop_reason: str | int | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # per new token: (token id, logprob, [(alternative id, logprob), ...]) when logprobs were asked for
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    num_cached_tokens: int = 0      # prompt tokens served from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -29,6 +32,7 @@ class CompletionOutput:
     finish_reason: str | None
     stop_reason: str | int | None = None
     tool_calls: list = field(default_factory=list)
+    logprobs: list | None = None
 
 
 @dataclass

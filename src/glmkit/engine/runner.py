@@ -12,7 +12,7 @@ import torch
 
 from ..models.layers import AttentionBatch, DecoderModel, SeqSlice
 from .block_manager import BlockManager
-from .sampler import Sampler
+from .sampler import Sample, Sampler
 from .sequence import Sequence
 
 log = logging.getLogger("glmkit")
@@ -38,24 +38,30 @@ class ModelRunner:
     def _prepare(self, seqs: list[Sequence], blocks: BlockManager):
         input_ids, positions, slots, slices, last_rows = [], [], [], [], []
         for seq in seqs:
-            start, end = seq.num_cached, len(seq)
-            ids = seq.all_ids
+            start, end = seq.num_cached, seq.num_cached + seq.num_scheduled
             q_start = len(input_ids)
-            input_ids.extend(ids[start:end])
+            input_ids.extend(seq.all_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(blocks.slots(seq, start, end))
             kv_slots = None if start == 0 else torch.tensor(blocks.slots(seq, 0, end), device=self.device)
             slices.append(SeqSlice(q_start, end - start, kv_slots))
-            last_rows.append(len(input_ids) - 1)
+            if end == len(seq):  # the chunk reaches the end: this position's logits pick the next token
+                last_rows.append(len(input_ids) - 1)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         batch = AttentionBatch(slot_mapping=as_tensor(slots), seqs=slices)
         return as_tensor(input_ids), as_tensor(positions), batch, as_tensor(last_rows)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], blocks: BlockManager) -> list[int]:
+    def run(self, seqs: list[Sequence], blocks: BlockManager) -> list[tuple[Sequence, Sample]]:
+        """Compute the scheduled tokens of every sequence; sample for those whose prompt is now complete."""
         input_ids, positions, batch, last_rows = self._prepare(seqs, blocks)
         hidden = self.model(input_ids, positions, batch, self.kv_caches)
-        logits = self.model.compute_logits(hidden[last_rows])
+        sampling = [s for s in seqs if s.num_cached + s.num_scheduled == len(s)]
         for seq in seqs:
-            seq.num_cached = len(seq)
-        return self.sampler(logits, seqs)
+            seq.num_cached += seq.num_scheduled
+            seq.num_scheduled = 0
+            blocks.register_full_blocks(seq)
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden[last_rows])
+        return list(zip(sampling, self.sampler(logits, sampling)))

@@ -6,9 +6,18 @@ the same seed gives the same tokens whatever else is in the batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .sequence import Sequence
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprob: float | None = None                     # of the chosen token, under the model's raw logits
+    top_logprobs: list[tuple[int, float]] | None = None  # the k most likely alternatives
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -60,7 +69,7 @@ class Sampler:
     def forget(self, seq: Sequence) -> None:
         self.generators.pop(id(seq), None)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
         out = []
         for row, seq in zip(logits, seqs):
             if not torch.isfinite(row).all():
@@ -69,12 +78,23 @@ class Sampler:
                     row[self.invalid_score_token] = 5e4
                 else:
                     row = torch.nan_to_num(row, nan=-1e9, posinf=1e9, neginf=-1e9)
-            p = seq.params
+            raw, p = row, seq.params
             row = apply_penalties(row.clone(), seq)
+            if len(seq.output_ids) < p.min_tokens and seq.stop_ids:
+                row[list(seq.stop_ids)] = float("-inf")
             if p.greedy:
-                out.append(int(row.argmax()))
-                continue
-            probs = torch.softmax(row / p.temperature, dim=-1)
-            probs = filter_probs(probs, p.top_k, p.top_p, p.min_p)
-            out.append(int(torch.multinomial(probs.cpu(), 1, generator=self.generator(seq))))
+                token = int(row.argmax())
+            else:
+                probs = filter_probs(torch.softmax(row / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
+                token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator(seq)))
+            out.append(self._with_logprobs(token, raw, p.logprobs))
         return out
+
+    @staticmethod
+    def _with_logprobs(token: int, raw: torch.Tensor, k: int | None) -> Sample:
+        if k is None:
+            return Sample(token)
+        logprobs = torch.log_softmax(raw.float(), dim=-1)
+        top = torch.topk(logprobs, k) if k else None
+        alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if k else []
+        return Sample(token, float(logprobs[token]), alternatives)

@@ -1,8 +1,10 @@
-"""Scheduler: picks which sequences run in the next step (continuous batching). Plain Python; no torch.
+"""Scheduler: picks what runs in the next step (continuous batching with chunked prefill). Plain Python.
 
-A step is either a prefill of waiting sequences (as many as the token budget, batch size and free blocks
-allow) or one decode token for every running sequence. When blocks run out during decode, the most recently
-admitted sequences are preempted (their blocks freed; they are recomputed later), never failed.
+Every step first gives each running sequence what it needs (one token for a decode, the next chunk for a
+prompt still being prefilled), then admits waiting sequences into the remaining token budget, so long prompts
+are prefilled in chunks and never starve running streams. A new sequence first takes the cached blocks of its
+longest cached prefix. When blocks run out, the most recently admitted sequences are preempted (blocks freed,
+recomputed later), never failed.
 """
 
 from __future__ import annotations
@@ -43,37 +45,45 @@ class Scheduler:
         self.blocks.free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, seq.finish_reason or reason
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """-> (sequences to run, is_prefill)."""
-        batch, num_tokens = [], 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
-            seq = self.waiting[0]
-            new_tokens = len(seq) - seq.num_cached
-            # A prompt longer than the budget still runs, alone (chunked prefill splits it later).
-            if batch and num_tokens + new_tokens > self.max_num_batched_tokens:
-                break
-            if not self.blocks.can_allocate(seq, len(seq)):
-                break
-            self.blocks.allocate(seq, len(seq))
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            batch.append(seq)
-            num_tokens += new_tokens
-        if batch:
-            self.running.extend(batch)
-            return batch, True
+    def schedule(self) -> list[Sequence]:
+        """The sequences to run; each has num_scheduled tokens to compute, starting at num_cached."""
+        budget, batch = self.max_num_batched_tokens, []
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below as a victim
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted as a victim below
                 continue
-            while not self.blocks.can_allocate(seq, len(seq)):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq in self.running:
-                self.blocks.allocate(seq, len(seq))
-                batch.append(seq)
-        return batch, False
+            num = min(len(seq) - seq.num_cached, budget)
+            if not self._make_room(seq, seq.num_cached + num):
+                continue
+            self.blocks.allocate(seq, seq.num_cached + num)
+            seq.num_scheduled = num
+            batch.append(seq)
+            budget -= num
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.blocks.allocate_cached_prefix(seq)
+            num = min(len(seq) - seq.num_cached, budget)
+            if not self.blocks.can_allocate(seq, seq.num_cached + num):
+                self.blocks.free(seq)  # do not sit on cached blocks while waiting
+                break
+            self.blocks.allocate(seq, seq.num_cached + num)
+            self.waiting.popleft()
+            seq.status, seq.num_scheduled = Status.RUNNING, num
+            self.running.append(seq)
+            batch.append(seq)
+            budget -= num
+        return batch
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Preempt the newest running sequences until seq fits; False if seq itself had to go."""
+        while not self.blocks.can_allocate(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -23,6 +23,9 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_cached = 0           # tokens whose K/V is in the cache
+        self.num_hashed = 0           # leading full blocks registered for prefix sharing
+        self.num_scheduled = 0        # tokens to compute in the current step
+        self.num_prefix_hit_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.arrival_time = time.monotonic()
