@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "chat": ("glmkit.ui.terminal", "chat in the terminal with a local model (default: the embedded model)"),
     "generate": ("glmkit.ui.generate", "complete one prompt and print it"),
+    "serve": ("glmkit.ui.serve", "serve the OpenAI-compatible and ChatGLM APIs over HTTP"),
     "info": ("glmkit.ui.info", "show the resolved model, chat format and limits"),
 }
 

@@ -77,6 +77,12 @@ class ChatFormat:
                 add_generation_prompt: bool) -> list[int]:
         raise NotImplementedError
 
+    def forced_call_prefix(self, name: str | None) -> list[int] | None:
+        """Ids that, appended to the generation prompt, make the model answer with a tool call (to `name`, or
+        to any tool when None). Callers prepend the same ids to the output before `parse`. None: this format
+        cannot force a call that way."""
+        return None
+
     # -- output ------------------------------------------------------------------------------------------
     def postprocess(self, text: str) -> str:
         return text.strip()
@@ -114,6 +120,11 @@ class SegmentedFormat(ChatFormat):
 
     def _parse_call(self, metadata: str, body: str, tools) -> ToolCall | None:
         raise NotImplementedError
+
+    def forced_call_prefix(self, name: str | None) -> list[int] | None:
+        # The model writes the tool name as the metadata line after <|assistant|>; a call to "any" tool has
+        # no such line to write for it.
+        return None if name is None else self.tokenizer.encode(f"{name}\n")
 
     def parse(self, output_ids: list[int], tools=None) -> ParsedOutput:
         texts, calls = [], []

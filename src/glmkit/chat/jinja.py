@@ -102,6 +102,8 @@ class JinjaFormat(ChatFormat):
             raise ModelLoadError("the jinja chat format needs a chat template, but the tokenizer has none; pass "
                                  "one (chat_template=...) or pick a built-in format with chat_format=")
         self.templates = {name: compile_template(text) for name, text in _named_templates(source).items()}
+        self.template_source = source if isinstance(source, str) else "\n".join(
+            str(t) for t in _named_templates(source).values())
         super().__init__(tokenizer, eos_token_ids)
         specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
@@ -209,6 +211,12 @@ class JinjaFormat(ChatFormat):
         return ids + (self.tokenizer.encode(run) if run else [])
 
     # -- output ------------------------------------------------------------------------------------------
+    def forced_call_prefix(self, name: str | None) -> list[int] | None:
+        if "<tool_call>" not in (self.template_source or ""):
+            return None
+        text = "<tool_call>\n" if name is None else f'<tool_call>\n{{"name": "{name}", "arguments": '
+        return self.tokenizer.encode_with_special_tokens(text)
+
     def parse(self, output_ids: list[int], tools=None) -> ParsedOutput:
         text = self.tokenizer.decode(output_ids)
         content, calls = parse_hermes_tool_calls(text)

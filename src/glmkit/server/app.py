@@ -1,0 +1,128 @@
+"""The FastAPI application: thin routes over ServerState. Auth and HTTP counters are a middleware; model
+loading starts in the background so the server answers (503) at once.
+
+Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
+POST /v1/embeddings, POST / (legacy ChatGLM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import threading
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from ..errors import GlmkitError
+from . import chat_routes, completion_routes, legacy
+from .embeddings import encode_vector
+from .errors import (APIError, api_error_handler, error_body, glmkit_error_handler, unexpected_handler,
+                     validation_handler)
+from .metrics import render_metrics
+from .protocol import EmbeddingRequest
+from .state import ServerSettings, ServerState
+
+OPEN_PATHS = {"/health", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+
+
+def create_app(settings: ServerSettings, load_in_background: bool = True) -> FastAPI:
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if load_in_background:
+            threading.Thread(target=state.load, name="glmkit-load", daemon=True).start()
+        else:
+            await asyncio.to_thread(state.load)
+        yield
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="glmkit", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible and ChatGLM-compatible API over a private model.")
+    app.state.glmkit = state
+    app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(GlmkitError, glmkit_error_handler)
+    app.add_exception_handler(Exception, unexpected_handler)
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        start = time.monotonic()
+        keys = settings.api_keys
+        if keys and request.url.path not in OPEN_PATHS and request.method != "OPTIONS":
+            header = request.headers.get("authorization", "")
+            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+                response = JSONResponse(error_body(
+                    "missing or invalid API key; send `Authorization: Bearer <key>`", "authentication_error",
+                    None, "invalid_api_key"), status_code=401)
+                _count(state, request, response.status_code, start)
+                return response
+        response = await call_next(request)
+        _count(state, request, response.status_code, start)
+        return response
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in settings.cors_origins)
+
+    @app.get("/health")
+    async def health():
+        if not state.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return Response(render_metrics(state), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        state.require_model()
+        names = list(settings.served_model_names) + ([state.embedder.name] if state.embedder else [])
+        created = int(state.started)
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "glmkit"}
+                                           for n in names]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        state.require_model()
+        if state.embedder is None:
+            raise APIError(404, "this server has no embedding model; start it with --embedding-model",
+                           "not_found_error", "model", "model_not_found")
+        if req.model not in (state.embedder.name, *settings.served_model_names):
+            raise APIError(404, f"model={req.model!r} is not an embedding model served here; use "
+                           f"{state.embedder.name!r}", "not_found_error", "model", "model_not_found")
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        if not texts or len(texts) > 2048:
+            raise APIError(400, f"input has {len(texts)} texts; send 1 to 2048", param="input", code="invalid_value")
+        if req.dimensions is not None and req.dimensions > state.embedder.dimensions:
+            raise APIError(400, f"dimensions={req.dimensions} exceeds the model's {state.embedder.dimensions}",
+                           param="dimensions", code="invalid_value")
+        vectors = await asyncio.to_thread(state.embedder.embed, texts, req.dimensions)
+        tokens = state.embedder.count_tokens(texts)
+        return {"object": "list", "model": req.model,
+                "data": [{"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
+                         for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    app.include_router(chat_routes.router)
+    app.include_router(completion_routes.router)
+    app.include_router(legacy.router)
+    return app
+
+
+def _count(state: ServerState, request: Request, status: int, start: float) -> None:
+    route = request.scope.get("route")
+    path = getattr(route, "path", "other")
+    key = (path, status)
+    state.http_requests[key] = state.http_requests.get(key, 0) + 1
+    state.http_seconds[path] = state.http_seconds.get(path, 0.0) + time.monotonic() - start

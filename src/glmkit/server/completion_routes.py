@@ -1,0 +1,107 @@
+"""POST /v1/completions: raw prompts (text or token ids, one or many) -> completions, or an SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..errors import GlmkitError
+from . import streaming as sse
+from .errors import APIError, from_glmkit
+from .generation import collect, sampling_params
+from .protocol import CompletionRequest
+
+router = APIRouter()
+
+
+def _prompts(req: CompletionRequest, llm) -> list[list[int]]:
+    p = req.prompt
+    if isinstance(p, str):
+        p = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        p = [p]
+    if not p:
+        raise APIError(400, "prompt is empty; give a string, a list of strings or token ids", param="prompt")
+    try:
+        return [llm.encode_prompt(x) for x in p]
+    except GlmkitError as e:
+        raise from_glmkit(e, "prompt")
+
+
+def _logprobs(tokenizer, entries) -> dict:
+    return {"tokens": [tokenizer.decode([t], skip_special_tokens=False) for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{tokenizer.decode([a], skip_special_tokens=False): alp for a, alp in top}
+                             for _, _, top in entries], "text_offset": []}
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    state = request.app.state.glmkit
+    llm = state.require_model(req.model)
+    prompts = _prompts(req, llm)
+    params = [sampling_params(req, llm, len(p), req.max_tokens, req.logprobs) for p in prompts]
+    state.admit()
+    request_id, created = sse.random_id("cmpl-"), sse.now()
+    if req.stream:
+        return StreamingResponse(_stream(state, llm, req, prompts, params, request_id, created),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        results = await asyncio.gather(*(collect(state.engine, p, sp, request) for p, sp in zip(prompts, params)))
+    finally:
+        state.release()
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for k, (prompt, result) in enumerate(zip(prompts, results)):
+        prompt_tokens += len(prompt)
+        for index in sorted(result):
+            c = result[index]
+            completion_tokens += c.get("num_output_tokens", 0)
+            text = (llm.tokenizer.decode(prompt) if req.echo else "") + c["text"]
+            choices.append({"index": k * req.n + index, "text": text, "finish_reason": c["finish_reason"],
+                            "logprobs": _logprobs(llm.tokenizer, c["logprobs"]) if req.logprobs is not None else None})
+    return {"id": request_id, "object": "text_completion", "created": created, "model": req.model,
+            "system_fingerprint": "glmkit", "choices": choices, "usage": sse.usage(prompt_tokens, completion_tokens)}
+
+
+async def _stream(state, llm, req, prompts, params, request_id, created):
+    queue: asyncio.Queue = asyncio.Queue()
+    usage = {"prompt": sum(len(p) for p in prompts), "completion": 0}
+
+    async def pump(k, prompt, sp):
+        try:
+            async for d in state.engine.generate(prompt, sp, uuid.uuid4().hex):
+                await queue.put((k, d))
+        finally:
+            await queue.put((k, None))
+
+    tasks = [asyncio.ensure_future(pump(k, p, sp)) for k, (p, sp) in enumerate(zip(prompts, params))]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            k, d = await queue.get()
+            if d is None:
+                remaining -= 1
+                continue
+            if d.finished:
+                usage["completion"] += d.num_output_tokens
+            if d.text or d.finished:
+                choice = {"index": k * req.n + d.index, "text": d.text, "finish_reason": d.finish_reason,
+                          "logprobs": _logprobs(llm.tokenizer, d.logprobs) if req.logprobs is not None and d.logprobs else None}
+                yield sse.sse({"id": request_id, "object": "text_completion", "created": created, "model": req.model,
+                               "choices": [choice]})
+        for t in tasks:
+            t.result()
+        if req.stream_options and req.stream_options.include_usage:
+            yield sse.sse({"id": request_id, "object": "text_completion", "created": created, "model": req.model,
+                           "choices": [], "usage": sse.usage(usage["prompt"], usage["completion"])})
+        yield sse.DONE
+    except Exception as e:  # noqa: BLE001 - the stream has started; report in-band and end it
+        yield sse.sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
+                                 "code": "internal_error"}})
+    finally:
+        for t in tasks:
+            t.cancel()
+        state.release()

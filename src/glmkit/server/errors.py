@@ -1,0 +1,73 @@
+"""Every failure as OpenAI's `{"error": {"message", "type", "param", "code"}}` with the right status.
+
+User mistakes (pydantic validation, glmkit's typed errors) become 4xx that name the field, value and limit;
+anything else is a 500 with a generic message, logged in full. Knows nothing of the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from ..errors import ContextLengthError, GlmkitError, InvalidParameterError
+
+log = logging.getLogger("glmkit")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def from_glmkit(e: GlmkitError, param: str | None = None) -> APIError:
+    if isinstance(e, ContextLengthError):
+        return APIError(400, str(e), param=param or "messages", code="context_length_exceeded")
+    if isinstance(e, InvalidParameterError):
+        return APIError(400, str(e), param=e.field, code="invalid_value")
+    return APIError(400, str(e))
+
+
+def _field(loc) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    field = _field(first.get("loc", ()))
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 120 else type(value).__name__
+    message = f"{field}={shown}: {first.get('msg', 'invalid value')}"
+    if first.get("type") == "missing":
+        message = f"{field} is required"
+    elif first.get("type") == "json_invalid":
+        message = "the request body is not valid JSON"
+    return JSONResponse(error_body(message, "invalid_request_error", field, "invalid_value"), status_code=400)
+
+
+async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
+
+
+async def glmkit_error_handler(request: Request, exc: GlmkitError) -> JSONResponse:
+    return await api_error_handler(request, from_glmkit(exc))
+
+
+async def unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body("internal server error; see the server log", "server_error", None,
+                                   "internal_error"), status_code=500)

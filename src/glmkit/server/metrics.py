@@ -1,0 +1,42 @@
+"""GET /metrics: the engine's counters and the HTTP counters in the Prometheus text format."""
+
+from __future__ import annotations
+
+
+def _line(name: str, value, labels: dict | None = None) -> str:
+    label = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+    return f"{name}{label} {value}"
+
+
+def _histogram(name: str, help_text: str, h) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    for bound, count in zip(h.bounds, h.counts):
+        lines.append(_line(f"{name}_bucket", count, {"le": bound}))
+    lines += [_line(f"{name}_bucket", h.count, {"le": "+Inf"}), _line(f"{name}_sum", round(h.total, 6)),
+              _line(f"{name}_count", h.count)]
+    return lines
+
+
+def render_metrics(state) -> str:
+    lines = ["# HELP glmkit_ready 1 once the model is loaded", "# TYPE glmkit_ready gauge",
+             _line("glmkit_ready", int(state.ready and not state.load_error)),
+             "# TYPE glmkit_http_requests_in_flight gauge", _line("glmkit_http_requests_in_flight", state.in_flight),
+             "# HELP glmkit_http_requests_total HTTP requests by route and status", "# TYPE glmkit_http_requests_total counter"]
+    for (path, status), count in sorted(state.http_requests.items()):
+        lines.append(_line("glmkit_http_requests_total", count, {"route": path, "status": status}))
+    lines.append("# TYPE glmkit_http_request_seconds_total counter")
+    for path, seconds in sorted(state.http_seconds.items()):
+        lines.append(_line("glmkit_http_request_seconds_total", round(seconds, 6), {"route": path}))
+    if state.llm is not None:
+        engine = state.llm.engine
+        for name, value in engine.counters().items():
+            lines += [f"# TYPE glmkit_{name} gauge", _line(f"glmkit_{name}", value)]
+        s = engine.stats
+        for name, value in (("prompt_tokens_total", s.num_prompt_tokens), ("generation_tokens_total", s.num_generated_tokens),
+                            ("requests_finished_total", s.num_requests_finished),
+                            ("requests_aborted_total", s.num_requests_aborted), ("preemptions_total", s.num_preemptions)):
+            lines += [f"# TYPE glmkit_{name} counter", _line(f"glmkit_{name}", value)]
+        lines += _histogram("glmkit_time_to_first_token_seconds", "from arrival to the first token", s.time_to_first_token)
+        lines += _histogram("glmkit_time_per_output_token_seconds", "mean decode time per token of a request",
+                            s.time_per_output_token)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,138 @@
+"""Request and response bodies of the HTTP API (OpenAI shapes, plus the legacy ChatGLM `POST /`).
+
+Field limits live here so that the OpenAPI schema says exactly what the routes accept; anything the engine
+cannot honour is rejected with a 400 that names the field. Knows nothing of the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class FunctionCall(Model):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Model):
+    role: Literal["system", "user", "assistant", "tool", "function", "observation", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCall | None = None
+    metadata: str | None = Field(None, description="ChatGLM3 metadata line (e.g. a tool name)")
+
+
+class FunctionDef(Model):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(Model):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoice(Model):
+    type: Literal["function"] = "function"
+    function: dict[str, str]
+
+
+class StreamOptions(Model):
+    include_usage: bool = False
+
+
+class Character(Model):
+    bot_name: str = Field(min_length=1)
+    bot_info: str = Field(min_length=1)
+    user_name: str = "用户"
+    user_info: str | None = ""
+
+
+class SamplingFields(Model):
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    functions: list[FunctionDef] | None = None
+    function_call: Literal["none", "auto"] | dict[str, str] | None = None
+    character: Character | None = Field(None, description="CharacterGLM profile")
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class EmbeddingRequest(Model):
+    model: str
+    input: str | list[str] = Field(description="text or list of texts")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class LegacyChatRequest(Model):
+    """The ChatGLM demos' `POST /` body (api.py); 0 / empty values fall back to the demo defaults."""
+    prompt: str
+    history: list[list[str]] | None = None
+    max_length: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+class LegacyChatResponse(Model):
+    response: str
+    history: list[list[str]]
+    status: int
+    time: str
+
+
+class ErrorDetail(Model):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Model):
+    error: ErrorDetail

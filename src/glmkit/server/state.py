@@ -1,0 +1,96 @@
+"""ServerState: what the routes share — the loaded model, the async engine, the embedder, the served names,
+the settings and the HTTP counters. Loading happens on a background thread; until it is done every model
+route answers 503 (never hangs)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import APIError
+
+log = logging.getLogger("glmkit")
+
+
+@dataclass
+class ServerSettings:
+    engine_kwargs: dict = field(default_factory=dict)    # passed to glmkit.LLM
+    model: str | None = None
+    served_model_names: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    max_queue: int = 256
+    embedding_model: str | None = "default"             # "default", a path, or None (no embeddings)
+
+
+class ServerState:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.llm = None
+        self.engine = None          # AsyncLLMEngine
+        self.embedder = None
+        self.load_error: str | None = None
+        self.in_flight = 0
+        self.started = time.time()
+        self.http_requests: dict[tuple[str, int], int] = {}
+        self.http_seconds: dict[str, float] = {}
+        self._ready = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def load(self) -> None:
+        """Load the model (and embedder); run on a background thread at start-up."""
+        from ..engine.async_engine import AsyncLLMEngine
+        from ..llm import LLM
+
+        try:
+            self.llm = LLM(self.settings.model, **self.settings.engine_kwargs)
+            if not self.settings.served_model_names:
+                self.settings.served_model_names = [default_served_name(self.llm, self.settings.model)]
+            if self.settings.embedding_model:
+                from .embeddings import Embedder
+
+                self.embedder = Embedder(self.settings.embedding_model)
+            self.engine = AsyncLLMEngine(self.llm.engine)
+            log.info("glmkit: serving %s", ", ".join(self.settings.served_model_names))
+        except Exception as e:  # noqa: BLE001 - reported by /health and every route
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("glmkit: loading failed: %s", self.load_error)
+        finally:
+            self._ready.set()
+
+    def require_model(self, name: str | None = None):
+        if not self.ready:
+            raise APIError(503, "the model is still loading; retry in a few seconds", "server_error",
+                           code="model_loading", headers={"Retry-After": "5"})
+        if self.load_error:
+            raise APIError(503, f"the model failed to load: {self.load_error}", "server_error", code="model_load_failed")
+        if name is not None and name not in self.settings.served_model_names:
+            raise APIError(404, f"model={name!r} is not served here; served models: "
+                           f"{', '.join(self.settings.served_model_names)}", "not_found_error", "model",
+                           "model_not_found")
+        return self.llm
+
+    def admit(self) -> None:
+        if self.in_flight >= self.settings.max_queue:
+            raise APIError(429, f"the server has {self.in_flight} requests in flight (max_queue="
+                           f"{self.settings.max_queue}); retry shortly", "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+
+def default_served_name(llm, model: str | None) -> str:
+    if model is None:
+        from ..models import default
+
+        return default.NAME.lower()
+    from pathlib import Path
+
+    return Path(model).name.removesuffix(".gguf") or "model"
