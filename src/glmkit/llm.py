@@ -103,7 +103,7 @@ class LLM:
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
-            if getattr(self.tokenizer, "add_bos", False) and self.tokenizer.bos_token_id is not None:
+            if getattr(self.tokenizer, "add_bos_token", False) and self.tokenizer.bos_token_id is not None:
                 ids = [self.tokenizer.bos_token_id] + ids
             return ids
         if isinstance(prompt, (list, tuple)) and all(isinstance(i, int) for i in prompt):
@@ -117,10 +117,12 @@ class LLM:
     # -- running ---------------------------------------------------------------------------------------
     def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         ids = [uuid.uuid4().hex for _ in prompts]
-        for request_id, prompt_ids, p in zip(ids, prompts, params):
-            self.engine.add_request(prompt_ids, p, request_id)
+        for prompt_ids, p in zip(prompts, params):  # reject a bad batch before any of it runs
+            self.engine.validate(prompt_ids, p)
         results = {rid: {} for rid in ids}
         try:
+            for request_id, prompt_ids, p in zip(ids, prompts, params):
+                self.engine.add_request(prompt_ids, p, request_id)
             while self.engine.has_unfinished():
                 for d in self.engine.step():
                     out = results[d.request_id].setdefault(d.index, CompletionOutput(d.index, "", [], None))

@@ -33,6 +33,7 @@ class HFTokenizer(Tokenizer):
         self.bos_token_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
         self.chat_template = config.get("chat_template")
+        self.add_bos_token = bool(config.get("add_bos_token", False))  # for raw (non-chat) prompts
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
