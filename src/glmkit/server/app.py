@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -51,22 +51,9 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     app.add_exception_handler(GlmkitError, glmkit_error_handler)
     app.add_exception_handler(Exception, unexpected_handler)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        start = time.monotonic()
-        keys = settings.api_keys
-        if keys and request.url.path not in OPEN_PATHS and request.method != "OPTIONS":
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
-                response = JSONResponse(error_body(
-                    "missing or invalid API key; send `Authorization: Bearer <key>`", "authentication_error",
-                    None, "invalid_api_key"), status_code=401)
-                _count(state, request, response.status_code, start)
-                return response
-        response = await call_next(request)
-        _count(state, request, response.status_code, start)
-        return response
+    # A plain ASGI middleware, not @app.middleware("http"): that wrapper hides client disconnects from
+    # request.is_disconnected(), and a request whose client left must be aborted.
+    app.add_middleware(AuthAndCount, state=state)
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
@@ -98,7 +85,7 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
         if state.embedder is None:
             raise APIError(404, "this server has no embedding model; start it with --embedding-model",
                            "not_found_error", "model", "model_not_found")
-        if req.model not in (state.embedder.name, *settings.served_model_names):
+        if req.model != state.embedder.name:
             raise APIError(404, f"model={req.model!r} is not an embedding model served here; use "
                            f"{state.embedder.name!r}", "not_found_error", "model", "model_not_found")
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
@@ -120,9 +107,41 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     return app
 
 
-def _count(state: ServerState, request: Request, status: int, start: float) -> None:
-    route = request.scope.get("route")
-    path = getattr(route, "path", "other")
-    key = (path, status)
-    state.http_requests[key] = state.http_requests.get(key, 0) + 1
-    state.http_seconds[path] = state.http_seconds.get(path, 0.0) + time.monotonic() - start
+class AuthAndCount:
+    """Checks `Authorization: Bearer <key>` (every route but /health and the docs) and counts requests."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.monotonic(), [500]
+        keys = self.state.settings.api_keys
+        if keys and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+                response = JSONResponse(error_body(
+                    "missing or invalid API key; send `Authorization: Bearer <key>`", "authentication_error",
+                    None, "invalid_api_key"), status_code=401)
+                await response(scope, receive, send)
+                self._count(scope, 401, start)
+                return
+
+        async def send_and_note_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            self._count(scope, status[0], start)
+
+    def _count(self, scope, status: int, start: float) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", "other")
+        requests, seconds = self.state.http_requests, self.state.http_seconds
+        requests[(path, status)] = requests.get((path, status), 0) + 1
+        seconds[path] = seconds.get(path, 0.0) + time.monotonic() - start

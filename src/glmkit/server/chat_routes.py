@@ -138,7 +138,12 @@ async def _stream(state, llm, req, plan, prompt_ids, params, request_id, created
         async for d in state.engine.generate(prompt_ids, params, uuid.uuid4().hex):
             ids[d.index] += d.token_ids
             output = (plan.prefix + ids[d.index]) if plan.prefix else ids[d.index]
-            display = fmt.display_text(output, final=d.finished) if not plan.prefix else ""
+            if plan.prefix:
+                display = ""  # a forced call: nothing of it is text
+            elif d.finished and plan.tools:
+                display = fmt.parse(output, plan.tools).content  # what is left once the calls are taken out
+            else:
+                display = fmt.display_text(output, final=d.finished)
             if plan.tools and not d.finished and _may_be_call(display):
                 display = shown[d.index]  # hold text that may turn out to be a tool call
             new = display[len(shown[d.index]):] if display.startswith(shown[d.index]) else ""

@@ -37,8 +37,13 @@ def from_glmkit(e: GlmkitError, param: str | None = None) -> APIError:
     return APIError(400, str(e))
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def _field(loc) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
+    # pydantic adds union-member tags (e.g. "str", "list[int]") to the location; they are not field names.
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p
+                                                                                   or "-" in p))]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
