@@ -109,7 +109,7 @@ class AsyncLLMEngine:
                 log.exception("engine step failed; failing the %d requests in flight", len(self.engine.seqs))
                 for request_id in list(self.engine.seqs):
                     self.engine.abort(request_id)
-                    self._deliver(request_id, RuntimeError(f"generation failed: {e}"))
+                    self._deliver(request_id, RuntimeError(f"engine step failed ({type(e).__name__}: {e})"))
                 continue
             for delta in deltas:
                 self._deliver(delta.request_id, delta)

@@ -45,9 +45,13 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
         cumulative = sorted_probs.cumsum(-1)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
         remove = (cumulative - sorted_probs) >= top_p * cumulative[-1]
+        remove[0] = False  # even when top_p * mass underflows to 0
         sorted_probs[remove] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs / probs.sum()
+
+
+MIN_TEMPERATURE = 1e-5
 
 
 class Sampler:
@@ -82,11 +86,13 @@ class Sampler:
             row = apply_penalties(row.clone(), seq)
             if len(seq.output_ids) < p.min_tokens and seq.stop_ids:
                 row[list(seq.stop_ids)] = float("-inf")
-            if p.greedy:
-                token = int(row.argmax())
-            else:
+            row = torch.nan_to_num(row, nan=float("-inf"))  # extreme penalties can overflow
+            token = int(row.argmax())
+            # A temperature this small is greedy in effect (and would overflow the division below).
+            if not p.greedy and p.temperature >= MIN_TEMPERATURE:
                 probs = filter_probs(torch.softmax(row / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
-                token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator(seq)))
+                if torch.isfinite(probs).all() and probs.sum() > 0:
+                    token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator(seq)))
             out.append(self._with_logprobs(token, raw, p.logprobs))
         return out
 

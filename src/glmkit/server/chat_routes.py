@@ -6,12 +6,11 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from ..errors import GlmkitError
 from . import streaming as sse
 from .errors import APIError, from_glmkit
-from .generation import collect, sampling_params, total_usage
+from .generation import EngineStream, collect, sampling_params, total_usage
 from .protocol import ChatCompletionRequest
 
 router = APIRouter()
@@ -32,6 +31,10 @@ class ToolPlan:
         if choice is not None and not isinstance(choice, str) and not isinstance(choice, dict):
             choice = choice.model_dump()
         self.prefix: list[int] = []
+        if not tools and choice not in (None, "none", "auto"):
+            field = "function_call" if req.function_call is not None and req.tool_choice is None else "tool_choice"
+            raise APIError(400, f"{field} asks for a tool call but the request has no tools; add `tools` or drop "
+                           f"{field}", param=field, code="invalid_value")
         if not tools or choice == "none":
             self.tools = None
             return
@@ -40,8 +43,9 @@ class ToolPlan:
         if isinstance(choice, dict):
             forced = choice.get("function", {}).get("name")
             if forced not in names:
-                raise APIError(400, f"tool_choice names the function {forced!r}, which is not in tools "
-                               f"({', '.join(names)})", param="tool_choice", code="invalid_value")
+                field = "function_call" if self.legacy else "tool_choice"
+                raise APIError(400, f"{field} names the function {forced!r}, which is not in tools "
+                               f"({', '.join(names)})", param=field, code="invalid_value")
             tools = [t for t in tools if t["function"]["name"] == forced]
         elif choice == "required":
             forced = names[0] if len(names) == 1 else None
@@ -106,9 +110,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     state.admit()
     request_id, created = sse.random_id("chatcmpl-"), sse.now()
     if req.stream:
-        stream = _stream(state, llm, req, plan, prompt_ids, params, request_id, created)
-        return StreamingResponse(stream, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EngineStream(_stream(state, llm, req, plan, prompt_ids, params, request_id, created), state.release)
     try:
         choices = await collect(state.engine, prompt_ids, params, request)
     finally:
@@ -182,5 +184,3 @@ async def _stream(state, llm, req, plan, prompt_ids, params, request_id, created
     except Exception as e:  # noqa: BLE001 - the stream has started; report in-band and end it
         yield sse.sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
                                  "code": "internal_error"}})
-    finally:
-        state.release()

@@ -6,12 +6,11 @@ import asyncio
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from ..errors import GlmkitError
 from . import streaming as sse
 from .errors import APIError, from_glmkit
-from .generation import collect, sampling_params
+from .generation import EngineStream, collect, sampling_params
 from .protocol import CompletionRequest
 
 router = APIRouter()
@@ -43,12 +42,16 @@ async def completions(req: CompletionRequest, request: Request):
     state = request.app.state.glmkit
     llm = state.require_model(req.model)
     prompts = _prompts(req, llm)
-    params = [sampling_params(req, llm, len(p), req.max_tokens, req.logprobs) for p in prompts]
+    params = [sampling_params(req, llm, len(p), req.max_tokens, req.logprobs, prompt_field="prompt") for p in prompts]
+    for p, sp in zip(prompts, params):  # reject bad prompts with a 400 before anything runs or streams
+        try:
+            llm.engine.validate(p, sp)
+        except GlmkitError as e:
+            raise from_glmkit(e, "prompt")
     state.admit()
     request_id, created = sse.random_id("cmpl-"), sse.now()
     if req.stream:
-        return StreamingResponse(_stream(state, llm, req, prompts, params, request_id, created),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EngineStream(_stream(state, llm, req, prompts, params, request_id, created), state.release)
     try:
         results = await asyncio.gather(*(collect(state.engine, p, sp, request) for p, sp in zip(prompts, params)))
     finally:
@@ -91,7 +94,7 @@ async def _stream(state, llm, req, prompts, params, request_id, created):
                 choice = {"index": k * req.n + d.index, "text": d.text, "finish_reason": d.finish_reason,
                           "logprobs": _logprobs(llm.tokenizer, d.logprobs) if req.logprobs is not None and d.logprobs else None}
                 yield sse.sse({"id": request_id, "object": "text_completion", "created": created, "model": req.model,
-                               "choices": [choice]})
+                               "system_fingerprint": "glmkit", "choices": [choice]})
         for t in tasks:
             t.result()
         if req.stream_options and req.stream_options.include_usage:
@@ -104,4 +107,3 @@ async def _stream(state, llm, req, prompts, params, request_id, created):
     finally:
         for t in tasks:
             t.cancel()
-        state.release()

@@ -31,7 +31,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 def from_glmkit(e: GlmkitError, param: str | None = None) -> APIError:
     if isinstance(e, ContextLengthError):
-        return APIError(400, str(e), param=param or "messages", code="context_length_exceeded")
+        message = str(e) if param != "prompt" else str(e).replace("shorten the messages", "shorten the prompt")
+        return APIError(400, message, param=param or "messages", code="context_length_exceeded")
     if isinstance(e, InvalidParameterError):
         return APIError(400, str(e), param=e.field, code="invalid_value")
     return APIError(400, str(e))
@@ -59,7 +60,7 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
     if first.get("type") == "missing":
         message = f"{field} is required"
     elif first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON"
+        message, field = "the request body is not valid JSON", None
     return JSONResponse(error_body(message, "invalid_request_error", field, "invalid_value"), status_code=400)
 
 

@@ -7,18 +7,38 @@ import asyncio
 import uuid
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from ..engine.sampling_params import SamplingParams
 from ..errors import ContextLengthError, GlmkitError
 from .errors import from_glmkit
 
 
+class EngineStream(StreamingResponse):
+    """An SSE response that, however it ends (done, client gone, error), closes its generator (which aborts
+    the engine request) and frees the request's queue slot."""
+
+    def __init__(self, stream, on_close):
+        super().__init__(stream, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._stream, self._on_close = stream, on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self._stream.aclose()
+            finally:
+                self._on_close()
+
+
 def sampling_params(req, llm, num_prompt_tokens: int, max_tokens: int | None, logprobs: int | None,
-                    stop_token_ids: list[int] | None = None) -> SamplingParams:
+                    stop_token_ids: list[int] | None = None, prompt_field: str = "messages") -> SamplingParams:
     """The request's sampling fields; max_tokens is clamped to the room left in the context."""
     room = llm.engine.max_model_len - num_prompt_tokens
     if room <= 0:
-        raise from_glmkit(ContextLengthError(num_prompt_tokens, llm.engine.max_model_len))
+        raise from_glmkit(ContextLengthError(num_prompt_tokens, llm.engine.max_model_len), prompt_field)
     kwargs = dict(n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
                   top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 
 from ..engine.sampling_params import SamplingParams
 from ..errors import GlmkitError
+from ..tokenizers.base import clean_text
 from .errors import APIError, from_glmkit
 from .generation import collect
 from .protocol import LegacyChatRequest, LegacyChatResponse
@@ -23,14 +24,16 @@ DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, DEFAULT_TEMPERATURE = 2048, 0.7, 0.95
 async def legacy_chat(req: LegacyChatRequest, request: Request):
     state = request.app.state.glmkit
     llm = state.require_model()
-    history = req.history or []
+    # The reply echoes prompt and history; lone surrogates (valid JSON escapes) could not be encoded back.
+    history = [[clean_text(x) for x in pair] for pair in req.history or []]
+    prompt = clean_text(req.prompt)
     messages = []
     for i, pair in enumerate(history):
         if len(pair) != 2:
             raise APIError(400, f"history[{i}] has {len(pair)} items; each history entry is [query, response]",
                            param=f"history[{i}]")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    messages.append({"role": "user", "content": req.prompt})
+    messages.append({"role": "user", "content": prompt})
     try:
         prompt_ids = llm.render_chat(messages)
     except GlmkitError as e:
@@ -56,5 +59,5 @@ async def legacy_chat(req: LegacyChatRequest, request: Request):
     finally:
         state.release()
     response = llm.chat_format.parse(choices[0]["ids"]).content
-    return {"response": response, "history": [list(p) for p in history] + [[req.prompt, response]],
+    return {"response": response, "history": history + [[prompt, response]],
             "status": 200, "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}

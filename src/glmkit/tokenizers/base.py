@@ -7,7 +7,17 @@ that spells "<|user|>" stays text (prompt-injection safe). Special tokens are lo
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Lone UTF-16 surrogates (valid in JSON, invalid in UTF-8) become U+FFFD; pairs become their character."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 class Tokenizer(ABC):

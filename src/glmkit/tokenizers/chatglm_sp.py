@@ -11,7 +11,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .base import Tokenizer
+from .base import Tokenizer, clean_text
 
 SPECIAL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
                   "<|observation|>"]
@@ -31,7 +31,7 @@ class ChatGLMSPTokenizer(Tokenizer):
         self._control_ids = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        return self.sp.encode(clean_text(text))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text, run = [], []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tiktoken
 
-from .base import Tokenizer
+from .base import Tokenizer, clean_text
 
 SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                   "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
@@ -43,7 +43,7 @@ class GLM4Tokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         # disallowed_special=() encodes special-token strings found in text as ordinary text.
-        return self.enc.encode(text, disallowed_special=())
+        return self.enc.encode(clean_text(text), disallowed_special=())
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if skip_special_tokens:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .base import Tokenizer
+from .base import Tokenizer, clean_text
 
 
 def _token_text(value):
@@ -36,7 +36,7 @@ class HFTokenizer(Tokenizer):
         self.add_bos_token = bool(config.get("add_bos_token", False))  # for raw (non-chat) prompts
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.tok.encode(clean_text(text), add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
