@@ -42,10 +42,11 @@ def metric(text: str, name: str) -> float:
     return float("nan")
 
 
-async def client(url: str, model: str, number: int, deadline: float, max_tokens: int, stats: dict) -> None:
+async def client(url: str, model: str, number: int, deadline: float, max_tokens: int, stats: dict,
+                 max_requests: int | None = None) -> None:
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as http:
         i = 0
-        while time.monotonic() < deadline:
+        while (i < max_requests) if max_requests is not None else (time.monotonic() < deadline):
             body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0.7,
                     "stream_options": {"include_usage": True},
                     "messages": [{"role": "user", "content": f"{QUESTIONS[(number + i) % len(QUESTIONS)]} ({number}.{i})"}]}
@@ -83,7 +84,7 @@ async def run(url: str, model: str, clients: int, seconds: float, max_tokens: in
     # Warm-up: one request per client, so that the KV pool and the allocator reach their working size before
     # the memory baseline is taken.
     warm = {"completed": 0, "no_done": 0, "tokens": 0, "errors": [], "ttft": []}
-    await asyncio.gather(*(client(url, model, n, time.monotonic() + 0.001, max_tokens, warm) for n in range(clients)))
+    await asyncio.gather(*(client(url, model, n, 0.0, max_tokens, warm, max_requests=1) for n in range(clients)))
     stats = {"completed": 0, "no_done": 0, "tokens": 0, "errors": warm["errors"], "ttft": [], "rss": [rss_mb(pid)],
              "warmup_completed": warm["completed"]}
     deadline = time.monotonic() + seconds

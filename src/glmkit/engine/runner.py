@@ -30,9 +30,10 @@ class ModelRunner:
         self.block_size = block_size
         c = model.config
         shape = (num_blocks * block_size, c.num_kv_heads, c.head_dim)
-        # empty, not zeros: attention only reads slots that were written for its own sequence.
-        self.kv_caches = [(torch.empty(shape, dtype=kv_dtype, device=self.device),
-                           torch.empty(shape, dtype=kv_dtype, device=self.device)) for _ in range(c.num_layers)]
+        # zeros, not empty: the whole pool becomes resident now, so memory use is flat from the start instead of
+        # creeping up as the block allocator reaches pages it has not touched yet.
+        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=kv_dtype, device=self.device)) for _ in range(c.num_layers)]
         self.sampler = Sampler(invalid_score_token=5 if c.family == "glm" else None)
 
     def _prepare(self, seqs: list[Sequence], blocks: BlockManager):
