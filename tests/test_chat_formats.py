@@ -420,3 +420,37 @@ def test_get_chat_format_errors(sp, hf):
     with pytest.raises(InvalidParameterError, match="special tokens"):
         get_chat_format("chatglm3", tokenizer=hf, model_type="qwen2")
     assert FORMATS == ("chatglm2", "chatglm3", "characterglm", "glm4", "jinja")
+
+
+# --- the chatglm.cpp reference ids (spec §1.4, §2.3, §4.2), checked for structure on the tiny tokenizers ----
+
+CPP_CHATGLM3_HELLO = [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]  # [{user: "你好"}]
+CPP_GLM4_HELLO = [151331, 151333, 151336, 198, 109377, 151337]
+
+
+def test_chatglm3_rendering_has_the_structure_of_the_cpp_ids(sp):
+    real_sp_size = 64789
+    ids = fmt("chatglm3", sp).render([{"role": "user", "content": "你好"}])
+    content = sp.encode("你好")
+    # specials sit at the same offsets after the SentencePiece vocabulary as in the real tokenizer
+    assert [i - sp.num_sp_tokens for i in ids[:3]] == [i - real_sp_size for i in CPP_CHATGLM3_HELLO[:3]]
+    assert ids[-1] - sp.num_sp_tokens == CPP_CHATGLM3_HELLO[-1] - real_sp_size
+    # the role header is the dummy-prefix piece "▁" (30910) and a newline piece (13 = <0x0A>), then the content
+    assert sp.sp.id_to_piece(ids[3]) == "▁" and sp.sp.decode([ids[4]]) == "\n"
+    assert ids[5:-1] == content and len(ids) == 5 + len(content) + 1
+
+
+def test_glm4_rendering_has_the_structure_of_the_cpp_ids(g4):
+    real_num_ranks = 151329
+    ids = fmt("glm4", g4).render([{"role": "user", "content": "你好"}])
+    assert [i - g4.num_ranks for i in ids[:3]] == [i - real_num_ranks for i in CPP_GLM4_HELLO[:3]]
+    assert ids[-1] - g4.num_ranks == CPP_GLM4_HELLO[-1] - real_num_ranks
+    assert g4.decode([ids[3]]) == "\n"  # "\n" is its own token (198), no dummy prefix
+    assert g4.decode(ids[4:-1]) == "你好"
+
+
+def test_chatglm2_prompt_text_of_the_cpp_example(sp):
+    # "[Round 1]\n\n问：你好\n\n答：" is what chatglm.cpp tokenizes to [64790, 64792, 790, 30951, ...]
+    ids = fmt("chatglm2", sp).render([{"role": "user", "content": "你好"}])
+    assert ids[:2] == [sp.special_id("[gMASK]"), sp.special_id("sop")]
+    assert sp.decode(ids[2:]) == "[Round 1]\n\n问：你好\n\n答："

@@ -111,3 +111,29 @@ def test_cli_reports_a_bad_model_path_cleanly():
                           input="hi\n", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_ctrl_c_stops_the_answer_and_keeps_the_session():
+    import signal
+    import threading
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "glmkit.cli", "chat", "--temperature", "0", "--max-tokens", "400"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
+    proc.stdin.write("Write a very long story about a dragon.\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 120
+    while len("".join(out)) < 20 and time.monotonic() < deadline:  # the answer is streaming
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.stdin.write("What is 2+3? Reply with just the number.\nexit\n")
+    proc.stdin.flush()
+    assert proc.wait(120) == 0, proc.stderr.read()
+    reader.join(5)
+    text = "".join(out)
+    assert "[stopped]" in text
+    assert text.rstrip().splitlines()[-1].strip() == "5"
