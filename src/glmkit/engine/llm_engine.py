@@ -7,7 +7,6 @@ it (see async_engine.py).
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import replace
 
@@ -23,7 +22,6 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 
-log = logging.getLogger("glmkit")
 
 
 class LLMEngine:
@@ -64,7 +62,6 @@ class LLMEngine:
             if not p.ignore_eos:
                 seq.stop_ids |= self.eos_token_ids
             seq.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
-            seq.text, seq.num_sent = "", 0  # detokenized output; how much of it was handed out
             seqs.append(seq)
             self.scheduler.add(seq)
         self.seqs[request_id] = seqs

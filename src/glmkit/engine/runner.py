@@ -6,7 +6,6 @@ KV cache per layer: k and v of shape [num_blocks * block_size, num_kv_heads, hea
 
 from __future__ import annotations
 
-import logging
 
 import torch
 
@@ -15,7 +14,6 @@ from .block_manager import BlockManager
 from .sampler import Sample, Sampler
 from .sequence import Sequence
 
-log = logging.getLogger("glmkit")
 
 
 def kv_bytes_per_token(model: DecoderModel, dtype: torch.dtype) -> int:

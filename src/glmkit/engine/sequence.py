@@ -30,6 +30,12 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
+        # Set by the engine when the request is added:
+        self.index = 0                # choice index among the request's n sequences
+        self.stop_ids: set[int] = set()
+        self.detok = None             # IncrementalDetokenizer
+        self.text = ""                # detokenized output so far
+        self.num_sent = 0             # how much of `text` was handed out (the rest may start a stop string)
 
     @property
     def all_ids(self) -> list[int]:
