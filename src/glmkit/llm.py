@@ -90,8 +90,11 @@ class LLM:
         else:
             budget = 2 * 2**30
         num_blocks = max(budget // (per_token * c.block_size), 1)
+        model_len = c.max_model_len or self.model_config.max_position_embeddings
+        # Never more blocks than max_num_seqs full-length sequences can use (small models on big GPUs).
+        num_blocks = min(num_blocks, c.max_num_seqs * -(-model_len // c.block_size))
         capacity = num_blocks * c.block_size
-        max_len = min(c.max_model_len or self.model_config.max_position_embeddings, capacity)
+        max_len = min(model_len, capacity)
         if c.max_model_len and c.max_model_len > capacity:
             log.warning("max_model_len=%d does not fit the KV cache (%d tokens); using %d. Raise "
                         "--kv-cache-memory to allow longer contexts", c.max_model_len, capacity, max_len)

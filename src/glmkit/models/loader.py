@@ -129,5 +129,8 @@ def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device:
             raise ModelLoadError(f"{model_dir}: tensor {key} has shape {tuple(tensor.shape)} but config.json "
                                  f"implies {tuple(want)}; the config and weights are from different models")
     model.load_state_dict(state, assign=True, strict=False)
-    model.finish_loading()
-    return model.to(device).eval()
+    if config.tie_word_embeddings:  # before the move: the head has no tensor of its own yet
+        model.lm_head.weight = model.embed.weight
+    model = model.to(device).eval()
+    model.finish_loading()  # after the move: the rotary tables are built on the model's device
+    return model
