@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.layers import AttentionBatch, DecoderModel, SeqSlice
+from ..models.layers import AttentionBatch, DecodeGroup, DecoderModel, SeqSlice
 from .block_manager import BlockManager
 from .sampler import Sample, Sampler
 from .sequence import Sequence
@@ -36,19 +36,35 @@ class ModelRunner:
 
     def _prepare(self, seqs: list[Sequence], blocks: BlockManager):
         input_ids, positions, slots, slices, last_rows = [], [], [], [], []
+        decode_rows, decode_slots = [], []
         for seq in seqs:
             start, end = seq.num_cached, seq.num_cached + seq.num_scheduled
             q_start = len(input_ids)
             input_ids.extend(seq.all_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(blocks.slots(seq, start, end))
-            kv_slots = None if start == 0 else torch.tensor(blocks.slots(seq, 0, end), device=self.device)
-            slices.append(SeqSlice(q_start, end - start, kv_slots))
+            if start > 0 and end - start == 1:  # a decode step: batched with the others
+                decode_rows.append(q_start)
+                decode_slots.append(blocks.slots(seq, 0, end))
+            else:
+                kv_slots = None if start == 0 else torch.tensor(blocks.slots(seq, 0, end), device=self.device)
+                slices.append(SeqSlice(q_start, end - start, kv_slots))
             if end == len(seq):  # the chunk reaches the end: this position's logits pick the next token
                 last_rows.append(len(input_ids) - 1)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        batch = AttentionBatch(slot_mapping=as_tensor(slots), seqs=slices)
+        batch = AttentionBatch(as_tensor(slots), slices, self._decode_group(decode_rows, decode_slots))
         return as_tensor(input_ids), as_tensor(positions), batch, as_tensor(last_rows)
+
+    def _decode_group(self, rows: list[int], slot_lists: list[list[int]]) -> DecodeGroup | None:
+        if not rows:
+            return None
+        longest = max(len(s) for s in slot_lists)
+        padded = [s + [0] * (longest - len(s)) for s in slot_lists]  # slot 0 stands in; the mask hides it
+        mask = None
+        if any(len(s) != longest for s in slot_lists):
+            lengths = torch.tensor([len(s) for s in slot_lists], device=self.device)
+            mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]
+        return DecodeGroup(torch.tensor(rows, device=self.device), torch.tensor(padded, device=self.device), mask)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], blocks: BlockManager) -> list[tuple[Sequence, Sample]]:

@@ -28,9 +28,18 @@ class SeqSlice:
 
 
 @dataclass
+class DecodeGroup:
+    """Sequences that add one token to a cached context, attended in one batched call."""
+    rows: torch.Tensor             # [B] their rows in the flat token batch
+    kv_slots: torch.Tensor         # [B, max_context] cache slots, padded
+    mask: torch.Tensor | None      # [B, 1, 1, max_context] True where a slot is real; None if all lengths agree
+
+
+@dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor     # [num_tokens] cache slot for each new token's K/V
-    seqs: list[SeqSlice]
+    seqs: list[SeqSlice]           # the other sequences (prompts and prompt chunks), attended one by one
+    decode: DecodeGroup | None = None
 
 
 class RMSNorm(nn.Module):
@@ -75,13 +84,25 @@ class Rotary:
         return torch.cat([rot, rest], -1)
 
 
+def expand_kv(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[..., S, G, D] -> [..., S, H, D], group g serving heads g*H/G ... (g+1)*H/G - 1 as ChatGLM does."""
+    *lead, length, groups, dim = kv.shape
+    return kv.unsqueeze(-2).expand(*lead, length, groups, num_heads // groups, dim).reshape(*lead, length, num_heads, dim)
+
+
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One new token per sequence. q: [B, H, D]; k, v: [B, S, G, D] -> [B, H*D]."""
+    num_seqs, num_heads, head_dim = q.shape
+    k, v = (expand_kv(t, num_heads).transpose(1, 2) for t in (k, v))  # [B, H, S, D]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask)  # [B, H, 1, D]
+    return out.reshape(num_seqs, num_heads * head_dim)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of the last q_len positions. q: [L, H, D]; k, v: [S, G, D] with S >= L. -> [L, H*D]."""
     num_q, num_heads, head_dim = q.shape
-    num_kv, groups = k.shape[0], k.shape[1]
-    # Expand KV groups to heads the way ChatGLM does (group g serves heads g*H/G ... (g+1)*H/G - 1).
-    k = k.unsqueeze(2).expand(-1, -1, num_heads // groups, -1).contiguous().view(num_kv, num_heads, head_dim)
-    v = v.unsqueeze(2).expand(-1, -1, num_heads // groups, -1).contiguous().view(num_kv, num_heads, head_dim)
+    num_kv = k.shape[0]
+    k, v = expand_kv(k, num_heads), expand_kv(v, num_heads)
     q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))  # [1, H, len, D]
     if num_q == num_kv:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -111,14 +132,18 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
-        outs = []
+        out = torch.empty(num_tokens, self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
         for s in batch.seqs:
             rows = slice(s.q_start, s.q_start + s.q_len)
             if s.kv_slots is None:
-                outs.append(attend(q[rows], k[rows], v[rows]))
+                out[rows] = attend(q[rows], k[rows], v[rows])
             else:
-                outs.append(attend(q[rows], k_cache[s.kv_slots].to(q.dtype), v_cache[s.kv_slots].to(q.dtype)))
-        return self.o(outs[0] if len(outs) == 1 else torch.cat(outs))
+                out[rows] = attend(q[rows], k_cache[s.kv_slots].to(q.dtype), v_cache[s.kv_slots].to(q.dtype))
+        d = batch.decode
+        if d is not None:
+            k_ctx, v_ctx = k_cache[d.kv_slots].to(q.dtype), v_cache[d.kv_slots].to(q.dtype)  # [B, S, G, D]
+            out[d.rows] = attend_decode(q[d.rows], k_ctx, v_ctx, d.mask)
+        return self.o(out)
 
 
 class MLP(nn.Module):
