@@ -4,6 +4,9 @@ import pytest
 
 from tokenizer_fixtures import train_sentencepiece, write_glm4_ranks, write_hf_tokenizer
 
+# The in-process server fixtures (tiny_dir, app, client) of the test_server_{errors,streams,ops} modules.
+pytest_plugins = ["server_api_support"]
+
 
 @pytest.fixture(scope="session")
 def sp_model_path(tmp_path_factory):
@@ -53,3 +56,15 @@ def hf(hf_tokenizer_dir):
 
     config = json.loads((hf_tokenizer_dir / "tokenizer_config.json").read_text())
     return HFTokenizer(hf_tokenizer_dir / "tokenizer.json", config)
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One real `glmkit serve` with the embedded default model, shared by the client test modules; served under
+    its own name and as `chatglm3-6b` (the model name LangChain's ChatGLM3 sends by default)."""
+    from default_server import ALIAS, MODEL
+    from server_fixtures import ServerProcess
+
+    proc = ServerProcess("--served-model-name", MODEL, "--served-model-name", ALIAS)
+    yield proc
+    proc.stop()

@@ -12,31 +12,22 @@ normalized); rewrite them with GLMKIT_UPDATE_GOLDEN=1.
 Several tests pin server bugs found while writing this file (now fixed): surrogates, extreme sampling values,
 late validation of streamed prompts, queue slots of abandoned streams, error parameter names.
 
-The test modules take everything from here with a star import, the standard-library imports included.
+Loaded as a pytest plugin by conftest.py, so its fixtures reach the test modules without an import.
 """
 
 from __future__ import annotations
 
-import asyncio
-import copy
-import gc
 import json
 import os
-import re
-import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from checkpoint_fixtures import llama_config, make_chatglm_dir, make_hf_dir, random_llama_state
-from server_fixtures import free_port
+from checkpoint_fixtures import make_chatglm_dir
 
-from glmkit.chat.tool_calls import ParsedOutput, ToolCall
-from glmkit.engine.outputs import Delta
+from glmkit.chat.tool_calls import ToolCall
 from glmkit.server.app import create_app
 from glmkit.server.state import ServerSettings, ServerState
 

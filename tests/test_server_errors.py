@@ -1,6 +1,18 @@
 """Server API: OpenAI-shaped errors (never 5xx), auth, 503 while loading, 429 when the queue is full."""
 
-from server_api_support import *  # noqa: F401,F403 - fixtures, helpers and their imports
+import gc
+import json
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from glmkit.server.state import ServerState
+from server_api_support import (
+    CHAT, COMPLETIONS, EMBEDDINGS, LEGACY, LONG_TEXT, WEATHER, assert_openai_error, chat_body, is_content_chunk,
+    make_app, state_of, wait_until,
+)
 
 
 # --- 1. errors in OpenAI's shape, never 5xx -------------------------------------------------------------------

@@ -1,6 +1,19 @@
 """Server API: /metrics, client disconnects on a real uvicorn server, and a schemathesis fuzz of every POST route."""
 
-from server_api_support import *  # noqa: F401,F403 - fixtures, helpers and their imports
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server_fixtures import free_port
+from server_api_support import (
+    CHAT, COMPLETIONS, EMBEDDINGS, FUZZ_SCALE, LEGACY, assert_openai_error, chat_body, make_app, state_of,
+    wait_until,
+)
 
 
 # --- 8. /metrics ----------------------------------------------------------------------------------------------

@@ -1,6 +1,20 @@
 """Server API: golden SSE transcripts, streamed tool calls, /v1/completions and the legacy ChatGLM POST /."""
 
-from server_api_support import *  # noqa: F401,F403 - fixtures, helpers and their imports
+import asyncio
+import copy
+import json
+from datetime import datetime
+
+import pytest
+from fastapi.testclient import TestClient
+
+from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
+from glmkit.chat.tool_calls import ParsedOutput, ToolCall
+from glmkit.engine.outputs import Delta
+from server_api_support import (
+    CHAT, COMPLETIONS, FIXED_CALL, GOLDEN_DIR, LEGACY, UPDATE_GOLDEN, WEATHER, assert_openai_error, chat_body,
+    is_content_chunk, make_app, parse_sse, state_of,
+)
 
 
 # --- 5. golden SSE transcripts --------------------------------------------------------------------------------

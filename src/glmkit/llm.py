@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -184,8 +185,6 @@ class LLM:
             self.engine.abort(request_id)
 
     def _chat_params(self, params: SamplingParams) -> SamplingParams:
-        from dataclasses import replace
-
         return replace(params, extra_stop_token_ids=self.chat_format.stop_token_ids, skip_special_tokens=False)
 
     @staticmethod
