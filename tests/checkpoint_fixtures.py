@@ -239,3 +239,45 @@ def write_gguf(path: Path, state: dict, config: dict, tokenizer_dir: Path, quant
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+CHATGLM_QUANTIZED = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                     "mlp.dense_4h_to_h")
+
+
+def chatglm_official_quantized(state: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """ChatGLM's own -int4 / -int8 checkpoint layout (spec 1.11), written independently of glmkit's code:
+    per-row scale max|W| / (2^(bits-1) - 1) in fp16, weights rounded to int8, int4 packed two signed nibbles
+    per byte with the even element high; everything else fp16."""
+    out = {}
+    for name, w in state.items():
+        if name.endswith(".weight") and any(f".{m}." in name for m in CHATGLM_QUANTIZED):
+            scale = (w.abs().max(dim=1).values / (2 ** (bits - 1) - 1)).half()
+            q = torch.round(w / scale.float()[:, None]).to(torch.int8)
+            if bits == 4:
+                hi, lo = q[:, 0::2].to(torch.int16), q[:, 1::2].to(torch.int16)
+                byte = ((hi & 0xF) << 4) | (lo & 0xF)
+                q = torch.where(byte > 127, byte - 256, byte).to(torch.int8)
+            out[name], out[name[: -len("weight")] + "weight_scale"] = q, scale
+        else:
+            out[name] = w.half() if w.is_floating_point() and "inv_freq" not in name else w
+    return out
+
+
+def chatglm_official_dequantized(quantized: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """The float weights an official quantized checkpoint stands for (for a float reference model)."""
+    out = {}
+    for name, t in quantized.items():
+        if name.endswith(".weight_scale"):
+            continue
+        scale_name = name[: -len("weight")] + "weight_scale"
+        if scale_name in quantized:
+            q = t.to(torch.int16)
+            if bits == 4:
+                hi = torch.where(q < 0, q + 256, q) >> 4
+                lo = torch.where(q < 0, q + 256, q) & 0xF
+                q = torch.stack([hi, lo], -1).flatten(-2)
+                q = torch.where(q > 7, q - 16, q)
+            t = q.float() * quantized[scale_name].float()[:, None]
+        out[name] = t.float() if t.is_floating_point() else t
+    return out

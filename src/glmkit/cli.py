@@ -12,6 +12,7 @@ COMMANDS = {
     "generate": ("glmkit.ui.generate", "complete one prompt and print it"),
     "serve": ("glmkit.ui.serve", "serve the OpenAI-compatible and ChatGLM APIs over HTTP"),
     "info": ("glmkit.ui.info", "show the resolved model, chat format and limits"),
+    "quantize": ("glmkit.ui.quantize", "save an int8/int4 copy of a model that loads without quantizing again"),
 }
 
 
@@ -26,6 +27,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
     g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache budget in GiB")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--quantization", default="auto", choices=("auto", "none", "int8", "int4"),
+                   help="weight-only quantization of the linear layers (auto: as the checkpoint is stored; "
+                   "int8 for the embedded model on a CPU with bf16 instructions)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
@@ -38,11 +42,15 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p
     g.add_argument("--seed", type=int, default=None)
 
 
+def engine_kwargs(args) -> dict:
+    return dict(dtype=args.dtype, device=args.device, chat_format=args.chat_format, max_model_len=args.max_model_len,
+                kv_cache_memory_gb=args.kv_cache_memory, num_threads=args.threads, quantization=args.quantization)
+
+
 def load_llm(args):
     from .llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, chat_format=args.chat_format,
-               max_model_len=args.max_model_len, kv_cache_memory_gb=args.kv_cache_memory, num_threads=args.threads)
+    return LLM(args.model, **engine_kwargs(args))
 
 
 def sampling_params(args):

@@ -22,6 +22,7 @@ from .engine.runner import ModelRunner, kv_bytes_per_token
 from .engine.sampling_params import SamplingParams
 from .errors import InvalidParameterError, ModelLoadError
 from .models.loader import load_model, read_config
+from .models.quant import QuantPlan, plan_for
 from .tokenizers import load_tokenizer
 
 log = logging.getLogger("glmkit")
@@ -49,14 +50,40 @@ def resolve_model_dir(model: str | None) -> Path:
     return path
 
 
-def _device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+# The embedded default model's mode on a CPU with bf16 instructions: the fastest at equal quality in
+# benchmarks/cpu_decode.py and benchmarks/perplexity.py (README, "Quantization").
+DEFAULT_MODEL_CPU_QUANTIZATION = "int8"
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: where bf16 activations (and so the int8/int4 kernels) are fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _device(config: EngineConfig) -> torch.device:
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidParameterError("device", config.device, "CUDA is not available on this machine; use cpu")
-    name = DTYPES[config.dtype] or ("bfloat16" if device.startswith("cuda") else "float32")
-    return torch.device(device), getattr(torch, name)
+    return torch.device(device)
+
+
+def _requested_quantization(config: EngineConfig, device: torch.device) -> str | None:
+    if config.quantization != "auto":
+        return None if config.quantization == "none" else config.quantization
+    if config.model is None and device.type == "cpu" and DTYPES[config.dtype] is None and cpu_has_bf16():
+        return DEFAULT_MODEL_CPU_QUANTIZATION
+    return None
+
+
+def _dtype(config: EngineConfig, device: torch.device, plan: QuantPlan | None) -> torch.dtype:
+    name = DTYPES[config.dtype] or ("bfloat16" if device.type == "cuda" or plan else "float32")
+    return getattr(torch, name)
 
 
 class LLM:
@@ -65,18 +92,21 @@ class LLM:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.model_dir = resolve_model_dir(model)
-        self.device, self.dtype = _device_and_dtype(self.config)
-        _, self.model_config = read_config(self.model_dir)
+        self.device = _device(self.config)
+        raw_config, self.model_config = read_config(self.model_dir)
+        self.quantization = plan_for(raw_config, _requested_quantization(self.config, self.device))
+        self.dtype = _dtype(self.config, self.device, self.quantization)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.model = load_model(self.model_dir, self.model_config, self.dtype, self.device)
+        self.model = load_model(self.model_dir, self.model_config, self.dtype, self.device, self.quantization)
         mc = self.model_config
         self.chat_format = get_chat_format(self.config.chat_format, tokenizer=self.tokenizer,
                                            model_type=mc.model_type, model_name=mc.name or self.model_dir.name,
                                            eos_token_ids=mc.eos_token_ids)
         eos = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
         self.engine = self._build_engine(sorted(eos))
-        log.info("glmkit: model=%s format=%s device=%s dtype=%s max_model_len=%d kv_blocks=%d",
+        log.info("glmkit: model=%s format=%s device=%s dtype=%s quantization=%s max_model_len=%d kv_blocks=%d",
                  self.model_dir, self.chat_format.name, self.device, str(self.dtype).removeprefix("torch."),
+                 self.quantization.mode if self.quantization else "none",
                  self.engine.max_model_len,
                  self.engine.blocks.num_blocks)
 

@@ -17,6 +17,7 @@ from ..errors import ModelLoadError
 from . import glm, llama
 from .config import ModelConfig
 from .layers import DecoderModel
+from .quant import QuantPlan, is_quantized_weight, prepare_model, quantize, replace_linears
 
 FAMILIES = {
     # model_type: (config reader, name map, names to skip)
@@ -91,40 +92,94 @@ def _map_name(name: str, names, skip) -> str | None:
     raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint; is model_type in config.json right?")
 
 
-def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _tensor_count(paths: list[Path]) -> int | None:
+    if all(p.suffix == ".safetensors" for p in paths):
+        from safetensors import safe_open
+
+        return sum(len(safe_open(str(p), framework="pt").keys()) for p in paths)
+    return None
+
+
+def _store(state: dict, target: str, tensor: torch.Tensor, dtype: torch.dtype, plan: QuantPlan | None) -> None:
+    """Put one finished tensor into the state dict: quantized if the plan says so, else in the model dtype."""
+    if plan is not None and is_quantized_weight(target):
+        base = target.removesuffix(".weight")
+        bits = plan.bits_for(base)
+        if bits and plan.source == "fresh":
+            state[base + ".qweight"], state[base + ".scales"] = quantize(bits, tensor, plan.group_size)
+            return
+        if bits and plan.source == "chatglm":  # already int8 / packed int4, next to a `weight_scale`
+            state[base + ".qweight"] = tensor
+            return
+    if target.endswith(".scales"):
+        state[target] = tensor.float()
+    else:
+        state[target] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype,
+                    plan: QuantPlan | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under internal names, fused, converted to `dtype`, quantized as `plan` says."""
+    from tqdm import tqdm
+
     _, names, skip = FAMILIES[model_type]
+    if plan is not None and plan.source == "glmkit":  # saved by glmkit: internal names already
+        names, skip = [(r"(.*)", r"\1")], re.compile(r"$^")
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for path in _weight_files(model_dir):
+    paths = _weight_files(model_dir)
+    fresh = plan is not None and plan.source == "fresh"
+    progress = tqdm(total=_tensor_count(paths), desc=f"quantizing to {plan.mode}" if fresh else "loading",
+                    unit="tensor", disable=not fresh)
+    for path in paths:
         for name, tensor in _read_tensors(path):
+            progress.update()
+            if name.endswith(".weight_scale") and plan is not None:  # ChatGLM's quantized checkpoints: a scale per row
+                target = _map_name(name.removesuffix("_scale"), names, skip)
+                scales = tensor.float()
+                state[target.removesuffix(".weight") + ".scales"] = scales[:, None] if plan.bits == 4 else scales
+                continue
             target = _map_name(name, names, skip)
             if target is None:
                 continue
-            tensor = tensor.to(dtype)
             if "#" in target:
                 key, part = target.split("#")
                 parts.setdefault(key, {})[part] = tensor
             else:
-                state[target] = tensor
+                _store(state, target, tensor, dtype, plan)
     for key, pieces in parts.items():  # fuse q/k/v and gate/up in the internal row order
-        state[key] = torch.cat([pieces[p] for p in sorted(pieces, key=_PART_ORDER.__getitem__)])
+        _store(state, key, torch.cat([pieces[p] for p in sorted(pieces, key=_PART_ORDER.__getitem__)]), dtype, plan)
+    progress.close()
     return state
 
 
-def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> DecoderModel:
-    state = load_state_dict(model_dir, config.model_type, dtype)
-    if config.tie_word_embeddings or "lm_head.weight" not in state:
+def settle_head(state: dict, config: ModelConfig, dtype: torch.dtype, plan: QuantPlan | None) -> None:
+    """Tie the output layer to the embedding, or give it a (quantized) tensor of its own."""
+    if plan is not None and plan.head_bits:  # a quantized head of its own, copied from a tied embedding
+        if "lm_head.qweight" not in state:
+            _store(state, "lm_head.weight", state["embed.weight"], dtype, plan)
+        config.tie_word_embeddings = False
+    elif config.tie_word_embeddings or "lm_head.weight" not in state:
         config.tie_word_embeddings = True
         state.pop("lm_head.weight", None)
+
+
+def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+               plan: QuantPlan | None = None) -> DecoderModel:
+    state = load_state_dict(model_dir, config.model_type, dtype, plan)
+    settle_head(state, config, dtype, plan)
     with torch.device("meta"):
         model = DecoderModel(config)
+        if plan is not None:
+            replace_linears(model, plan)
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
         raise ModelLoadError(f"{model_dir}: checkpoint does not match config.json: missing "
                              f"{sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}")
+    shapes = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, tensor in state.items():
-        want = model.get_parameter(key).shape
+        want = shapes[key].shape
         if tensor.shape != want:
             raise ModelLoadError(f"{model_dir}: tensor {key} has shape {tuple(tensor.shape)} but config.json "
                                  f"implies {tuple(want)}; the config and weights are from different models")
@@ -132,5 +187,7 @@ def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device:
     if config.tie_word_embeddings:  # before the move: the head has no tensor of its own yet
         model.lm_head.weight = model.embed.weight
     model = model.to(device).eval()
+    if plan is not None:
+        prepare_model(model, dtype)
     model.finish_loading()  # after the move: the rotary tables are built on the model's device
     return model

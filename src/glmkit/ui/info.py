@@ -16,7 +16,9 @@ def main(args) -> int:
     print(f"name            : {c.name or '-'} ({c.model_type}, {c.num_layers} layers, hidden {c.hidden_size}, "
           f"{c.num_heads} heads / {c.num_kv_heads} kv heads)")
     print(f"chat format     : {llm.chat_format.name} (stop ids {llm.chat_format.stop_token_ids})")
-    print(f"device / dtype  : {llm.device} / {llm.dtype}")
+    quant = llm.quantization
+    print(f"device / dtype  : {llm.device} / {llm.dtype}; quantization "
+          + (f"{quant.mode} ({quant.source})" if quant else "none"))
     print(f"context         : {llm.engine.max_model_len} tokens; KV cache {llm.engine.blocks.num_blocks} blocks "
           f"of {llm.engine.blocks.block_size}")
     if args.model is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..cli import add_model_arguments
+from ..cli import add_model_arguments, engine_kwargs
 from ..errors import InvalidParameterError
 
 log = logging.getLogger("glmkit")
@@ -48,9 +48,7 @@ def main(args) -> int:
         model=args.model, served_model_names=args.served_model_name, api_keys=api_keys(args),
         cors_origins=args.cors_origin, max_queue=args.max_queue,
         embedding_model=None if args.embedding_model == "none" else args.embedding_model,
-        engine_kwargs=dict(dtype=args.dtype, device=args.device, chat_format=args.chat_format,
-                           max_model_len=args.max_model_len, kv_cache_memory_gb=args.kv_cache_memory,
-                           num_threads=args.threads, max_num_seqs=args.max_num_seqs))
+        engine_kwargs=engine_kwargs(args) | dict(max_num_seqs=args.max_num_seqs))
     log.info("glmkit serve: http://%s:%d (auth %s)", args.host, args.port, "on" if settings.api_keys else "off")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0

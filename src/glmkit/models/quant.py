@@ -1,0 +1,211 @@
+"""Weight-only quantization: int8 per output channel, int4 in groups along the input, both symmetric.
+
+Portable layout (what is saved, and what ChatGLM's own int4/int8 checkpoints hold):
+  int8: `qweight` int8 [out, in], `scales` [out]                  w = q * scale[row]
+  int4: `qweight` int8 [out, in/2], two signed nibbles per byte, the even element in the high nibble;
+        `scales` [out, in/group_size]                             w = q * scale[row, col // group_size]
+ChatGLM's official int4 checkpoint is this layout with one group per row (group_size = in).
+
+At load time each QuantLinear packs its weight once for the device's kernel: PyTorch's `_weight_int8pack_mm` /
+`_weight_int4pack_mm_for_cpu` on CPU, our Triton kernel (kernels/quant_matmul.py) on CUDA. Activations stay
+in bf16/fp16 (W8A16, W4A16); nothing is compiled at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidParameterError, ModelLoadError
+
+MODES = {"int8": 8, "int4": 4}
+DEFAULT_GROUP_SIZE = 32  # as llama.cpp's 4-bit blocks; benchmarks/perplexity.py shows what larger groups cost
+HEAD_BITS = 8  # the output layer stays int8 in int4 mode too: its error shows directly in every logit
+_CPU_INT4_GROUPS = (256, 128, 64, 32)  # group sizes PyTorch's CPU int4 kernel accepts
+# Linears that are quantized; embeddings, norms and biases stay in float.
+QUANTIZED = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down", "lm_head")
+
+
+@dataclass
+class QuantPlan:
+    """How a checkpoint's linears are quantized, and where the quantized weights come from."""
+    bits: int
+    group_size: int | None = DEFAULT_GROUP_SIZE  # int4 only; None: one group per row (ChatGLM's own checkpoints)
+    head_bits: int | None = HEAD_BITS            # None: the output layer stays in float
+    source: str = "fresh"  # fresh: quantize float weights while loading; glmkit: saved by us; chatglm: official
+
+    def bits_for(self, name: str) -> int | None:
+        return self.head_bits if name.startswith("lm_head") else self.bits
+
+    @property
+    def mode(self) -> str:
+        return f"int{self.bits}"
+
+    def to_config(self) -> dict:
+        return {"quant_method": "glmkit", "bits": self.bits, "group_size": self.group_size,
+                "head_bits": self.head_bits}
+
+
+def bits_of(mode: str | None) -> int | None:
+    if mode is None or mode == "none":
+        return None
+    if mode not in MODES:
+        raise InvalidParameterError("quantization", mode, "must be int8, int4 or none")
+    return MODES[mode]
+
+
+def plan_for(raw_config: dict, requested: str | None) -> QuantPlan | None:
+    """The plan for loading a checkpoint: what it already holds, or what the user asked for."""
+    bits = bits_of(requested)
+    stored = None
+    qc = raw_config.get("quantization_config")
+    if qc:
+        if qc.get("quant_method") != "glmkit":
+            raise ModelLoadError(f"config.json: quantization_config.quant_method={qc.get('quant_method')!r} is not "
+                                 "supported; load the float checkpoint and pass --quantization int8 or int4")
+        stored = QuantPlan(qc["bits"], qc.get("group_size"), qc.get("head_bits"), source="glmkit")
+    elif raw_config.get("quantization_bit") in (4, 8):  # ChatGLM's -int4 / -int8 releases
+        stored = QuantPlan(raw_config["quantization_bit"], None, None, source="chatglm")
+    if stored is None:
+        return QuantPlan(bits) if bits else None
+    if bits is not None and bits != stored.bits:
+        raise InvalidParameterError("quantization", requested, f"the checkpoint is already quantized to "
+                                    f"{stored.mode}; omit --quantization or load the float checkpoint")
+    return stored
+
+
+def is_quantized_weight(name: str) -> bool:
+    """True for the weight of a linear layer that quantization replaces."""
+    return name.endswith(".weight") and name.removesuffix(".weight").endswith(QUANTIZED)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-10)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out_features, in_features = weight.shape
+    if in_features % group_size or in_features % 2:
+        raise InvalidParameterError("group_size", group_size, f"must divide the layer's input size {in_features}")
+    w = weight.float().view(out_features, in_features // group_size, group_size)
+    scales = (w.abs().amax(dim=2) / 7).clamp_min(1e-10)
+    q = torch.round(w / scales[..., None]).clamp_(-8, 7).to(torch.int8).view(out_features, in_features)
+    return pack_int4(q), scales
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], [out, in] -> [out, in/2], element 2k in the high nibble."""
+    return ((q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)).to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[out, in/2] int8 -> signed values [out, in] (arithmetic shifts keep the sign)."""
+    high = packed >> 4
+    low = (packed << 4) >> 4
+    return torch.stack([high, low], dim=-1).flatten(-2)
+
+
+def dequantize(bits: int, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if bits == 8:
+        return qweight.float() * scales.float()[:, None]
+    q = unpack_int4(qweight).float()
+    out_features, in_features = q.shape
+    groups = scales.shape[1]
+    return (q.view(out_features, groups, in_features // groups) * scales.float()[..., None]).view(q.shape)
+
+
+def quantize(bits: int, weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE):
+    return quantize_int8(weight) if bits == 8 else quantize_int4(weight, group_size)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with a weight-only quantized weight; `prepare()` packs it for the device's kernel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = group_size if bits == 4 else in_features
+        cols = in_features if bits == 8 else in_features // 2
+        self.register_buffer("qweight", torch.empty(out_features, cols, dtype=torch.int8))
+        scale_shape = (out_features,) if bits == 8 else (out_features, in_features // self.group_size)
+        self.register_buffer("scales", torch.empty(scale_shape))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self._forward = None
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, group_size={self.group_size}"
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Pack the weight for this device's kernel (once, after the move to the device)."""
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise InvalidParameterError("dtype", str(dtype).removeprefix("torch."),
+                                        "quantized weights run with bfloat16 or float16 activations; "
+                                        "use --dtype bfloat16 (or leave it auto)")
+        if self.bias is not None:
+            self.bias.data = self.bias.data.to(dtype)
+        if self.qweight.device.type == "cuda":
+            from ..kernels.quant_matmul import QuantMatmul
+
+            self._forward = QuantMatmul(self.bits, self.qweight, self.scales, self.group_size, dtype)
+        elif self.bits == 8:
+            # A fresh allocation: the kernel's vector loads crash on tensors at odd offsets inside a file mapping.
+            self.qweight = self.qweight.clone(memory_format=torch.contiguous_format)
+            self.scales = self.scales.to(dtype)
+            self._forward = lambda x: torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        else:
+            self._forward = self._cpu_int4(dtype)
+        self.qweight.requires_grad_(False)
+
+    def _cpu_int4(self, dtype: torch.dtype):
+        group = self.group_size
+        scales = self.scales
+        if group not in _CPU_INT4_GROUPS:  # e.g. ChatGLM's one group per row: repeat the scale per kernel group
+            group = next((g for g in _CPU_INT4_GROUPS if self.group_size % g == 0 and self.in_features % g == 0), None)
+            if group is None:
+                raise InvalidParameterError("group_size", self.group_size, "must be a multiple of 32 for the CPU "
+                                            "int4 kernel")
+            scales = scales.repeat_interleave(self.group_size // group, dim=1)
+        unsigned = unpack_int4(self.qweight).to(torch.int32) + 8
+        pad = -self.out_features % 16  # the kernel wants whole tiles of 16 output rows: zero rows fill up
+        if pad:
+            unsigned = F.pad(unsigned, (0, 0, 0, pad), value=8)
+            scales = F.pad(scales, (0, 0, 0, pad))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), 1)
+        # The kernel computes (q - 8) * scale + zero per group; [groups, out, 2] holds (scale, zero = 0).
+        scales_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).to(dtype).contiguous()
+        del self.qweight  # the packed copy replaces it
+        self.register_buffer("qweight", packed)
+        self.scales = scales_zeros
+        n = self.out_features
+        if pad:
+            return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)[:, :n]
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._forward(x.reshape(-1, self.in_features)).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def replace_linears(model: nn.Module, plan: QuantPlan) -> None:
+    """Swap the quantized linears of a (meta) DecoderModel for QuantLinear shells of the same shape."""
+    for name, module in list(model.named_modules()):
+        bits = plan.bits_for(name)
+        if isinstance(module, nn.Linear) and name.endswith(QUANTIZED) and bits:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            group = (plan.group_size or module.in_features) if bits == 4 else module.in_features
+            setattr(parent, child, QuantLinear(module.in_features, module.out_features, module.bias is not None,
+                                               bits, group))
+
+
+def prepare_model(model: nn.Module, dtype: torch.dtype) -> None:
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.prepare(dtype)

@@ -1,0 +1,171 @@
+"""Weight-only int8/int4: the layouts, the CPU kernels, fresh quantization at load time, ChatGLM's own
+-int4/-int8 checkpoints, and saved quantized copies."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from checkpoint_fixtures import (chatglm_config, chatglm_official_dequantized, chatglm_official_quantized,
+                                 llama_config, make_hf_dir, random_chatglm_state, random_llama_state,
+                                 write_weights)
+from glmkit import LLM, SamplingParams
+from glmkit.cli import main as cli_main
+from glmkit.errors import InvalidParameterError, ModelLoadError
+from glmkit.models.layers import AttentionBatch, SeqSlice
+from glmkit.models.quant import (QuantLinear, dequantize, pack_int4, quantize_int4, quantize_int8,
+                                 unpack_int4)
+from glmkit.tokenizers.chatglm_sp import ChatGLMSPTokenizer
+
+PROMPT = [5, 17, 33, 64, 101, 7, 250, 3, 90, 44, 12]
+
+
+@torch.inference_mode()
+def prompt_logits(llm: LLM, ids=PROMPT) -> torch.Tensor:
+    """fp32 logits at every prompt position, from one causal pass."""
+    c, n = llm.model_config, len(ids)
+    caches = [(torch.zeros(n, c.num_kv_heads, c.head_dim, dtype=llm.dtype),) * 2 for _ in range(c.num_layers)]
+    caches = [(k, k.clone()) for k, _ in caches]
+    batch = AttentionBatch(torch.arange(n), [SeqSlice(0, n, None)])
+    hidden = llm.model(torch.tensor(ids), torch.arange(n), batch, caches)
+    return llm.model.compute_logits(hidden)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def sp_vocab(sp_model_path):
+    return ChatGLMSPTokenizer(sp_model_path).vocab_size
+
+
+def chatglm_dir(path, sp_model_path, state, config):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    write_weights(path, state, "safetensors")
+    shutil.copy(sp_model_path, path / "tokenizer.model")
+    return path
+
+
+# -- layouts and kernels ---------------------------------------------------------------------------------
+
+def test_int4_packing_is_high_nibble_first_and_signed():
+    q = torch.tensor([[-8, 7, 3, -1, 0, -5]], dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.tolist() == [[-128 | 7, 0x3F, 0x0B]]  # 0x87, 0x3F, 0x0B as signed bytes
+    assert torch.equal(unpack_int4(packed), q)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
+def test_quantization_error_is_within_half_a_step(bits, group):
+    w = torch.randn(48, 128)
+    q, s = quantize_int8(w) if bits == 8 else quantize_int4(w, group)
+    err = (dequantize(bits, q, s) - w).abs()
+    step = s[:, None] if bits == 8 else s.repeat_interleave(group, dim=1)
+    assert bool((err <= step / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 32), (4, 128), (4, 384)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernels_match_the_dequantized_weight(bits, group, dtype):
+    torch.manual_seed(0)
+    w, x, bias = torch.randn(40, 384), torch.randn(5, 384), torch.randn(40)  # 40 rows: not a tile multiple
+    q, s = quantize_int8(w) if bits == 8 else quantize_int4(w, group)
+    layer = QuantLinear(384, 40, True, bits, group)
+    layer.qweight, layer.scales, layer.bias.data = q, s, bias.clone()
+    expected = x @ dequantize(bits, q, s).T + bias
+    layer.bias.requires_grad_(False)
+    layer.prepare(dtype)  # group 384 (one per row, as ChatGLM's checkpoints) is repeated per 128 for the kernel
+    got = layer(x.to(dtype).view(1, 5, 384)).view(5, 40).float()
+    assert rel_err(got, expected) < 0.02
+
+
+def test_float32_activations_are_refused_with_the_fix():
+    layer = QuantLinear(64, 8, False, 8, 64)
+    with pytest.raises(InvalidParameterError, match="--dtype bfloat16"):
+        layer.prepare(torch.float32)
+
+
+# -- models ---------------------------------------------------------------------------------------------
+
+def dequantized_copy(state: dict, config: dict, bits: int) -> tuple[dict, dict]:
+    """The float checkpoint that a fresh int8/int4 quantization of `state` stands for (head always int8)."""
+    state = dict(state)
+    if config.get("tie_word_embeddings"):
+        state["lm_head.weight"], config = state["model.embed_tokens.weight"], config | {"tie_word_embeddings": False}
+    for name, w in state.items():
+        if name.endswith("proj.weight") or name == "lm_head.weight":
+            b = 8 if name == "lm_head.weight" else bits
+            state[name] = dequantize(b, *(quantize_int8(w) if b == 8 else quantize_int4(w, 32)))
+    return state, config
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_fresh_quantization_computes_the_dequantized_model(tmp_path, hf_tokenizer_dir, tie):
+    config = llama_config(512, "qwen2", tie=tie)
+    state = random_llama_state(config, seed=4)
+    d = make_hf_dir(tmp_path / "qwen", state, config, hf_tokenizer_dir)
+    float_logits = prompt_logits(LLM(str(d), dtype="float32", device="cpu"))
+    errors = {}
+    for mode, bits in (("int8", 8), ("int4", 4)):
+        llm = LLM(str(d), device="cpu", quantization=mode)
+        assert llm.dtype == torch.bfloat16 and llm.quantization.mode == mode
+        assert not llm.model_config.tie_word_embeddings  # the head is a quantized copy of its own
+        got = prompt_logits(llm)
+        ref_dir = make_hf_dir(tmp_path / f"deq{bits}", *dequantized_copy(state, config, bits), hf_tokenizer_dir)
+        assert rel_err(got, prompt_logits(LLM(str(ref_dir), dtype="float32", device="cpu"))) < 0.03
+        errors[mode] = rel_err(got, float_logits)
+        out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+        assert len(out.outputs[0].token_ids) == 6
+    assert errors["int8"] < errors["int4"], errors
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_official_chatglm_quantized_checkpoint_loads_directly(tmp_path, sp_model_path, sp_vocab, bits):
+    config = chatglm_config(sp_vocab)
+    quantized = chatglm_official_quantized(random_chatglm_state(config, seed=5), bits)
+    qdir = chatglm_dir(tmp_path / f"int{bits}", sp_model_path, quantized, config | {"quantization_bit": bits,
+                                                                                     "torch_dtype": "float16"})
+    fdir = chatglm_dir(tmp_path / "float", sp_model_path, chatglm_official_dequantized(quantized, bits), config)
+    llm = LLM(str(qdir), device="cpu")
+    assert llm.quantization.source == "chatglm" and llm.quantization.mode == f"int{bits}"
+    assert llm.dtype == torch.bfloat16
+    assert type(llm.model.lm_head).__name__ == "Linear"  # the official output layer stays in float
+    ref = prompt_logits(LLM(str(fdir), device="cpu", dtype="float32"))
+    # bf16 activations alone differ by ~3% of the largest logit on this random model; a wrong nibble order or
+    # scale would differ by ~100%.
+    assert rel_err(prompt_logits(llm), ref) < 0.08
+    with pytest.raises(InvalidParameterError, match="already quantized"):
+        LLM(str(qdir), device="cpu", quantization="int8" if bits == 4 else "int4")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_saved_quantized_copy_loads_without_quantizing_again(tmp_path, hf_tokenizer_dir, capsys, mode):
+    config = llama_config(512, "qwen2", tie=True)
+    d = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=6), config, hf_tokenizer_dir)
+    out = tmp_path / f"qwen-{mode}"
+    assert cli_main(["quantize", "--model", str(d), "--quantization", mode, "--output", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["quantization_config"] == {"quant_method": "glmkit", "bits": int(mode[3]), "group_size": 32,
+                                            "head_bits": 8}
+    assert (out / "tokenizer.json").is_file()
+    fresh, reloaded = LLM(str(d), device="cpu", quantization=mode), LLM(str(out), device="cpu")
+    assert reloaded.quantization.source == "glmkit"
+    assert torch.equal(prompt_logits(fresh), prompt_logits(reloaded))
+    assert cli_main(["quantize", "--model", str(d), "--quantization", "int8", "--output", str(out)]) == 2
+
+
+def test_bad_quantization_settings_are_clear(tmp_path, hf_tokenizer_dir):
+    config = llama_config(512, "qwen2")
+    d = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=7), config, hf_tokenizer_dir)
+    with pytest.raises(InvalidParameterError, match="quantization"):
+        LLM(str(d), device="cpu", quantization="int3")
+    with pytest.raises(InvalidParameterError, match="bfloat16"):
+        LLM(str(d), device="cpu", quantization="int8", dtype="float32")
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(raw | {"quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(ModelLoadError, match="gptq"):
+        LLM(str(d), device="cpu")
