@@ -1,11 +1,14 @@
 import json
 
+import importlib.util
+
 import pytest
 
 from tokenizer_fixtures import train_sentencepiece, write_glm4_ranks, write_hf_tokenizer
 
-# The in-process server fixtures (tiny_dir, app, client) of the test_server_{errors,streams,ops} modules.
-pytest_plugins = ["server_api_support"]
+# The in-process server fixtures (tiny_dir, app, client) of the test_server_{errors,streams,ops} modules; left
+# out where the server's packages are not installed (a bare GPU machine running tests/test_gpu.py).
+pytest_plugins = ["server_api_support"] if importlib.util.find_spec("fastapi") else []
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
 """Sampler: logits [N, vocab] + per-row SamplingParams -> next token ids [N].
 
 Penalties, temperature, top-k, top-p and min-p per row; a seeded request draws from its own generator, so
-the same seed gives the same tokens whatever else is in the batch.
+the same seed gives the same tokens whatever else is in the batch. Rows with no penalty, seed, logprobs or active
+min_tokens go through one batched pass on the logits' device that reads the ids back once; the others go row by
+row.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
 MIN_TEMPERATURE = 1e-5
 
 
+def _to(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on `device`. To a GPU through pinned memory, asynchronously: a plain copy from pageable
+    memory would wait for the queued forward pass (a host synchronisation)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 class Sampler:
     def __init__(self, invalid_score_token: int | None = None):
         # ChatGLM's InvalidScoreLogitsProcessor: non-finite logits force this token instead of crashing.
@@ -74,27 +83,90 @@ class Sampler:
         self.generators.pop(id(seq), None)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
-        out = []
-        for row, seq in zip(logits, seqs):
-            if not torch.isfinite(row).all():
-                if self.invalid_score_token is not None:
-                    row = torch.zeros_like(row)
-                    row[self.invalid_score_token] = 5e4
-                else:
-                    row = torch.nan_to_num(row, nan=-1e9, posinf=1e9, neginf=-1e9)
-            raw, p = row, seq.params
-            row = apply_penalties(row.clone(), seq)
-            if len(seq.output_ids) < p.min_tokens and seq.stop_ids:
-                row[list(seq.stop_ids)] = float("-inf")
-            row = torch.nan_to_num(row, nan=float("-inf"))  # extreme penalties can overflow
-            token = int(row.argmax())
-            # A temperature this small is greedy in effect (and would overflow the division below).
-            if not p.greedy and p.temperature >= MIN_TEMPERATURE:
-                probs = filter_probs(torch.softmax(row / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
-                if torch.isfinite(probs).all() and probs.sum() > 0:
-                    token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator(seq)))
-            out.append(self._with_logprobs(token, raw, p.logprobs))
+        """One host synchronisation for the rows that need no per-row work (reading their ids once)."""
+        out: list[Sample | None] = [None] * len(seqs)
+        fast = []
+        for i, seq in enumerate(seqs):
+            if self._is_fast(seq):
+                fast.append(i)
+            else:  # penalties, seeds, logprobs or min_tokens: the per-row path
+                out[i] = self._sample_row(logits[i], seq)
+        if fast:
+            rows = logits if len(fast) == len(seqs) else logits.index_select(0, _to(fast, torch.long, logits.device))
+            for i, token in zip(fast, self._sample_batch(rows, [seqs[i] for i in fast])):
+                out[i] = Sample(token)
         return out
+
+    @staticmethod
+    def _is_fast(seq: Sequence) -> bool:
+        p = seq.params
+        return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and p.seed is None and p.logprobs is None
+                and not (len(seq.output_ids) < p.min_tokens and seq.stop_ids))
+
+    def _sample_batch(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """logits [R, vocab] of rows without penalties, seeds, logprobs or min_tokens -> R token ids."""
+        dev, vocab = logits.device, logits.shape[-1]
+        if self.invalid_score_token is not None:
+            forced = torch.zeros(1, vocab, dtype=logits.dtype, device=dev)
+            forced[:, self.invalid_score_token].fill_(5e4)  # `forced[0, t] = 5e4` would copy (and sync)
+            logits = torch.where(torch.isfinite(logits).all(-1, keepdim=True), logits, forced)
+        else:  # the identity on finite rows
+            logits = torch.nan_to_num(logits, nan=-1e9, posinf=1e9, neginf=-1e9)
+        ids = logits.argmax(-1)
+        params = [seq.params for seq in seqs]
+        sampled = [not p.greedy and p.temperature >= MIN_TEMPERATURE for p in params]
+        if any(sampled):
+            ps = [p if s else None for p, s in zip(params, sampled)]  # greedy rows: no cut, temperature 1
+            temperature = _to([[p.temperature if p else 1.0] for p in ps], logits.dtype, dev)
+            probs = torch.softmax(logits / temperature, dim=-1)
+            ok = torch.isfinite(probs).all(-1)
+            top_k = [p.top_k if p and 0 < p.top_k < vocab else 0 for p in ps]
+            if any(top_k):
+                top = torch.topk(probs, max(top_k), dim=-1).values
+                kth = top.gather(-1, _to([[max(k, 1) - 1] for k in top_k], torch.long, dev))
+                kth = torch.where(_to([[k > 0] for k in top_k], torch.bool, dev), kth, 0.0)
+                probs = torch.where(probs >= kth, probs, 0.0)
+            if any(p and p.min_p > 0.0 for p in ps):
+                min_p = _to([[p.min_p if p else 0.0] for p in ps], probs.dtype, dev)
+                probs = torch.where(probs >= min_p * probs.amax(-1, keepdim=True), probs, 0.0)
+            if any(p and p.top_p < 1.0 for p in ps):
+                top_p = _to([[p.top_p if p else 1.0] for p in ps], probs.dtype, dev)
+                sorted_probs, order = probs.sort(dim=-1, descending=True)
+                cumulative = sorted_probs.cumsum(-1)
+                # as filter_probs: keep the smallest prefix whose mass reaches top_p, at least the top token
+                remove = ((cumulative - sorted_probs) >= top_p * cumulative[:, -1:]) & (top_p < 1.0)
+                remove[:, 0] = False
+                probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(remove, 0.0))
+            total = probs.sum(-1, keepdim=True)
+            probs = probs / total
+            ok &= torch.isfinite(probs).all(-1) & (total[:, 0] > 0)
+            # Exponential race: argmax p / E with E ~ Exp(1) picks token i with probability p_i, and unlike
+            # torch.multinomial needs no host sync. The clamp keeps E = 0 from turning a 0 into NaN.
+            noise = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
+            drawn = (probs / noise).argmax(-1)
+            ids = torch.where(ok & _to(sampled, torch.bool, dev), drawn, ids)
+        return ids.tolist()
+
+    def _sample_row(self, row: torch.Tensor, seq: Sequence) -> Sample:
+        if not torch.isfinite(row).all():
+            if self.invalid_score_token is not None:
+                row = torch.zeros_like(row)
+                row[self.invalid_score_token] = 5e4
+            else:
+                row = torch.nan_to_num(row, nan=-1e9, posinf=1e9, neginf=-1e9)
+        raw, p = row, seq.params
+        row = apply_penalties(row.clone(), seq)
+        if len(seq.output_ids) < p.min_tokens and seq.stop_ids:
+            row[list(seq.stop_ids)] = float("-inf")
+        row = torch.nan_to_num(row, nan=float("-inf"))  # extreme penalties can overflow
+        token = int(row.argmax())
+        # A temperature this small is greedy in effect (and would overflow the division below).
+        if not p.greedy and p.temperature >= MIN_TEMPERATURE:
+            probs = filter_probs(torch.softmax(row / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
+            if torch.isfinite(probs).all() and probs.sum() > 0:
+                token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator(seq)))
+        return self._with_logprobs(token, raw, p.logprobs)
 
     @staticmethod
     def _with_logprobs(token: int, raw: torch.Tensor, k: int | None) -> Sample:
