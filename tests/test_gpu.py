@@ -37,14 +37,31 @@ def first_step_logits(llm, prompt):
         return llm.model.compute_logits(hidden[-1:]).float().cpu()[0]
 
 
+# graphs: decode steps replay CUDA graphs; eager: the paged kernel without graphs; chunked: a 16-token budget,
+# so prompt chunks share steps with running decodes (mixed batches).
+MODES = {"graphs": {}, "eager": {"enforce_eager": True}, "chunked": {"max_num_batched_tokens": 16}}
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", ["chatglm", "qwen2"])
-def test_gpu_fp32_matches_cpu(checkpoints, family):
+def test_gpu_fp32_matches_cpu(checkpoints, family, mode):
     cpu = LLM(str(checkpoints[family]), dtype="float32", device="cpu")
-    gpu = LLM(str(checkpoints[family]), dtype="float32", device="cuda")
-    assert gpu.device.type == "cuda"
+    gpu = LLM(str(checkpoints[family]), dtype="float32", device="cuda", **MODES[mode])
+    assert gpu.device.type == "cuda" and (gpu.engine.runner.graphs is None) == (mode == "eager")
     expected = [o.token_ids for o in cpu.generate(PROMPTS, GREEDY)]
     assert [o.token_ids for o in gpu.generate(PROMPTS, GREEDY)] == expected
     assert gpu.engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_gpu_quantized_matches_cpu_kernels(checkpoints, quantization):
+    """The Triton int8/int4 kernels compute what PyTorch's CPU kernels compute, from the same weights."""
+    cpu = LLM(str(checkpoints["qwen2"]), device="cpu", quantization=quantization)
+    gpu = LLM(str(checkpoints["qwen2"]), device="cuda", quantization=quantization)
+    for prompt in PROMPTS:
+        ref, got = first_step_logits(cpu, prompt), first_step_logits(gpu, prompt)
+        assert (ref - got).abs().max() <= BF16_TOLERANCE * ref.abs().max()
+    assert all(len(o.token_ids) == 24 for o in gpu.generate(PROMPTS, GREEDY))
 
 
 @pytest.mark.parametrize("family", ["chatglm", "qwen2"])

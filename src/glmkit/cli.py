@@ -27,6 +27,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
     g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache budget in GiB")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: run the decode step without CUDA graphs")
     g.add_argument("--quantization", default="auto", choices=("auto", "none", "int8", "int4"),
                    help="weight-only quantization of the linear layers (auto: as the checkpoint is stored; "
                    "int8 for the embedded model on a CPU with bf16 instructions)")
@@ -44,7 +45,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p
 
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, chat_format=args.chat_format, max_model_len=args.max_model_len,
-                kv_cache_memory_gb=args.kv_cache_memory, num_threads=args.threads, quantization=args.quantization)
+                kv_cache_memory_gb=args.kv_cache_memory, num_threads=args.threads, quantization=args.quantization,
+                enforce_eager=args.enforce_eager)
 
 
 def load_llm(args):

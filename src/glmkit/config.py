@@ -24,6 +24,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step; longer prompts are prefilled in chunks
     enable_prefix_caching: bool = True
     num_threads: int | None = None      # CPU threads for torch; None: torch's default
+    enforce_eager: bool = False         # CUDA: no CUDA graphs for the decode step (slower; for debugging)
     quantization: str = "auto"          # none, int8, int4; auto: what the checkpoint holds, and for the embedded
                                         # default model on a CPU with bf16 instructions the measured fastest mode
 

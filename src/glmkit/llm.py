@@ -129,7 +129,10 @@ class LLM:
         if c.max_model_len and c.max_model_len > capacity:
             log.warning("max_model_len=%d does not fit the KV cache (%d tokens); using %d. Raise "
                         "--kv-cache-memory to allow longer contexts", c.max_model_len, capacity, max_len)
-        runner = ModelRunner(self.model, num_blocks, c.block_size, self.dtype)
+        log.info("glmkit: KV cache %d blocks x %d = %d tokens (%.2f GiB of a %.2f GiB budget)", num_blocks,
+                 c.block_size, capacity, num_blocks * c.block_size * per_token / 2**30, budget / 2**30)
+        runner = ModelRunner(self.model, num_blocks, c.block_size, self.dtype, max_len, c.max_num_seqs,
+                             cuda_graphs=not c.enforce_eager)
         return LLMEngine(runner, self.tokenizer, num_blocks, c.block_size, max_len, c.max_num_seqs,
                          c.max_num_batched_tokens, eos_token_ids, c.enable_prefix_caching)
 

@@ -6,7 +6,6 @@ KV cache per layer: k and v of shape [num_blocks * block_size, num_kv_heads, hea
 
 from __future__ import annotations
 
-
 import torch
 
 from ..models.layers import AttentionBatch, DecodeGroup, DecoderModel, SeqSlice
@@ -15,28 +14,38 @@ from .sampler import Sample, Sampler
 from .sequence import Sequence
 
 
-
 def kv_bytes_per_token(model: DecoderModel, dtype: torch.dtype) -> int:
     c = model.config
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
+    def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 max_model_len: int = 0, max_num_seqs: int = 1, cuda_graphs: bool = False):
         self.model = model
         self.device = model.embed.weight.device
         self.block_size = block_size
         c = model.config
-        shape = (num_blocks * block_size, c.num_kv_heads, c.head_dim)
+        # One block more than the block manager hands out: CUDA-graph padding rows write their K/V there.
+        shape = ((num_blocks + 1) * block_size, c.num_kv_heads, c.head_dim)
         # zeros, not empty: the whole pool becomes resident now, so memory use is flat from the start instead of
         # creeping up as the block allocator reaches pages it has not touched yet.
         self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
                            torch.zeros(shape, dtype=kv_dtype, device=self.device)) for _ in range(c.num_layers)]
         self.sampler = Sampler(invalid_score_token=5 if c.family == "glm" else None)
+        self.paged = self.device.type == "cuda"  # decode attention by the Triton kernel over block tables
+        self.graphs = None
+        if self.paged:
+            model.rotary.ensure(max_model_len)
+        if cuda_graphs and self.paged:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_model_len // block_size),
+                                       block_size, pad_block=num_blocks)
 
     def _prepare(self, seqs: list[Sequence], blocks: BlockManager):
         input_ids, positions, slots, slices, last_rows = [], [], [], [], []
-        decode_rows, decode_slots = [], []
+        decode_rows, decode_seqs = [], []
         for seq in seqs:
             start, end = seq.num_cached, seq.num_cached + seq.num_scheduled
             q_start = len(input_ids)
@@ -45,32 +54,54 @@ class ModelRunner:
             slots.extend(blocks.slots(seq, start, end))
             if start > 0 and end - start == 1:  # a decode step: batched with the others
                 decode_rows.append(q_start)
-                decode_slots.append(blocks.slots(seq, 0, end))
+                decode_seqs.append(seq)
             else:
                 kv_slots = None if start == 0 else torch.tensor(blocks.slots(seq, 0, end), device=self.device)
                 slices.append(SeqSlice(q_start, end - start, kv_slots))
             if end == len(seq):  # the chunk reaches the end: this position's logits pick the next token
                 last_rows.append(len(input_ids) - 1)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        batch = AttentionBatch(as_tensor(slots), slices, self._decode_group(decode_rows, decode_slots))
-        return as_tensor(input_ids), as_tensor(positions), batch, as_tensor(last_rows)
+        decode = self._decode_group(decode_rows, decode_seqs, blocks)
+        if decode is not None and not slices:
+            decode.rows = None  # every row is a decode: attention skips the row gather and scatter
+        return as_tensor(input_ids), as_tensor(positions), AttentionBatch(as_tensor(slots), slices, decode), last_rows
 
-    def _decode_group(self, rows: list[int], slot_lists: list[list[int]]) -> DecodeGroup | None:
+    def _decode_group(self, rows: list[int], seqs: list[Sequence], blocks: BlockManager) -> DecodeGroup | None:
         if not rows:
             return None
-        longest = max(len(s) for s in slot_lists)
+        lengths = [s.num_cached + 1 for s in seqs]
+        row_ids = torch.tensor(rows, device=self.device)
+        if self.paged:
+            width = max(len(s.block_table) for s in seqs)
+            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+            return DecodeGroup(row_ids, block_tables=torch.tensor(tables, dtype=torch.int32, device=self.device),
+                               context_lens=torch.tensor(lengths, dtype=torch.int32, device=self.device),
+                               block_size=self.block_size)
+        longest = max(lengths)
+        slot_lists = [blocks.slots(s, 0, n) for s, n in zip(seqs, lengths)]
         padded = [s + [0] * (longest - len(s)) for s in slot_lists]  # slot 0 stands in; the mask hides it
         mask = None
-        if any(len(s) != longest for s in slot_lists):
-            lengths = torch.tensor([len(s) for s in slot_lists], device=self.device)
-            mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]
-        return DecodeGroup(torch.tensor(rows, device=self.device), torch.tensor(padded, device=self.device), mask)
+        if any(n != longest for n in lengths):
+            lens = torch.tensor(lengths, device=self.device)
+            mask = (torch.arange(longest, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
+        return DecodeGroup(row_ids, torch.tensor(padded, device=self.device), mask)
+
+    def _logits(self, seqs: list[Sequence], blocks: BlockManager) -> torch.Tensor | None:
+        """Run the scheduled tokens; the logits of the rows that pick a next token (None if no row does)."""
+        if self.graphs is not None and all(s.num_scheduled == 1 and 0 < s.num_cached == len(s) - 1 for s in seqs) \
+                and self.graphs.can_run(len(seqs)):
+            positions = [s.num_cached for s in seqs]
+            return self.graphs.run([s.all_ids[p] for s, p in zip(seqs, positions)], positions,
+                                   [blocks.slots(s, p, p + 1)[0] for s, p in zip(seqs, positions)],
+                                   [s.block_table for s in seqs])
+        input_ids, positions, batch, last_rows = self._prepare(seqs, blocks)
+        hidden = self.model(input_ids, positions, batch, self.kv_caches)
+        return self.model.compute_logits(hidden[last_rows]) if last_rows else None
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], blocks: BlockManager) -> list[tuple[Sequence, Sample]]:
         """Compute the scheduled tokens of every sequence; sample for those whose prompt is now complete."""
-        input_ids, positions, batch, last_rows = self._prepare(seqs, blocks)
-        hidden = self.model(input_ids, positions, batch, self.kv_caches)
+        logits = self._logits(seqs, blocks)
         sampling = [s for s in seqs if s.num_cached + s.num_scheduled == len(s)]
         for seq in seqs:
             seq.num_cached += seq.num_scheduled
@@ -78,5 +109,4 @@ class ModelRunner:
             blocks.register_full_blocks(seq)
         if not sampling:
             return []
-        logits = self.model.compute_logits(hidden[last_rows])
         return list(zip(sampling, self.sampler(logits, sampling)))

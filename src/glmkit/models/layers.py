@@ -29,10 +29,14 @@ class SeqSlice:
 
 @dataclass
 class DecodeGroup:
-    """Sequences that add one token to a cached context, attended in one batched call."""
-    rows: torch.Tensor             # [B] their rows in the flat token batch
-    kv_slots: torch.Tensor         # [B, max_context] cache slots, padded
-    mask: torch.Tensor | None      # [B, 1, 1, max_context] True where a slot is real; None if all lengths agree
+    """Sequences that add one token to a cached context, attended in one batched call: on CPU by gathering
+    their slots (`kv_slots`, `mask`), on CUDA by the paged kernel reading the cache through `block_tables`."""
+    rows: torch.Tensor | None      # [B] their rows in the flat token batch (None: every row, a decode-only batch)
+    kv_slots: torch.Tensor | None = None      # [B, max_context] cache slots, padded
+    mask: torch.Tensor | None = None          # [B, 1, 1, max_context] True where a slot is real; None: all real
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 block ids
+    context_lens: torch.Tensor | None = None  # [B] int32 tokens to attend, the new one included
+    block_size: int = 0
 
 
 @dataclass
@@ -61,6 +65,13 @@ class Rotary:
         self.dim, self.base, self.interleaved = config.rotary_dim, config.rope_theta, config.rope_interleaved
         self.dtype, self.device = dtype, device
         self.cos = self.sin = torch.empty(0, self.dim // 2, dtype=dtype, device=device)
+        self.fixed = False  # True once sized for every position: no length check (a host sync) per call
+
+    def ensure(self, n: int) -> None:
+        """Build the tables for positions < n now and stop checking positions (CUDA graphs need both)."""
+        if n > self.cos.shape[0]:
+            self._grow(n)
+        self.fixed = True
 
     def _grow(self, n: int) -> None:
         n = max(n, 2 * self.cos.shape[0], 2048)
@@ -70,9 +81,10 @@ class Rotary:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, head_dim]; positions: [T]."""
-        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+        if not self.fixed and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             self._grow(int(positions.max()) + 1)
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]  # [T, 1, rot/2]
+        cos = self.cos.index_select(0, positions)[:, None, :]  # [T, 1, rot/2]
+        sin = self.sin.index_select(0, positions)[:, None, :]
         rot, rest = x[..., : self.dim], x[..., self.dim:]
         if self.interleaved:
             pairs = rot.reshape(*rot.shape[:-1], self.dim // 2, 2)
@@ -91,11 +103,19 @@ def expand_kv(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One new token per sequence. q: [B, H, D]; k, v: [B, S, G, D] -> [B, H*D]."""
+    """One new token per sequence. q: [B, H, D]; k, v: [B, S, G, D] -> [B, H*D].
+
+    Each KV group serves its H/G heads through a grouped matmul (no expanded copy of K/V); softmax in fp32. On
+    a CPU this is several times faster than SDPA for a single query row.
+    """
     num_seqs, num_heads, head_dim = q.shape
-    k, v = (expand_kv(t, num_heads).transpose(1, 2) for t in (k, v))  # [B, H, S, D]
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask)  # [B, H, 1, D]
-    return out.reshape(num_seqs, num_heads * head_dim)
+    groups = k.shape[2]
+    q = q.view(num_seqs, groups, num_heads // groups, head_dim)
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * head_dim ** -0.5  # [B, G, H/G, S]
+    if mask is not None:  # [B, 1, 1, S]
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v.transpose(1, 2)).reshape(num_seqs, num_heads * head_dim)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -132,18 +152,34 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+        d = batch.decode
+        if d is not None and d.rows is None:  # a decode-only batch (what CUDA graphs capture): no row scatter
+            return self.o(self._decode(q, kv_cache, d))
         out = torch.empty(num_tokens, self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
         for s in batch.seqs:
             rows = slice(s.q_start, s.q_start + s.q_len)
             if s.kv_slots is None:
                 out[rows] = attend(q[rows], k[rows], v[rows])
             else:
-                out[rows] = attend(q[rows], k_cache[s.kv_slots].to(q.dtype), v_cache[s.kv_slots].to(q.dtype))
-        d = batch.decode
+                k_ctx, v_ctx = (c.index_select(0, s.kv_slots).to(q.dtype) for c in kv_cache)
+                out[rows] = attend(q[rows], k_ctx, v_ctx)
         if d is not None:
-            k_ctx, v_ctx = k_cache[d.kv_slots].to(q.dtype), v_cache[d.kv_slots].to(q.dtype)  # [B, S, G, D]
-            out[d.rows] = attend_decode(q[d.rows], k_ctx, v_ctx, d.mask)
+            out[d.rows] = self._decode(q[d.rows], kv_cache, d)
         return self.o(out)
+
+    @staticmethod
+    def _decode(q: torch.Tensor, kv_cache, d: DecodeGroup) -> torch.Tensor:
+        """q [B, H, D] of one new token per sequence -> [B, H*D]."""
+        if d.block_tables is not None:  # CUDA: the Triton kernel reads the paged cache in place
+            from ..kernels.paged_attention import paged_decode_attention
+
+            out = paged_decode_attention(q.contiguous(), kv_cache[0], kv_cache[1], d.block_tables, d.context_lens,
+                                         d.block_size)
+            return out.view(q.shape[0], -1)
+        flat = d.kv_slots.view(-1)
+        k_ctx, v_ctx = (c.index_select(0, flat).view(*d.kv_slots.shape, *c.shape[1:]).to(q.dtype)
+                        for c in kv_cache)  # [B, S, G, D]
+        return attend_decode(q, k_ctx, v_ctx, d.mask)
 
 
 class MLP(nn.Module):

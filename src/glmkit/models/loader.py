@@ -93,20 +93,24 @@ def _map_name(name: str, names, skip) -> str | None:
 
 
 def _tensor_count(paths: list[Path]) -> int | None:
-    if all(p.suffix == ".safetensors" for p in paths):
-        from safetensors import safe_open
+    """For the progress bar: the number of tensors, where the headers tell it (else None; errors come later)."""
+    from safetensors import safe_open
 
+    try:
         return sum(len(safe_open(str(p), framework="pt").keys()) for p in paths)
-    return None
+    except Exception:
+        return None
 
 
-def _store(state: dict, target: str, tensor: torch.Tensor, dtype: torch.dtype, plan: QuantPlan | None) -> None:
-    """Put one finished tensor into the state dict: quantized if the plan says so, else in the model dtype."""
+def _store(state: dict, target: str, tensor: torch.Tensor, dtype: torch.dtype, plan: QuantPlan | None,
+           device: torch.device | None = None) -> None:
+    """Put one finished tensor into the state dict: quantized (on `device`, fast on a GPU) if the plan says so,
+    else in the model dtype."""
     if plan is not None and is_quantized_weight(target):
         base = target.removesuffix(".weight")
         bits = plan.bits_for(base)
         if bits and plan.source == "fresh":
-            state[base + ".qweight"], state[base + ".scales"] = quantize(bits, tensor, plan.group_size)
+            state[base + ".qweight"], state[base + ".scales"] = quantize(bits, tensor.to(device), plan.group_size)
             return
         if bits and plan.source == "chatglm":  # already int8 / packed int4, next to a `weight_scale`
             state[base + ".qweight"] = tensor
@@ -117,8 +121,8 @@ def _store(state: dict, target: str, tensor: torch.Tensor, dtype: torch.dtype, p
         state[target] = tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype,
-                    plan: QuantPlan | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype, plan: QuantPlan | None = None,
+                    device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under internal names, fused, converted to `dtype`, quantized as `plan` says."""
     from tqdm import tqdm
 
@@ -129,8 +133,8 @@ def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype,
     parts: dict[str, dict[str, torch.Tensor]] = {}
     paths = _weight_files(model_dir)
     fresh = plan is not None and plan.source == "fresh"
-    progress = tqdm(total=_tensor_count(paths), desc=f"quantizing to {plan.mode}" if fresh else "loading",
-                    unit="tensor", disable=not fresh)
+    progress = tqdm(total=_tensor_count(paths) if fresh else None, desc=f"quantizing to {plan.mode}" if fresh
+                    else "loading", unit="tensor", disable=not fresh)
     for path in paths:
         for name, tensor in _read_tensors(path):
             progress.update()
@@ -146,18 +150,20 @@ def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype,
                 key, part = target.split("#")
                 parts.setdefault(key, {})[part] = tensor
             else:
-                _store(state, target, tensor, dtype, plan)
+                _store(state, target, tensor, dtype, plan, device)
     for key, pieces in parts.items():  # fuse q/k/v and gate/up in the internal row order
-        _store(state, key, torch.cat([pieces[p] for p in sorted(pieces, key=_PART_ORDER.__getitem__)]), dtype, plan)
+        fused = torch.cat([pieces[p] for p in sorted(pieces, key=_PART_ORDER.__getitem__)])
+        _store(state, key, fused, dtype, plan, device)
     progress.close()
     return state
 
 
-def settle_head(state: dict, config: ModelConfig, dtype: torch.dtype, plan: QuantPlan | None) -> None:
+def settle_head(state: dict, config: ModelConfig, dtype: torch.dtype, plan: QuantPlan | None,
+                device: torch.device | None = None) -> None:
     """Tie the output layer to the embedding, or give it a (quantized) tensor of its own."""
     if plan is not None and plan.head_bits:  # a quantized head of its own, copied from a tied embedding
         if "lm_head.qweight" not in state:
-            _store(state, "lm_head.weight", state["embed.weight"], dtype, plan)
+            _store(state, "lm_head.weight", state["embed.weight"], dtype, plan, device)
         config.tie_word_embeddings = False
     elif config.tie_word_embeddings or "lm_head.weight" not in state:
         config.tie_word_embeddings = True
@@ -166,8 +172,8 @@ def settle_head(state: dict, config: ModelConfig, dtype: torch.dtype, plan: Quan
 
 def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
                plan: QuantPlan | None = None) -> DecoderModel:
-    state = load_state_dict(model_dir, config.model_type, dtype, plan)
-    settle_head(state, config, dtype, plan)
+    state = load_state_dict(model_dir, config.model_type, dtype, plan, device)
+    settle_head(state, config, dtype, plan, device)
     with torch.device("meta"):
         model = DecoderModel(config)
         if plan is not None:

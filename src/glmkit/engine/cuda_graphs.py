@@ -1,0 +1,79 @@
+"""CUDA graphs of the decode step: one captured forward (model + output layer) per batch size.
+
+A decode-only step (every running sequence adds one token) is the common step under load and the one where
+launch overhead dominates. Each graph reads fixed input buffers (token ids, positions, KV slots, block
+tables, context lengths) that `run` fills before the replay; a batch is padded up to the next captured size,
+and the padding rows write their K/V into a scratch block that no sequence owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..models.layers import AttentionBatch, DecodeGroup, DecoderModel
+
+log = logging.getLogger("glmkit")
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 256, 16)) + list(range(256, 1025, 64))
+    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(self, model: DecoderModel, kv_caches, max_num_seqs: int, max_blocks: int, block_size: int,
+                 pad_block: int):
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.sizes = capture_sizes(max_num_seqs)
+        device, n = model.embed.weight.device, max_num_seqs
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.full((n,), pad_block * block_size, dtype=torch.long, device=device)
+        self.block_tables = torch.full((n, max_blocks), pad_block, dtype=torch.int32, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.pad_slot, self.pad_block = pad_block * block_size, pad_block
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        start = time.perf_counter()
+        pool = None
+        for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+            self._forward(size)  # warm-up: compiles the Triton kernels for this size outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize(device)
+        log.info("glmkit: captured CUDA graphs for %d decode batch sizes (1..%d) in %.1f s", len(self.sizes),
+                 max_num_seqs, time.perf_counter() - start)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        batch = AttentionBatch(self.slots[:size], [], DecodeGroup(
+            rows=None, block_tables=self.block_tables[:size], context_lens=self.context_lens[:size],
+            block_size=self.block_size))
+        hidden = self.model(self.input_ids[:size], self.positions[:size], batch, self.kv_caches)
+        return self.model.compute_logits(hidden)
+
+    def can_run(self, num_seqs: int) -> bool:
+        return num_seqs <= self.sizes[-1]
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """One decode step for len(input_ids) sequences -> their logits [n, vocab] (valid until the next run)."""
+        n = len(input_ids)
+        size = next(s for s in self.sizes if s >= n)
+        pad = size - n
+        width = self.block_tables.shape[1]
+        rows = [t + [self.pad_block] * (width - len(t)) for t in tables] + [[self.pad_block] * width] * pad
+        host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [self.pad_slot] * pad,
+                             [p + 1 for p in positions] + [1] * pad], dtype=torch.long)
+        self.input_ids[:size].copy_(host[0], non_blocking=True)
+        self.positions[:size].copy_(host[1], non_blocking=True)
+        self.slots[:size].copy_(host[2], non_blocking=True)
+        self.context_lens[:size].copy_(host[3], non_blocking=True)
+        self.block_tables[:size].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:n]

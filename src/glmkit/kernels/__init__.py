@@ -1,0 +1,1 @@
+"""Triton kernels used by the engine on CUDA devices (optional: imported only where Triton is available)."""
