@@ -18,13 +18,16 @@ Design
   cache blocks: each token's block id is read from the block table, so any block_size works.
 * Flash-decoding: with few (sequence, kv head) pairs and a long possible context, the context is cut into
   `num_splits` pieces, one program each; every piece writes its normalised partial output and log-sum-exp to a
-  scratch buffer and a small second kernel combines them. Each sequence's own length is divided evenly among the
-  splits on the device (rounded up to BLOCK_N), so short sequences leave later splits empty rather than idle work
-  unevenly spread.
+  scratch buffer (fp32, allocated per call) and a small second kernel combines them. Each sequence's own length is
+  divided evenly among the splits on the device (rounded up to BLOCK_N tokens); a short sequence leaves the later
+  splits empty, and an empty split returns at once.
 * CUDA-graph friendly: the grid, tile sizes and `num_splits` depend only on shapes (B, heads, head_dim, dtype,
   block_tables.shape[1]) and the device's SM count, never on the values of `context_lens` or `block_tables`,
   and nothing is copied to the host. Capture after a warm-up call (the first call of each shape compiles).
 * context_lens of 0 gives zeros in those rows (no NaNs). B == 0 returns an empty tensor.
+* The cache may hold another dtype than q: K/V tiles are cast to q's dtype (fp32 for fp32 q) before the products.
+  Softmax statistics and accumulators are fp32; with bf16/fp16 q the probabilities enter the P@V product in that
+  dtype, as in flash attention.
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported),
 on CPU tensors; that is how the tests run on machines without CUDA.
@@ -42,10 +45,11 @@ import triton.language as tl
 
 __all__ = ["paged_decode_attention", "choose_num_splits", "default_block_n"]
 
-# Split heuristic (see choose_num_splits).
-MAX_SPLITS = 64
-MIN_TILES_PER_SPLIT = 2      # a split walks at least this many BLOCK_N tiles of the longest possible context
-PROGRAMS_PER_SM = 2          # aim for about this many programs per SM before splitting stops paying
+# Split heuristic (see choose_num_splits); tuned on an H200 with bf16, head_dim 64 and 128, block_size 16.
+MAX_SPLITS = 128
+MIN_TILES_PER_SPLIT = 1      # a split walks at least this many BLOCK_N tiles of the longest possible context
+PROGRAMS_PER_SM = 3          # target programs per SM at head_dim 128 (twice as many at 64)
+COMBINE_BLOCK_S = 32         # splits the combine kernel reads at a time
 _NO_CUDA_SM_COUNT = 4        # stand-in SM count for CPU tensors (Triton interpreter)
 
 _LOG2E = 1.4426950408889634
@@ -156,17 +160,28 @@ def _combine_splits_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    rows = (seq * NUM_HEADS + head) * num_splits + offs_s
+    first_row = (seq * NUM_HEADS + head) * num_splits
 
-    lse = tl.load(LSE + rows, mask=offs_s < num_splits, other=float("-inf"))
-    valid = lse > float("-inf")
-    m = tl.max(lse, 0)
-    m = tl.where(m > float("-inf"), m, 0.0)          # all splits empty (context 0): weights all 0, output 0
-    w = tl.where(valid, tl.exp2(lse - m), 0.0)
-    denom = tl.sum(w, 0)
-    part = tl.load(O_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
-                   other=0.0)
-    out = tl.sum(w[:, None] * part, 0) / tl.where(denom > 0.0, denom, 1.0)
+    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        rows = s0 + offs_s
+        m = tl.maximum(m, tl.load(LSE + first_row + rows, mask=rows < num_splits, other=float("-inf")))
+    m_all = tl.max(m, 0)
+    m_all = tl.where(m_all > float("-inf"), m_all, 0.0)   # every split empty (context 0): weights 0, output 0
+
+    denom = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        rows = s0 + offs_s
+        lse = tl.load(LSE + first_row + rows, mask=rows < num_splits, other=float("-inf"))
+        valid = lse > float("-inf")                        # empty splits wrote no partial output
+        w = tl.where(valid, tl.exp2(lse - m_all), 0.0)
+        part = tl.load(O_PART + (first_row + rows)[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=valid[:, None] & mask_d[None, :], other=0.0)
+        denom += w
+        acc += w[:, None] * part
+    total = tl.sum(denom, 0)
+    out = tl.sum(acc, 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(O + seq * stride_ob + head * stride_oh + offs_d * stride_od, out.to(O.dtype.element_ty), mask=mask_d)
 
 
@@ -188,18 +203,20 @@ def default_block_n(head_dim: int, dtype: torch.dtype) -> int:
     return 64
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_seq: int, block_size: int, block_n: int,
-                      sm_count: int) -> int:
+def choose_num_splits(batch: int, num_kv_heads: int, head_dim: int, max_blocks_per_seq: int, block_size: int,
+                      block_n: int, sm_count: int) -> int:
     """How many pieces to cut each context into; a function of shapes only, so CUDA graphs can capture it.
 
-    Split only while there are fewer (sequence, kv head) programs than about PROGRAMS_PER_SM per SM, and only as far
-    as the longest context the block table can describe still gives each piece MIN_TILES_PER_SPLIT tiles.
+    Split while there are fewer (sequence, kv head) programs than a target of PROGRAMS_PER_SM per SM (more for
+    head_dim under 128: each program then moves fewer bytes), and only as far as the longest context the block
+    table can describe still gives each piece MIN_TILES_PER_SPLIT tiles; never past MAX_SPLITS.
     """
     programs = batch * num_kv_heads
     if programs <= 0:
         return 1
+    per_sm = PROGRAMS_PER_SM * max(1, 128 // triton.next_power_of_2(head_dim))
+    by_occupancy = (per_sm * sm_count) // programs
     by_length = (max_blocks_per_seq * block_size) // (MIN_TILES_PER_SPLIT * block_n)
-    by_occupancy = (PROGRAMS_PER_SM * sm_count) // programs
     return max(1, min(by_length, by_occupancy, MAX_SPLITS))
 
 
@@ -241,7 +258,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError("block_n must be a power of two >= 16")
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, block_n,
+        num_splits = choose_num_splits(batch, num_kv_heads, head_dim, block_tables.shape[1], block_size, block_n,
                                        _device_sm_count(q.device))
     num_splits = max(1, int(num_splits))
     # Triton's interpreter computes bf16 on raw bit patterns: off the GPU, bf16 operands go through fp32.
@@ -274,7 +291,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                 o_part, lse, out,
                 out.stride(0), out.stride(1), out.stride(2), num_splits,
                 NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-                BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+                BLOCK_S=min(COMBINE_BLOCK_S, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
                 num_warps=4,
             )
     return out

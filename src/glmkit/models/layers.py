@@ -173,7 +173,7 @@ class Attention(nn.Module):
         if d.block_tables is not None:  # CUDA: the Triton kernel reads the paged cache in place
             from ..kernels.paged_attention import paged_decode_attention
 
-            out = paged_decode_attention(q.contiguous(), kv_cache[0], kv_cache[1], d.block_tables, d.context_lens,
+            out = paged_decode_attention(q, kv_cache[0], kv_cache[1], d.block_tables, d.context_lens,
                                          d.block_size)
             return out.view(q.shape[0], -1)
         flat = d.kv_slots.view(-1)
