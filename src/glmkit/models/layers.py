@@ -53,9 +53,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        return (self.weight * x).to(self.weight.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fused; accumulates in fp32
 
 
 class Rotary:
@@ -110,12 +108,14 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     """
     num_seqs, num_heads, head_dim = q.shape
     groups = k.shape[2]
-    q = q.view(num_seqs, groups, num_heads // groups, head_dim)
-    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * head_dim ** -0.5  # [B, G, H/G, S]
+    # fp32 throughout: for these small products it is also several times faster than bf16 on a CPU
+    qg = q.float().reshape(num_seqs, groups, num_heads // groups, head_dim)
+    scores = torch.matmul(qg, k.float().permute(0, 2, 3, 1)) * head_dim ** -0.5  # [B, G, H/G, S]
     if mask is not None:  # [B, 1, 1, S]
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v.transpose(1, 2)).reshape(num_seqs, num_heads * head_dim)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.float().transpose(1, 2)).reshape(num_seqs, num_heads * head_dim)
+    return out.to(q.dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -139,16 +139,14 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split = [q_size, kv_size, kv_size]
         self.qkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
         self.o = nn.Linear(q_size, config.hidden_size, bias=False)
 
     def forward(self, x, positions, batch: AttentionBatch, kv_cache, rotary: Rotary):
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions)
-        k = rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        num_tokens, heads, groups = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv(x).view(num_tokens, heads + 2 * groups, self.head_dim)
+        q, k = rotary(qkv[:, : heads + groups], positions).split([heads, groups], dim=1)  # one rotary call
+        v = qkv[:, heads + groups:]
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))

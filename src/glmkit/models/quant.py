@@ -94,9 +94,20 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     if in_features % group_size or in_features % 2:
         raise InvalidParameterError("group_size", group_size, f"must divide the layer's input size {in_features}")
     w = weight.float().view(out_features, in_features // group_size, group_size)
-    scales = (w.abs().amax(dim=2) / 7).clamp_min(1e-10)
-    q = torch.round(w / scales[..., None]).clamp_(-8, 7).to(torch.int8).view(out_features, in_features)
-    return pack_int4(q), scales
+    peak = w.abs().amax(dim=2).clamp_min(1e-10)
+    # With 16 levels the max-abs scale is rarely the best one: per group, keep the candidate scale with the
+    # smallest squared error (clipping the largest weights a little buys finer steps for all the others).
+    best_scales, best_err = None, None
+    for levels in (7.0, 7.5, 8.0, 8.5, 9.0):
+        scales = peak / levels
+        err = (torch.round(w / scales[..., None]).clamp_(-8, 7) * scales[..., None] - w).pow_(2).sum(dim=2)
+        if best_err is None:
+            best_scales, best_err = scales, err
+        else:
+            better = err < best_err
+            best_scales, best_err = torch.where(better, scales, best_scales), torch.minimum(err, best_err)
+    q = torch.round(w / best_scales[..., None]).clamp_(-8, 7).to(torch.int8).view(out_features, in_features)
+    return pack_int4(q), best_scales
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
