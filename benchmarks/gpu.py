@@ -115,13 +115,13 @@ def hf_baseline(model_dir: Path, batch: int, vocab: int, prompt_len: int, output
 
 
 def glmkit_runs(model_dir: Path, concurrency: list[int], vocab: int, prompt_len: int, output_len: int,
-                quantization: str, kv_gb: float) -> dict:
+                quantization: str, kv_gb: float, profile: bool = False) -> dict:
     from glmkit import LLM, SamplingParams
 
     torch.cuda.reset_peak_memory_stats()
     llm = LLM(str(model_dir), dtype="bfloat16", chat_format="jinja", max_num_seqs=max(concurrency),
               max_model_len=4096, kv_cache_memory_gb=kv_gb, quantization=quantization)
-    res = {"load_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    res = {"load_peak_gb": torch.cuda.max_memory_allocated() / 1e9, "loaded_gb": torch.cuda.memory_allocated() / 1e9}
 
     def run(batch, n, seed):
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
@@ -147,6 +147,23 @@ def glmkit_runs(model_dir: Path, concurrency: list[int], vocab: int, prompt_len:
         ttfts.append(time.perf_counter() - t)
     res["ttft_2k_ms"] = statistics.median(ttfts[1:]) * 1e3
     res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    graphs = llm.engine.runner.graphs
+    if graphs is not None:  # the GPU time of one decode step alone, without the engine around it
+        graph = graphs.graphs[1][0]
+        graph.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(50):
+            graph.replay()
+        torch.cuda.synchronize()
+        res["replay_b1_ms"] = (time.perf_counter() - t) / 50 * 1e3
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(run, max(concurrency), 64, 5000)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -163,13 +180,16 @@ def memory_8k(model_dir: Path, vocab: int, quantization: str) -> dict:
     base = torch.cuda.memory_allocated()
     llm = LLM(str(model_dir), chat_format="jinja", max_num_seqs=1, max_model_len=8192,
               kv_cache_memory_gb=8192 * llm_kv_bytes(model_dir) / 2**30, quantization=quantization)
+    loaded, load_peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
     params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     prompt = prompts(1, 8192 - 256, vocab, 9)[0]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     t = time.perf_counter()
     llm.generate([prompt[:-1] + [prompt[-1] % (vocab - 1) + 1]], params)  # mostly a prefix-cache hit
     elapsed = time.perf_counter() - t
-    res = {"peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9, "decode_8k": 256 / elapsed}
+    res = {"peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9, "decode_8k": 256 / elapsed,
+           "loaded_gb": loaded / 1e9, "load_peak_gb": load_peak / 1e9}
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -190,6 +210,7 @@ def main() -> None:
     parser.add_argument("--quantization", default="none", choices=("none", "int8", "int4"))
     parser.add_argument("--kv-cache-memory", type=float, default=8.0, help="GiB for glmkit's KV pool")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="cProfile the engine at the highest concurrency")
     parser.add_argument("--memory-8k", nargs="*", default=None, metavar="MODE",
                         help="also measure peak memory at 8k context for these modes (e.g. none int8 int4)")
     parser.add_argument("--work-dir", default="/tmp/glmkit-bench")
@@ -207,7 +228,7 @@ def main() -> None:
     print(f"bandwidth (copy): {bw:.0f} GB/s; weights read per token: {read_per_token / 1e9:.2f} GB; "
           f"batch-1 decode limit: {limit:.0f} tok/s")
     ours = glmkit_runs(model_dir, args.concurrency, vocab, args.prompt_len, args.output_len, args.quantization,
-                       args.kv_cache_memory)
+                       args.kv_cache_memory, args.profile)
     theirs = {} if args.skip_hf else hf_baseline(model_dir, max(args.concurrency), vocab, args.prompt_len,
                                                  args.output_len)
     print("\n| measure | glmkit | HF transformers | glmkit / HF |\n|---|---|---|---|")
@@ -220,10 +241,16 @@ def main() -> None:
     print(f"\nglmkit batch-1 decode = {ours['decode_b1'] / limit:.0%} of the bandwidth limit ({limit:.0f} tok/s)")
     print(f"glmkit time to first token, 2,048-token prompt: {ours['ttft_2k_ms']:.1f} ms (median of 5)")
     print(f"glmkit peak GPU memory: {ours['peak_gb']:.2f} GB (weights + {args.kv_cache_memory} GiB KV pool "
-          f"+ graphs); after loading: {ours['load_peak_gb']:.2f} GB")
+          f"+ graphs); in use after loading: {ours['loaded_gb']:.2f} GB (peak while loading "
+          f"{ours['load_peak_gb']:.2f} GB)")
+    if "replay_b1_ms" in ours:
+        print(f"batch-1 decode step: {1e3 / ours['decode_b1']:.2f} ms in the engine, of which the CUDA graph "
+              f"replay alone takes {ours['replay_b1_ms']:.2f} ms")
     for mode in args.memory_8k or []:
         m = memory_8k(model_dir, vocab, mode)
-        print(f"8k context, {mode}: peak {m['peak_gb']:.2f} GB, decode {m['decode_8k']:.1f} tok/s")
+        print(f"8k context, {mode}: peak {m['peak_gb']:.2f} GB while serving (weights and KV pool "
+              f"{m['loaded_gb']:.2f} GB; peak while quantizing/loading {m['load_peak_gb']:.2f} GB), "
+              f"decode {m['decode_8k']:.1f} tok/s")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ class DecodeGraphs:
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
-        width = self.block_tables.shape[1]
+        # Only the columns some sequence uses: the kernel reads a row no further than its context length, so
+        # whatever an earlier step left beyond that is never looked at. Padding rows attend to the scratch block.
+        width = max(len(t) for t in tables)
         rows = [t + [self.pad_block] * (width - len(t)) for t in tables] + [[self.pad_block] * width] * pad
         host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [self.pad_slot] * pad,
                              [p + 1 for p in positions] + [1] * pad], dtype=torch.long)
@@ -73,7 +75,7 @@ class DecodeGraphs:
         self.positions[:size].copy_(host[1], non_blocking=True)
         self.slots[:size].copy_(host[2], non_blocking=True)
         self.context_lens[:size].copy_(host[3], non_blocking=True)
-        self.block_tables[:size].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:size, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:n]

@@ -49,7 +49,7 @@ class ModelRunner:
         for seq in seqs:
             start, end = seq.num_cached, seq.num_cached + seq.num_scheduled
             q_start = len(input_ids)
-            input_ids.extend(seq.all_ids[start:end])
+            input_ids.extend(seq.token_ids(start, end))
             positions.extend(range(start, end))
             slots.extend(blocks.slots(seq, start, end))
             if start > 0 and end - start == 1:  # a decode step: batched with the others
@@ -91,8 +91,9 @@ class ModelRunner:
         if self.graphs is not None and all(s.num_scheduled == 1 and 0 < s.num_cached == len(s) - 1 for s in seqs) \
                 and self.graphs.can_run(len(seqs)):
             positions = [s.num_cached for s in seqs]
-            return self.graphs.run([s.all_ids[p] for s, p in zip(seqs, positions)], positions,
-                                   [blocks.slots(s, p, p + 1)[0] for s, p in zip(seqs, positions)],
+            bs = self.block_size
+            return self.graphs.run([s.output_ids[-1] if s.output_ids else s.prompt_ids[-1] for s in seqs],
+                                   positions, [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)],
                                    [s.block_table for s in seqs])
         input_ids, positions, batch, last_rows = self._prepare(seqs, blocks)
         hidden = self.model(input_ids, positions, batch, self.kv_caches)

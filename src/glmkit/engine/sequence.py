@@ -41,6 +41,13 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens start..end-1 without building all_ids (the engine asks for a few new ones every step)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:end] + (self.output_ids[:end - n] if end > n else [])
+
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

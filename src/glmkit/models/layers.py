@@ -78,7 +78,11 @@ class Rotary:
         self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; positions: [T]."""
+        """x: [T, heads, head_dim]; positions: [T]. On CUDA x is rotated in place (one Triton launch)."""
+        if self.device.type == "cuda" and self.fixed:
+            from ..kernels.rotary import rotary_inplace
+
+            return rotary_inplace(x, positions, self.cos, self.sin, self.interleaved)
         if not self.fixed and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             self._grow(int(positions.max()) + 1)
         cos = self.cos.index_select(0, positions)[:, None, :]  # [T, 1, rot/2]
