@@ -1,41 +1,51 @@
 """Weight-only quantized matmul for CUDA (Triton): y = x @ dequantize(weight).T, W8A16 and W4A16.
 
-    QuantMatmul(bits, qweight, scales, group_size, dtype)   repacks the weight once (new tensors, kept here)
-    QuantMatmul(...)(x)   x [M, K] in bf16/fp16 -> [M, N] in x's dtype, one Triton launch
+    mm = QuantMatmul(bits, qweight, scales, group_size, dtype)   repacks the weight once (tensors it keeps)
+    mm(x)   x [M, K] bf16/fp16 -> [M, N] in x's dtype; one Triton launch
 
-The portable layouts (models/quant.py) come in; at construction the weight is repacked for the kernel:
+Weight layouts the kernel reads (built from models/quant.py's portable layouts at construction). Both keep each
+output row's bytes contiguous along K, so a thread's bytes for the tensor-core fragment sit together in shared
+memory and unpack with 32-bit operations:
 
-* int8: `qweight` [K_pad, N] int8 (the transpose, zero rows up to a multiple of the K tile), `scales` fp32 [N].
-  Each program's loads are rows of BLOCK_N consecutive bytes. The per-column scale is applied to the fp32
-  accumulator once, at the end (exact).
-* int4: `qweight` [K_pad/2, N] int8, packed per K tile of BLOCK_K = 2*H elements: byte row t*H + r holds element
-  t*BLOCK_K + r in its low nibble and element t*BLOCK_K + H + r in its high nibble (both signed). So one tile's
-  bytes give two [H, BLOCK_N] weight halves (`(b << 4) >> 4` and `b >> 4`) that pair with two contiguous
-  [BLOCK_M, H] slices of x, and no interleaving is needed in registers. H divides the group size, so each half
-  lies in one group:
+* int8: `qweight` int8 [N, K_pad], the portable layout itself (zero columns only if K is not a multiple of 128:
+  otherwise no copy is made). `scales` fp32 [N], applied once to the fp32 accumulator at the end (exact).
+* int4: `qweight` int8 [N, K_pad/2], packed per K tile of BLOCK_K = 2*H elements: byte t*H + r of a row holds
+  element t*BLOCK_K + r in its low nibble and element t*BLOCK_K + H + r in its high nibble, each stored as
+  q + 8 (0..15). So one tile's bytes give two [H, BLOCK_N] weight halves that pair with two contiguous
+  [BLOCK_M, H] slices of x, and nothing is interleaved in registers. The nibbles become bf16/fp16 without
+  integer-to-float conversions: ORed into the mantissa of 128.0 (bf16) or 1024.0 (fp16), then one packed fma
+  subtracts 136 (1032); eight values per 12 instructions (inline PTX, `_unpack_int4`). H divides the group size,
+  so each half lies in one group:
     - one group per row (ChatGLM's checkpoints): `scales` fp32 [N], applied to the accumulator at the end;
-    - several groups: `scales` [groups, N] in the activation dtype (half the bytes of fp32), multiplied into
-      each dequantized half before its tl.dot.
+    - several groups: `scales` [groups, N] in the activation dtype. Decode tiles (BLOCK_M <= 32) scale each
+      half's fp32 partial product after its tl.dot (cheap for few rows, and exact); larger tiles scale the
+      dequantized weight halves before the tl.dot (cheaper per multiply-add when BLOCK_M is large).
   H = 64 for group sizes that are multiples of 64 (and one group per row), 32 for 32, 16 for 16; other group
   sizes are refused.
 
-Tiles (each program computes one [BLOCK_M, BLOCK_N] output tile, fp32 accumulation with tl.dot):
-* M <= 16 (decode): BLOCK_M = 16, BLOCK_N = 128 (64 if that gives too few programs), 4 warps. When the N tiles
-  alone cannot fill the GPU (N up to a few thousand), the K loop is split over SPLIT_K programs per tile. Each
-  writes its fp32 partial to a scratch buffer; the last to finish (a per-tile counter, reset by that program)
-  adds the partials in split order, so the result does not depend on timing.
-* larger M: BLOCK_M = 32 / 64 / 128, BLOCK_N = 128, 4 or 8 warps. Programs that share an N tile run next to each
-  other, so a weight tile is read from DRAM about once and served from L2 to the other M tiles.
+Tiles (QuantMatmul.config(M), picked from sweeps on an H200): each program computes one [BLOCK_M, BLOCK_N]
+output tile, tl.dot with fp32 accumulation (mma.sync for BLOCK_M < 64, wgmma above).
+* M <= 16 (decode): BLOCK_M = 16, BLOCK_N = 128 (int8: 64); M <= 64: BLOCK_M = 32 / 64; larger M: 64 or 128.
+  Programs sharing an N tile are adjacent in launch order, so a weight tile comes from DRAM about once and from
+  L2 for the other M tiles.
+* Split-K: when the output tiles alone cannot fill the GPU (decode with N up to a few thousand, or a long K),
+  the K loop is split over SPLIT_K programs per tile; each writes its fp32 partial to a scratch buffer, and the
+  last to finish (a per-tile counter that it resets) adds the partials in split order, so the result does not
+  depend on timing.
 
-CUDA graphs: the launch depends only on M and the construction-time constants; the call allocates only its output
-(and, with split-K, the fp32 scratch through the caching allocator), and never synchronizes with the host. The
-first call of each tile configuration compiles: warm up before capturing.
+CUDA graphs: the launch depends only on M and construction-time constants; a call allocates only its output (and
+with split-K the fp32 scratch, through the caching allocator) and never synchronizes with the host. The first
+call of each tile configuration compiles: warm up before capturing.
 
 Without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported) on
-CPU tensors; that is how the tests run on machines without CUDA.
+CPU tensors; that is how the tests run on machines without CUDA. The interpreter cannot run inline PTX, so there
+the nibbles are unpacked with plain integer operations (same layout, same results).
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 import triton
@@ -43,80 +53,61 @@ import triton.language as tl
 
 from ..models.quant import unpack_int4
 
-
-# int4 -> bf16/fp16 without integer-to-float conversions: a nibble u (stored as q + 8) ORed into the mantissa of
-# a "magic" float gives magic + u exactly; one packed fma then subtracts magic + 8. Four bytes (eight values) per
-# asm block: byte j's low nibble -> element j of the first result, its high nibble -> element j of the second.
-_SPLIT_NIBBLES = """
-    prmt.b32 t, $IN, 0, 0x3120;
-    lop3.b32 $0, t, 0x000F000F, MAGIC, 0xEA;
-    shr.b32 u, t, 8;
-    lop3.b32 $1, u, 0x000F000F, MAGIC, 0xEA;
-    shr.b32 u, t, 4;
-    lop3.b32 $2, u, 0x000F000F, MAGIC, 0xEA;
-    shr.b32 u, t, 12;
-    lop3.b32 $3, u, 0x000F000F, MAGIC, 0xEA;
-"""
-# (magic, 1.0, -(magic + 8), -0.0) as packed pairs, and the fma's type
-_MAGIC = {
-    "bf16": ("0x43004300", "0x3F803F80", "0xC308C308", "0x80008000", "bf16x2"),
-    "fp16": ("0x64006400", "0x3C003C00", "0xE408E408", "0x80008000", "f16x2"),
+# Nibbles -> floats, four bytes (eight values) per asm block: byte j's low nibble becomes element j of the first
+# result, its high nibble element j of the second. prmt reorders the bytes (b0, b2, b1, b3) so that one
+# mask keeps the nibbles of b0 and b1 in the two 16-bit halves of a register: (magic | u) is magic + u exactly,
+# and fma(., 1, -(magic + 8)) gives u - 8 = q.
+_MAGIC = {  # magic | magic, 1.0 | 1.0, -(magic + 8) | -(magic + 8), packed fma type
+    "bf16": ("0x43004300", "0x3F803F80", "0xC308C308", "bf16x2"),
+    "fp16": ("0x64006400", "0x3C003C00", "0xE408E408", "f16x2"),
 }
 
 
-def _asm_unpack(dtype: str, scaled: bool) -> str:
-    magic, one, neg, negzero, ty = _MAGIC[dtype]
-    body = _SPLIT_NIBBLES.replace("MAGIC", magic).replace("$IN", "$4")
-    if scaled:  # $5/$6: low-half scales (pairs), $7/$8: high-half scales
-        for out, sc in ((0, 5), (1, 6), (2, 7), (3, 8)):
-            body += f"    fma.rn.{ty} ${out}, ${out}, {one}, {neg};\n"
-            body += f"    fma.rn.{ty} ${out}, ${out}, ${sc}, {negzero};\n"
-    else:
-        for out in range(4):
-            body += f"    fma.rn.{ty} ${out}, ${out}, {one}, {neg};\n"
-    return "{\n    .reg .b32 t, u;\n" + body + "}"
+def _asm_unpack(dtype: str) -> str:
+    magic, one, neg, ty = _MAGIC[dtype]
+    lines = [".reg .b32 t, u0, u1, u2, u3, one, neg;",
+             "prmt.b32 t, $4, 0, 0x3120;",
+             f"lop3.b32 u0, t, 0x000F000F, {magic}, 0xEA;",  # 0xEA: (a & b) | c
+             "shr.b32 u1, t, 8;", f"lop3.b32 u1, u1, 0x000F000F, {magic}, 0xEA;",
+             "shr.b32 u2, t, 4;", f"lop3.b32 u2, u2, 0x000F000F, {magic}, 0xEA;",
+             "shr.b32 u3, t, 12;", f"lop3.b32 u3, u3, 0x000F000F, {magic}, 0xEA;",
+             f"mov.b32 one, {one};", f"mov.b32 neg, {neg};"]
+    lines += [f"fma.rn.{ty} ${i}, u{i}, one, neg;" for i in range(4)]
+    return "{\n" + "\n".join(lines) + "\n}"
 
 
-_ASM_BF16 = tl.constexpr(_asm_unpack("bf16", False))
-_ASM_FP16 = tl.constexpr(_asm_unpack("fp16", False))
-_ASM_BF16_SCALED = tl.constexpr(_asm_unpack("bf16", True))
-_ASM_FP16_SCALED = tl.constexpr(_asm_unpack("fp16", True))
-
-
-@triton.jit
-def _unpack_int4(b, dtype: tl.constexpr):
-    """int8 [R, C] bytes -> (low nibbles, high nibbles) as `dtype` [R, C] each, values q = u - 8."""
-    if dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise(_ASM_BF16, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
-                                         is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise(_ASM_FP16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
-                                         is_pure=True, pack=4)
+_ASM_BF16 = tl.constexpr(_asm_unpack("bf16"))
+_ASM_FP16 = tl.constexpr(_asm_unpack("fp16"))
 
 
 @triton.jit
-def _unpack_int4_scaled(b, s_lo, s_hi, dtype: tl.constexpr):
-    """As _unpack_int4, each half multiplied by its scales (`dtype`, broadcast against b)."""
-    s_lo = tl.broadcast_to(s_lo, b.shape)
-    s_hi = tl.broadcast_to(s_hi, b.shape)
-    if dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise(_ASM_BF16_SCALED, "=r,=r,=r,=r,r,r,r,r,r", [b, s_lo, s_hi],
-                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+def _unpack_int4(b, dtype: tl.constexpr, FAST: tl.constexpr):
+    """int8 bytes (nibbles stored as q + 8) -> (low-nibble values, high-nibble values) in `dtype`, b's shape."""
+    if FAST:
+        if dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(_ASM_BF16, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
+                                             is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_ASM_FP16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                             is_pure=True, pack=4)
     else:
-        return tl.inline_asm_elementwise(_ASM_FP16_SCALED, "=r,=r,=r,=r,r,r,r,r,r", [b, s_lo, s_hi],
-                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        lo = ((b & 0xF) - 8).to(tl.float32).to(dtype)
+        hi = (((b >> 4) & 0xF) - 8).to(tl.float32).to(dtype)
+        return lo, hi
 
 
 @triton.jit
 def _quant_matmul_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_ptr,
-    M, N, K, stride_xm, stride_om, k_tiles, tiles_per_split, group_size,
-    BITS: tl.constexpr, SCALE_PER_GROUP: tl.constexpr, EVEN_K: tl.constexpr, FAST_UNPACK: tl.constexpr,
+    M, N, K, stride_xm, stride_wn, stride_om, k_tiles, tiles_per_split, group_size,
+    BITS: tl.constexpr, SCALE_MODE: tl.constexpr, EVEN_K: tl.constexpr, FAST_UNPACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    # SCALE_MODE 0: one fp32 scale per column, at the end; 1: group scales on the weight halves before tl.dot;
+    # 2: group scales on each half's fp32 partial product.
     grid_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
-    pid_m = pid % grid_m  # neighbouring programs share an N tile: its weight bytes come from L2 after the first
+    pid_m = pid % grid_m  # programs sharing an N tile run side by side: its weight bytes come from L2 after one
     pid_n = pid // grid_m
     pid_k = tl.program_id(1)
 
@@ -125,6 +116,7 @@ def _quant_matmul_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
+    w_cols = w_ptr + offs_n[None, :] * stride_wn  # [1, BLOCK_N]; K runs along each weight row
 
     t_begin = pid_k * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, k_tiles)
@@ -138,7 +130,7 @@ def _quant_matmul_kernel(
                 a = tl.load(x_rows + k[None, :], mask=mask_m[:, None], other=0.0)
             else:
                 a = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
-            q = tl.load(w_ptr + k[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            q = tl.load(w_cols + k[:, None], mask=mask_n[None, :], other=0)
             acc = tl.dot(a, q.to(a.dtype), acc)
     else:
         HALF: tl.constexpr = BLOCK_K // 2
@@ -152,32 +144,28 @@ def _quant_matmul_kernel(
             else:
                 a_lo = tl.load(x_rows + k_lo[None, :], mask=mask_m[:, None] & (k_lo[None, :] < K), other=0.0)
                 a_hi = tl.load(x_rows + k_hi[None, :], mask=mask_m[:, None] & (k_hi[None, :] < K), other=0.0)
-            rows = t * HALF + offs_h
-            b = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-            if SCALE_PER_GROUP:
+            b = tl.load(w_cols + (t * HALF + offs_h)[:, None], mask=mask_n[None, :], other=0)
+            w_lo, w_hi = _unpack_int4(b, a_lo.dtype, FAST_UNPACK)
+            if SCALE_MODE == 0:
+                acc = tl.dot(a_lo, w_lo, acc)
+                acc = tl.dot(a_hi, w_hi, acc)
+            else:
                 g_lo = (t * BLOCK_K) // group_size
                 g_hi = (t * BLOCK_K + HALF) // group_size
                 s_lo = tl.load(s_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
                 s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=mask_n, other=0.0)
-                if FAST_UNPACK:
-                    w_lo, w_hi = _unpack_int4_scaled(b, s_lo[None, :], s_hi[None, :], a_lo.dtype)
+                if SCALE_MODE == 1:
+                    acc = tl.dot(a_lo, w_lo * s_lo[None, :], acc)
+                    acc = tl.dot(a_hi, w_hi * s_hi[None, :], acc)
                 else:
-                    w_lo = ((b & 0xF) - 8).to(tl.float32).to(a_lo.dtype) * s_lo[None, :]
-                    w_hi = (((b >> 4) & 0xF) - 8).to(tl.float32).to(a_lo.dtype) * s_hi[None, :]
-            else:
-                if FAST_UNPACK:
-                    w_lo, w_hi = _unpack_int4(b, a_lo.dtype)
-                else:
-                    w_lo = ((b & 0xF) - 8).to(tl.float32).to(a_lo.dtype)
-                    w_hi = (((b >> 4) & 0xF) - 8).to(tl.float32).to(a_lo.dtype)
-            acc = tl.dot(a_lo, w_lo, acc)
-            acc = tl.dot(a_hi, w_hi, acc)
+                    acc += tl.dot(a_lo, w_lo) * s_lo.to(tl.float32)[None, :]
+                    acc += tl.dot(a_hi, w_hi) * s_hi.to(tl.float32)[None, :]
 
-    if not SCALE_PER_GROUP:  # one scale per output column: exact, in fp32, once
+    if SCALE_MODE == 0:  # one scale per output column: exact, in fp32, once
         scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
         acc = acc * scale[None, :]
 
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]  # M * N may pass 2**31
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -196,29 +184,41 @@ def _quant_matmul_kernel(
             tl.atomic_xchg(counter, 0)  # ready for the next launch
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] == rows:
+def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """t with zeros appended along `dim` up to `size` (t itself if it is that long)."""
+    if t.shape[dim] == size:
         return t
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class QuantMatmul:
     """x [M, K] (bf16/fp16) @ dequantized weight [N, K].T -> [M, N] in x's dtype, on CUDA (see the module doc).
 
-    Holds its own repacked copies of the weight (`qweight`, `scales`); the caller's tensors are only read, so the
-    caller may drop them afterwards.
+    Keeps the weight in the kernel's layout as `qweight` / `scales`. The caller's tensors are only read; for int4
+    (and int8 with K not a multiple of 128) these are new tensors, so the caller may drop its own copies.
     """
 
-    # Split K only for decode-sized M; aim for this many programs per SM, each with at least MIN_TILES K tiles.
-    PROGRAMS_PER_SM = 2
+    # Split K while the output tiles cannot fill the GPU: up to about PROGRAMS_PER_SM programs per SM for M <= 64
+    # (measured on an H200: int8 and multi-group int4 tiles do more work per byte and like more programs in
+    # flight), two waves for larger M; at most MAX_SPLIT_K splits of at least MIN_TILES_PER_SPLIT K tiles each,
+    # and fp32 partials (written, then read back) of at most the scratch limit.
+    PROGRAMS_PER_SM = {"int8": 4, "int4": 2, "int4-groups": 8}
     MIN_TILES_PER_SPLIT = 4
-    MAX_SPLIT_K = 16
+    MAX_SPLIT_K = 8
+    MAX_SCRATCH_DECODE = 8 << 20  # M <= 64, and at most a quarter of the weight's bytes
+    MAX_SCRATCH_PREFILL = 16 << 20
 
     def __init__(self, bits: int, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                  dtype: torch.dtype):
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, not {bits}")
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"activations must be bfloat16 or float16, not {dtype}")
         self.bits, self.dtype = bits, dtype
         self.N = qweight.shape[0]
@@ -228,35 +228,33 @@ class QuantMatmul:
             if bits == 8:
                 self.block_k = 128 if self.K > 64 else max(32, triton.next_power_of_2(self.K))
                 self.k_pad = triton.cdiv(self.K, self.block_k) * self.block_k
-                self.qweight = _pad_rows(qweight.t(), self.k_pad).contiguous()
+                self.qweight = _pad_dim(qweight, 1, self.k_pad).contiguous()
                 self.scales = scales.reshape(self.N).to(torch.float32).contiguous()
                 self.scale_per_group = False
             else:
                 groups = scales.shape[1] if scales.dim() == 2 else 1
-                if self.K % groups or self.K // groups != group_size and groups > 1:
+                if groups > 1 and self.K != groups * group_size:
                     raise ValueError(f"{groups} scale groups do not split K={self.K} into groups of {group_size}")
                 half = self._int4_half(self.K, group_size, groups)
                 self.block_k = 2 * half
                 self.k_pad = triton.cdiv(self.K, self.block_k) * self.block_k
-                q = unpack_int4(qweight)  # [N, K] signed values
-                if self.k_pad != self.K:
-                    q = torch.cat([q, q.new_zeros(self.N, self.k_pad - self.K)], dim=1)
-                q = q.view(self.N, self.k_pad // self.block_k, 2, half)
-                packed = (q[:, :, 1] << 4) | (q[:, :, 0] & 0x0F)  # [N, tiles, half]: high nibble = upper half
-                self.qweight = packed.to(torch.int8).reshape(self.N, self.k_pad // 2).t().contiguous()
-                del q, packed
+                u = _pad_dim(unpack_int4(qweight), 1, self.k_pad) + 8  # [N, K_pad], 0..15 (padding: q = 0)
+                u = u.view(self.N, self.k_pad // self.block_k, 2, half)
+                packed = (u[:, :, 1].to(torch.int32) << 4) | u[:, :, 0].to(torch.int32)  # 0..255
+                self.qweight = packed.to(torch.uint8).view(torch.int8).reshape(self.N, self.k_pad // 2)
+                del packed
+                del u
                 self.scale_per_group = groups > 1
-                if self.scale_per_group:
-                    rows = triton.cdiv(self.k_pad, group_size)  # padded tiles read zero scales
-                    self.scales = _pad_rows(scales.t().to(dtype), rows).contiguous()
+                if self.scale_per_group:  # [groups, N]; whole zero groups cover the padding
+                    self.scales = _pad_dim(scales.t().to(dtype), 0, triton.cdiv(self.k_pad, group_size)).contiguous()
                 else:
                     self.scales = scales.reshape(self.N).to(torch.float32).contiguous()
             self.group_size = group_size if self.scale_per_group else self.k_pad
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 132)
-        # Per-tile arrival counters for split-K (decode tiles: BLOCK_M = 16, one row of tiles). Zero; each
-        # launch leaves them zero again.
-        self._counters = torch.zeros(triton.cdiv(self.N, 64), dtype=torch.int32, device=device)
+        self.fast_unpack = not _interpreting()
+        # Per-tile arrival counters for split-K (enough for any split config _choose makes), zero between launches.
+        self._counters = torch.zeros(max(triton.cdiv(self.N, 32), 2 * self.num_sms), dtype=torch.int32, device=device)
         self._configs: dict[int, tuple] = {}
 
     @staticmethod
@@ -278,23 +276,39 @@ class QuantMatmul:
         return cfg
 
     def _choose(self, M: int) -> tuple:
-        N, target = self.N, self.PROGRAMS_PER_SM * self.num_sms
-        # int4: the K tile is fixed by the packing; int8: any power of two dividing the padding (128).
-        bk = self.block_k
-        if M <= 16:
-            block_n = 128 if triton.cdiv(N, 128) >= target else 64
-            tiles, k_tiles = triton.cdiv(N, block_n), self.k_pad // bk
-            split = 1
-            while (split * 2 <= self.MAX_SPLIT_K and tiles * split < target
-                   and k_tiles // (split * 2) >= self.MIN_TILES_PER_SPLIT):
-                split *= 2
-            stages = 4 if self.bits == 4 or bk <= 64 else 3
-            return 16, block_n, bk, split, 4, stages
-        if M <= 32:
-            return 32, 128, bk, 1, 4, 4
-        if M <= 64:
-            return 64, 128, bk, 1, 4, 4
-        return 128, 128, bk if self.bits == 4 else min(bk, 64), 1, 8, 3
+        """Tile shapes from sweeps on an H200 over GLM-4-9B's linears (N, K up to 27392, 13696; M = 1 to 256)."""
+        N, sms, bk = self.N, self.num_sms, self.block_k  # bk: int4 fixed by the packing; int8 a power of two <= 128
+        kind = "int8" if self.bits == 8 else "int4-groups" if self.scale_per_group else "int4"
+        warps, stages = 4, 3
+        if M <= 64:  # weight-bound
+            block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+            if M <= 16:
+                block_n = 64 if kind == "int8" else 128
+            else:
+                block_n = 128 if triton.cdiv(N, 128) >= sms else 64
+                if kind == "int4-groups" and M > 32 and triton.cdiv(N, 256) >= sms // 2:
+                    block_n = 256
+            target = self.PROGRAMS_PER_SM[kind] * sms
+            scratch = min(self.MAX_SCRATCH_DECODE, self.qweight.numel() // 4)
+        else:
+            if kind == "int4-groups":  # scaling the weight halves costs per element: wide N tiles amortize x
+                block_m = 64
+                block_n = 256 if triton.cdiv(M, 64) * triton.cdiv(N, 256) >= sms else 128
+            elif kind == "int8":
+                block_m = 128 if triton.cdiv(M, 128) * triton.cdiv(N, 128) >= sms else 64
+                block_n, bk = 128, min(bk, 64)
+            else:
+                block_m, block_n = 128, 128
+            target, scratch = 2 * sms, self.MAX_SCRATCH_PREFILL
+        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        want = target / tiles
+        split = min(2 ** round(math.log2(want)) if want > 1 else 1, self.MAX_SPLIT_K)
+        while split > 1 and ((self.k_pad // bk) // split < self.MIN_TILES_PER_SPLIT
+                             or split * M * N * 4 > scratch or tiles > self._counters.numel()):
+            split //= 2
+        if M > 64 and kind == "int4":  # 2 stages let two programs share an SM when there are waves of them
+            stages = 2 if tiles * split >= 2 * sms else 4
+        return block_m, block_n, bk, split, warps, stages
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         M, K = x.shape
@@ -310,11 +324,13 @@ class QuantMatmul:
         tiles_per_split = triton.cdiv(k_tiles, split)
         split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
         partial = torch.empty(split, M, self.N, dtype=torch.float32, device=x.device) if split > 1 else out
+        scale_mode = 0 if not self.scale_per_group else 2 if block_m <= 32 else 1
         grid = (triton.cdiv(M, block_m) * triton.cdiv(self.N, block_n), split)
         _quant_matmul_kernel[grid](
             x, self.qweight, self.scales, out, partial, self._counters,
-            M, self.N, K, x.stride(0), out.stride(0), k_tiles, tiles_per_split, self.group_size,
-            BITS=self.bits, SCALE_PER_GROUP=self.scale_per_group, EVEN_K=K % block_k == 0,
+            M, self.N, K, x.stride(0), self.qweight.stride(0), out.stride(0), k_tiles, tiles_per_split,
+            self.group_size,
+            BITS=self.bits, SCALE_MODE=scale_mode, EVEN_K=K % block_k == 0, FAST_UNPACK=self.fast_unpack,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
             num_warps=warps, num_stages=stages,
         )

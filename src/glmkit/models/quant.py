@@ -163,7 +163,9 @@ class QuantLinear(nn.Module):
         if self.qweight.device.type == "cuda":
             from ..kernels.quant_matmul import QuantMatmul
 
-            self._forward = QuantMatmul(self.bits, self.qweight, self.scales, self.group_size, dtype)
+            mm = QuantMatmul(self.bits, self.qweight, self.scales, self.group_size, dtype)
+            self.qweight, self.scales = mm.qweight, mm.scales  # the kernel's layout replaces ours (no 2nd copy)
+            self._forward = mm
         elif self.bits == 8:
             # A fresh allocation: the kernel's vector loads crash on tensors at odd offsets inside a file mapping.
             self.qweight = self.qweight.clone(memory_format=torch.contiguous_format)
