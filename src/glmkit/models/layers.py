@@ -55,6 +55,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fused; accumulates in fp32
 
+    def add(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); without a residual (norm(x), x). One kernel on CUDA, where the sum
+        is written into `residual` in place."""
+        if x.is_cuda:
+            from ..kernels.fused import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+        return self.forward(x), x
+
 
 class Rotary:
     """cos/sin tables [max_pos, rotary_dim // 2], computed in fp32 as the original, grown on demand."""
@@ -78,11 +89,7 @@ class Rotary:
         self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; positions: [T]. On CUDA x is rotated in place (one Triton launch)."""
-        if self.device.type == "cuda" and self.fixed:
-            from ..kernels.rotary import rotary_inplace
-
-            return rotary_inplace(x, positions, self.cos, self.sin, self.interleaved)
+        """x: [T, heads, head_dim]; positions: [T]. (On CUDA the attention uses kernels/fused.py instead.)"""
         if not self.fixed and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             self._grow(int(positions.max()) + 1)
         cos = self.cos.index_select(0, positions)[:, None, :]  # [T, 1, rot/2]
@@ -149,11 +156,18 @@ class Attention(nn.Module):
     def forward(self, x, positions, batch: AttentionBatch, kv_cache, rotary: Rotary):
         num_tokens, heads, groups = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv(x).view(num_tokens, heads + 2 * groups, self.head_dim)
-        q, k = rotary(qkv[:, : heads + groups], positions).split([heads, groups], dim=1)  # one rotary call
-        v = qkv[:, heads + groups:]
         k_cache, v_cache = kv_cache
-        k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+        if qkv.is_cuda and rotary.fixed:  # rotary in place and the K/V cache writes in one launch
+            from ..kernels.fused import rope_and_cache
+
+            rope_and_cache(qkv, positions, rotary.cos, rotary.sin, rotary.interleaved, batch.slot_mapping,
+                           k_cache, v_cache, heads, groups)
+            q, k, v = qkv.split([heads, groups, groups], dim=1)
+        else:
+            q, k = rotary(qkv[:, : heads + groups], positions).split([heads, groups], dim=1)  # one rotary call
+            v = qkv[:, heads + groups:]
+            k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+            v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
         d = batch.decode
         if d is not None and d.rows is None:  # a decode-only batch (what CUDA graphs capture): no row scatter
             return self.o(self._decode(q, kv_cache, d))
@@ -191,7 +205,12 @@ class MLP(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        if gate_up.is_cuda:
+            from ..kernels.fused import silu_and_mul
+
+            return self.down(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
@@ -203,9 +222,12 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, batch, kv_cache, rotary):
-        x = x + self.attn(self.attn_norm(x), positions, batch, kv_cache, rotary)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, residual, positions, batch, kv_cache, rotary):
+        """The residual stream is carried apart from x so that each add fuses into the next norm (on CUDA)."""
+        h, residual = self.attn_norm.add(x, residual)
+        h = self.attn(h, positions, batch, kv_cache, rotary)
+        h, residual = self.mlp_norm.add(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -226,10 +248,10 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids, positions, batch: AttentionBatch, kv_caches) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
-        x = self.embed(input_ids)
+        x, residual = self.embed(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, batch, kv_cache, self.rotary)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, batch, kv_cache, self.rotary)
+        return self.norm.add(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32."""

@@ -1,0 +1,63 @@
+"""The fused Triton kernels (kernels/fused.py) equal the PyTorch code they replace. Run under Triton's
+interpreter without a GPU; skipped where triton is not installed."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from glmkit.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul  # noqa: E402
+from glmkit.models.config import ModelConfig  # noqa: E402
+from glmkit.models.layers import Rotary  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_add_rms_norm():
+    torch.manual_seed(0)
+    x, residual, w = torch.randn(3, 48, device=DEVICE), torch.randn(3, 48, device=DEVICE), torch.rand(48, device=DEVICE)
+    expected_sum = x + residual
+    expected = F.rms_norm(expected_sum, (48,), w, 1e-6)
+    out, new_residual = add_rms_norm(x, residual.clone(), w, 1e-6)
+    torch.testing.assert_close(new_residual, expected_sum)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out, same = add_rms_norm(x, None, w, 1e-6)
+    assert same is x
+    torch.testing.assert_close(out, F.rms_norm(x, (48,), w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_silu_and_mul():
+    x = torch.randn(4, 2 * 1500, device=DEVICE)  # more than one column block
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_and_mul(x), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rotary_dim,interleaved", [(16, True), (32, False), (24, True)])
+def test_rope_and_cache(rotary_dim, interleaved):
+    torch.manual_seed(0)
+    heads, groups, dim = 6, 2, 32
+    config = ModelConfig(family="glm", model_type="chatglm", vocab_size=8, hidden_size=64, num_layers=1,
+                         num_heads=heads, num_kv_heads=groups, head_dim=dim, intermediate_size=8, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, rotary_dim=rotary_dim, rope_interleaved=interleaved, qkv_bias=False,
+                         tie_word_embeddings=False, max_position_embeddings=64)
+    rot = Rotary(config, torch.float32, torch.device(DEVICE))
+    rot.ensure(64)
+    qkv = torch.randn(5, heads + 2 * groups, dim, device=DEVICE)
+    positions = torch.tensor([0, 3, 17, 63, 5], device=DEVICE)
+    slots = torch.tensor([7, 0, 12, 3, 9], device=DEVICE)
+    expected_qk = rot(qkv[:, : heads + groups], positions)
+    expected_v = qkv[:, heads + groups:].clone()
+    k_cache, v_cache = torch.zeros(16, groups, dim, device=DEVICE), torch.zeros(16, groups, dim, device=DEVICE)
+    rope_and_cache(qkv, positions, rot.cos, rot.sin, interleaved, slots, k_cache, v_cache, heads, groups)
+    torch.testing.assert_close(qkv[:, : heads + groups], expected_qk, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qkv[:, heads + groups:], expected_v)
+    torch.testing.assert_close(k_cache[slots], expected_qk[:, heads:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_cache[slots], expected_v)
+    untouched = torch.ones(16, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
