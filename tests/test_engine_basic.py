@@ -116,3 +116,20 @@ def test_bad_sampling_params_name_the_field(field, value):
 def test_bad_prompt_ids(llm):
     with pytest.raises(InvalidParameterError, match="token ids must be in"):
         llm.generate([[10**7]])
+
+
+def test_equal_length_prompts_batched_attention_matches_one_by_one(tmp_path, sp_model_path, sp, monkeypatch):
+    """Prompts of one length arriving together are attended in one call; the tokens equal running each alone."""
+    from glmkit.models import layers
+
+    d = make_chatglm_dir(tmp_path / "glm", sp_model_path, sp.vocab_size, seed=31)
+    llm = LLM(str(d), dtype="float32", device="cpu", enable_prefix_caching=False)
+    prompts = [[5 + i, 17, 33, 64, 101, 7, 250] for i in range(4)] + [[9, 8, 7]]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    counts = []
+    real = layers.attend_prompts
+    monkeypatch.setattr(layers, "attend_prompts", lambda q, k, v: counts.append(q.shape[0]) or real(q, k, v))
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    assert counts and set(counts) == {4}  # the four 7-token prompts, once per layer
+    alone = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone

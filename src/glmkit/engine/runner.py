@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.layers import AttentionBatch, DecodeGroup, DecoderModel, SeqSlice
+from ..models.layers import AttentionBatch, DecodeGroup, DecoderModel, PromptGroup, SeqSlice
 from .block_manager import BlockManager
 from .sampler import Sample, Sampler
 from .sequence import Sequence
@@ -62,9 +62,25 @@ class ModelRunner:
                 last_rows.append(len(input_ids) - 1)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         decode = self._decode_group(decode_rows, decode_seqs, blocks)
-        if decode is not None and not slices:
+        slices, groups = self._group_prompts(slices)
+        if decode is not None and not slices and not groups:
             decode.rows = None  # every row is a decode: attention skips the row gather and scatter
-        return as_tensor(input_ids), as_tensor(positions), AttentionBatch(as_tensor(slots), slices, decode), last_rows
+        batch = AttentionBatch(as_tensor(slots), slices, decode, groups)
+        return as_tensor(input_ids), as_tensor(positions), batch, last_rows
+
+    def _group_prompts(self, slices: list[SeqSlice]) -> tuple[list[SeqSlice], list[PromptGroup]]:
+        """Whole prompts of equal length (many requests arriving together) -> one attention call per length."""
+        by_length: dict[int, list[SeqSlice]] = {}
+        for s in slices:
+            if s.kv_slots is None:
+                by_length.setdefault(s.q_len, []).append(s)
+        groups = []
+        for length, members in by_length.items():
+            if len(members) > 1:
+                rows = [r for s in members for r in range(s.q_start, s.q_start + length)]
+                groups.append(PromptGroup(torch.tensor(rows, device=self.device), len(members), length))
+        grouped = {id(s) for g in by_length.values() if len(g) > 1 for s in g}
+        return [s for s in slices if id(s) not in grouped], groups
 
     def _decode_group(self, rows: list[int], seqs: list[Sequence], blocks: BlockManager) -> DecodeGroup | None:
         if not rows:

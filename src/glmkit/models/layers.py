@@ -11,7 +11,7 @@ shape a paged KV cache hands over; it knows nothing of blocks, scheduling or req
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,19 @@ class DecodeGroup:
 
 
 @dataclass
+class PromptGroup:
+    """Whole prompts of one length with nothing cached: attended together in one batched causal call."""
+    rows: torch.Tensor             # [count * length] their rows in the flat token batch, sequence by sequence
+    count: int
+    length: int
+
+
+@dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor     # [num_tokens] cache slot for each new token's K/V
     seqs: list[SeqSlice]           # the other sequences (prompts and prompt chunks), attended one by one
     decode: DecodeGroup | None = None
+    prompt_groups: list[PromptGroup] = field(default_factory=list)
 
 
 class RMSNorm(nn.Module):
@@ -129,6 +138,15 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out.to(q.dtype)
 
 
+def attend_prompts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of B whole prompts of one length. q: [B, L, H, D]; k, v: [B, L, G, D] -> [B * L, H*D]."""
+    count, length, num_heads, head_dim = q.shape
+    k, v = expand_kv(k, num_heads), expand_kv(v, num_heads)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out.transpose(1, 2).reshape(count * length, num_heads * head_dim)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of the last q_len positions. q: [L, H, D]; k, v: [S, G, D] with S >= L. -> [L, H*D]."""
     num_q, num_heads, head_dim = q.shape
@@ -172,6 +190,9 @@ class Attention(nn.Module):
         if d is not None and d.rows is None:  # a decode-only batch (what CUDA graphs capture): no row scatter
             return self.o(self._decode(q, kv_cache, d))
         out = torch.empty(num_tokens, self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
+        for g in batch.prompt_groups:
+            shape = (g.count, g.length, -1, self.head_dim)
+            out[g.rows] = attend_prompts(q[g.rows].view(shape), k[g.rows].view(shape), v[g.rows].view(shape))
         for s in batch.seqs:
             rows = slice(s.q_start, s.q_start + s.q_len)
             if s.kv_slots is None:
