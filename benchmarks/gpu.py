@@ -185,9 +185,12 @@ def memory_8k(model_dir: Path, vocab: int, quantization: str) -> dict:
     params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     prompt = prompts(1, 8192 - 256, vocab, 9)[0]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    t = time.perf_counter()
-    llm.generate([prompt[:-1] + [prompt[-1] % (vocab - 1) + 1]], params)  # mostly a prefix-cache hit
-    elapsed = time.perf_counter() - t
+    elapsed = []
+    for i in (1, 2):  # the first round also compiles the kernels for the short prefill shapes: time the second
+        t = time.perf_counter()
+        llm.generate([prompt[:-1] + [(prompt[-1] + i) % (vocab - 1) + 1]], params)  # mostly a prefix-cache hit
+        elapsed.append(time.perf_counter() - t)
+    elapsed = elapsed[-1]
     res = {"peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9, "decode_8k": 256 / elapsed,
            "loaded_gb": loaded / 1e9, "load_peak_gb": load_peak / 1e9}
     del llm
