@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import InvalidParameterError, ModelLoadError
 
 MODES = {"int8": 8, "int4": 4}
-DEFAULT_GROUP_SIZE = 32  # as llama.cpp's 4-bit blocks; benchmarks/perplexity.py shows what larger groups cost
+DEFAULT_GROUP_SIZE = 32  # as llama.cpp's 4-bit blocks; `glmkit quantize --group-size` trades quality for speed
 HEAD_BITS = 8  # the output layer stays int8 in int4 mode too: its error shows directly in every logit
 _CPU_INT4_GROUPS = (256, 128, 64, 32)  # group sizes PyTorch's CPU int4 kernel accepts
 # Linears that are quantized; embeddings, norms and biases stay in float.
