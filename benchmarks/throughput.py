@@ -1,7 +1,7 @@
 """Output tokens/s of the engine at 1, 4, 8, 16 concurrent requests, and the ratio to one stream.
 
-    python benchmarks/throughput.py [--model PATH] [--dtype auto|bfloat16] [--concurrency 1 4 8 16]
-        [--max-tokens 128] [--repeats 3]
+    python benchmarks/throughput.py [--model PATH] [--dtype auto|bfloat16] [--quantization auto|none|int8|int4]
+        [--concurrency 1 4 8 16] [--max-tokens 128] [--repeats 3]
 
 Each level runs `repeats` times in this process and prints the median; the ratio column divides by the median
 of the single-stream run measured in the same process, so machine noise affects both sides alike.
@@ -38,13 +38,16 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), bfloat16, float32")
+    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float32")
+    parser.add_argument("--quantization", default="auto", help="auto (the default model: int8 on CPUs with bf16 "
+                        "instructions), none, int8, int4")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization)
     run_level(llm, 2, 8)  # warm-up: first-call allocations and kernels
     medians = {}
     print(f"model: {llm.model_config.name or llm.model_dir}  device: {llm.device}  dtype: {llm.dtype}  "
+          f"quantization: {llm.quantization.mode if llm.quantization else 'none'}  "
           f"max_tokens: {args.max_tokens}  repeats: {args.repeats}")
     print(f"{'concurrent':>10} {'output tok/s (median)':>22} {'runs':>26} {'x one stream':>13}")
     for level in args.concurrency:

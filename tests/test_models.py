@@ -26,6 +26,12 @@ def reference_greedy(ref, n=12, prompt=PROMPT):
     return ids[len(prompt):]
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Converted tiny GGUFs go to the test's own directory, not the user's ~/.cache/glmkit."""
+    monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def sp_vocab(sp_model_path):
     return ChatGLMSPTokenizer(sp_model_path).vocab_size
@@ -79,7 +85,7 @@ def test_llama_family_matches_reference(tmp_path, hf_tokenizer_dir, model_type, 
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_gguf_f32_equals_hf_directory(tmp_path, hf_tokenizer_dir, arch):
+def test_gguf_f32_equals_hf_directory(tmp_path, hf_tokenizer_dir, arch, private_cache):
     from glmkit.tokenizers.hf import HFTokenizer
 
     vocab = HFTokenizer(hf_tokenizer_dir / "tokenizer.json").vocab_size
@@ -97,7 +103,7 @@ def test_gguf_f32_equals_hf_directory(tmp_path, hf_tokenizer_dir, arch):
 
 
 @pytest.mark.parametrize("quant,tolerance", [("F16", 0.02), ("Q8_0", 0.05), ("Q5_0", 0.3), ("Q4_0", 0.6)])
-def test_gguf_quant_types_dequantize_close(tmp_path, hf_tokenizer_dir, quant, tolerance):
+def test_gguf_quant_types_dequantize_close(tmp_path, hf_tokenizer_dir, quant, tolerance, private_cache):
     from glmkit.tokenizers.hf import HFTokenizer
 
     vocab = HFTokenizer(hf_tokenizer_dir / "tokenizer.json").vocab_size
@@ -111,7 +117,7 @@ def test_gguf_quant_types_dequantize_close(tmp_path, hf_tokenizer_dir, quant, to
     assert len(greedy(llm, n=4)) == 4
 
 
-def test_gguf_conversion_is_cached(tmp_path, hf_tokenizer_dir, monkeypatch):
+def test_gguf_conversion_is_cached(tmp_path, hf_tokenizer_dir, monkeypatch, private_cache):
     from glmkit.models import gguf as gguf_module
     from glmkit.tokenizers.hf import HFTokenizer
 
