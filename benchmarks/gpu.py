@@ -56,7 +56,7 @@ def build_checkpoint(shape: str, work_dir: Path, device: str) -> Path:
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}", "eos_token": "t0"}))
-    del model
+    model = None  # free it before the next measurement
     gc.collect()
     torch.cuda.empty_cache()
     return out
@@ -108,7 +108,7 @@ def hf_baseline(model_dir: Path, batch: int, vocab: int, prompt_len: int, output
     torch.cuda.synchronize()
     generated = sum(len(o.generated_tokens) for o in outputs.values())
     res[f"throughput_{batch}"] = generated / (time.perf_counter() - t)
-    del model
+    model = None  # free it before the next measurement
     gc.collect()
     torch.cuda.empty_cache()
     return res
@@ -164,7 +164,7 @@ def glmkit_runs(model_dir: Path, concurrency: list[int], vocab: int, prompt_len:
         prof = cProfile.Profile()
         prof.runcall(run, max(concurrency), 64, 5000)
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-    del llm
+    llm = None  # free it before the next measurement
     gc.collect()
     torch.cuda.empty_cache()
     return res
@@ -193,7 +193,7 @@ def memory_8k(model_dir: Path, vocab: int, quantization: str) -> dict:
     elapsed = elapsed[-1]
     res = {"peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9, "decode_8k": 256 / elapsed,
            "loaded_gb": loaded / 1e9, "load_peak_gb": load_peak / 1e9}
-    del llm
+    llm = None  # free it before the next measurement
     gc.collect()
     torch.cuda.empty_cache()
     return res

@@ -6,7 +6,10 @@ modules map checkpoint names onto it. The numerics follow ChatGLM's modeling cod
 rotary tables computed in fp32 and cast to the model dtype, KV groups expanded before SDPA.
 
 The attention reads and writes K/V through a flat slot index (`slot_mapping`, per-sequence `kv_slots`), the
-shape a paged KV cache hands over; it knows nothing of blocks, scheduling or requests.
+shape a paged KV cache hands over; it knows nothing of scheduling or requests. On CUDA, decode attention reads
+the cache in place through block tables (kernels/paged_attention.py), and rotary + the K/V writes, add +
+RMSNorm and SiLU-and-mul are fused Triton kernels (kernels/fused.py); the layers carry the residual stream
+apart from the hidden state so that each residual add fuses into the next norm.
 """
 
 from __future__ import annotations
