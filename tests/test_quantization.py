@@ -178,3 +178,17 @@ def test_bad_quantization_settings_are_clear(tmp_path, hf_tokenizer_dir):
     (d / "config.json").write_text(json.dumps(raw | {"quantization_config": {"quant_method": "gptq"}}))
     with pytest.raises(ModelLoadError, match="gptq"):
         LLM(str(d), device="cpu")
+
+
+def test_cached_quantized_copy_is_made_once(tmp_path, hf_tokenizer_dir, monkeypatch):
+    """The embedded model's int8 copy is written beside its conversion once and reused by later starts."""
+    from glmkit.models import export
+    from glmkit.models.quant import QuantPlan
+
+    config = llama_config(512, "qwen2")
+    d = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=8), config, hf_tokenizer_dir)
+    first = export.cached_quantized_copy(d, QuantPlan(8))
+    assert first.name == "qwen-int8-g32" and (first / "model.safetensors").is_file()
+    monkeypatch.setattr(export, "save_quantized", lambda *a: pytest.fail("quantized twice"))
+    assert export.cached_quantized_copy(d, QuantPlan(8)) == first
+    assert LLM(str(first), device="cpu").quantization.source == "glmkit"

@@ -83,6 +83,9 @@ def _requested_quantization(config: EngineConfig, device: torch.device) -> str |
 
 def _dtype(config: EngineConfig, device: torch.device, plan: QuantPlan | None) -> torch.dtype:
     name = DTYPES[config.dtype] or ("bfloat16" if device.type == "cuda" or plan else "float32")
+    if plan is not None and name == "float32":  # say so before minutes of loading, not after
+        raise InvalidParameterError("dtype", config.dtype, f"{plan.mode} weights run with bfloat16 or float16 "
+                                    "activations; use --dtype bfloat16 (or leave it auto)")
     return getattr(torch, name)
 
 
@@ -95,6 +98,13 @@ class LLM:
         self.device = _device(self.config)
         raw_config, self.model_config = read_config(self.model_dir)
         self.quantization = plan_for(raw_config, _requested_quantization(self.config, self.device))
+        if model is None and self.quantization is not None and self.quantization.source == "fresh":
+            # The embedded model is quantized once and kept next to its conversion: later starts load the copy.
+            from .models.export import cached_quantized_copy
+
+            self.model_dir = cached_quantized_copy(self.model_dir, self.quantization)
+            raw_config, self.model_config = read_config(self.model_dir)
+            self.quantization = plan_for(raw_config, None)
         self.dtype = _dtype(self.config, self.device, self.quantization)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.model = load_model(self.model_dir, self.model_config, self.dtype, self.device, self.quantization)
