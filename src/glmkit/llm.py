@@ -130,7 +130,7 @@ class LLM:
             budget = int(free * 0.4)
         else:
             budget = 2 * 2**30
-        num_blocks = max(budget // (per_token * c.block_size), 1)
+        num_blocks = max(budget // (per_token * c.block_size) - 1, 1)  # the runner adds one scratch block
         model_len = c.max_model_len or self.model_config.max_position_embeddings
         # Never more blocks than max_num_seqs full-length sequences can use (small models on big GPUs).
         num_blocks = min(num_blocks, c.max_num_seqs * -(-model_len // c.block_size))
