@@ -37,6 +37,9 @@ class ModelRunner:
         self.graphs = None
         if self.paged:
             model.rotary.ensure(max_model_len)
+            # cuDNN's SDPA builds an execution plan for every new prompt-batch shape, a stall of a few hundred ms
+            # each time real traffic brings a new mix of lengths; the flash backend needs no plans.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if cuda_graphs and self.paged:
             from .cuda_graphs import DecodeGraphs
 
