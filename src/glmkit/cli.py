@@ -49,10 +49,10 @@ def engine_kwargs(args) -> dict:
                 enforce_eager=args.enforce_eager)
 
 
-def load_llm(args):
+def load_llm(args, **overrides):
     from .llm import LLM
 
-    return LLM(args.model, **engine_kwargs(args))
+    return LLM(args.model, **(engine_kwargs(args) | overrides))
 
 
 def sampling_params(args):

@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    llm = load_llm(args)
+    llm = load_llm(args, max_num_seqs=1)
     params = sampling_params(args)
     if args.chat:
         out = llm.chat([{"role": "user", "content": prompt}], params)[0]
