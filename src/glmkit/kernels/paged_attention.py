@@ -142,7 +142,8 @@ def _paged_decode_kernel(
         lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
         tl.store(LSE + rows, lse, mask=mask_h)
         # An empty split writes only its -inf LSE; the combine never reads its partial output.
-        tl.store(O_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_hd & (lo < hi))
+        if lo < hi:
+            tl.store(O_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_hd)
 
 
 @triton.jit
