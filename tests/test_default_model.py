@@ -45,6 +45,31 @@ def test_default_model_is_the_verified_gguf(llm):
     assert llm.model_config.num_layers == 24
 
 
+def test_default_model_quantization_follows_the_cpu(llm):
+    from glmkit.llm import cpu_has_bf16
+
+    if cpu_has_bf16():  # int8, loaded from the copy kept beside the conversion
+        assert llm.quantization.mode == "int8" and llm.quantization.source == "glmkit"
+        assert llm.model_dir.name.endswith("-int8-g32")
+    else:
+        assert llm.quantization is None and llm.dtype.is_floating_point
+
+
+def test_unwritable_cache_quantizes_in_memory(monkeypatch):
+    from glmkit import llm as llm_module
+    from glmkit.models import export
+
+    if not llm_module.cpu_has_bf16():
+        pytest.skip("the default model is not quantized on this CPU")
+
+    def unwritable(*args):
+        raise PermissionError(13, "Permission denied", "/read-only/cache")
+
+    monkeypatch.setattr(export, "cached_quantized_copy", unwritable)
+    fresh = LLM()
+    assert fresh.quantization.mode == "int8" and fresh.quantization.source == "fresh"
+
+
 def test_english_arithmetic(llm):
     out = llm.chat([{"role": "user", "content": "What is 2+3? Reply with just the number."}], GREEDY)[0]
     assert out.text.strip() == "5" and out.finish_reason == "stop"

@@ -102,9 +102,12 @@ class LLM:
             # The embedded model is quantized once and kept next to its conversion: later starts load the copy.
             from .models.export import cached_quantized_copy
 
-            self.model_dir = cached_quantized_copy(self.model_dir, self.quantization)
-            raw_config, self.model_config = read_config(self.model_dir)
-            self.quantization = plan_for(raw_config, None)
+            try:
+                self.model_dir = cached_quantized_copy(self.model_dir, self.quantization)
+                raw_config, self.model_config = read_config(self.model_dir)
+                self.quantization = plan_for(raw_config, None)
+            except OSError as e:  # a read-only or full cache: quantize in memory on every start instead
+                log.warning("glmkit: cannot keep a quantized copy of the default model (%s); quantizing in memory", e)
         self.dtype = _dtype(self.config, self.device, self.quantization)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.model = load_model(self.model_dir, self.model_config, self.dtype, self.device, self.quantization)
