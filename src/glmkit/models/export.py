@@ -8,13 +8,13 @@ of the source directory (tokenizer, chat template, licence) copied unchanged.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import InvalidParameterError
+from .gguf import build_once
 from .loader import load_state_dict, read_config, settle_head
 from .quant import QuantPlan
 
@@ -52,14 +52,4 @@ def save_quantized(model_dir: Path, plan: QuantPlan, out_dir: Path, dtype: torch
 def cached_quantized_copy(model_dir: Path, plan: QuantPlan) -> Path:
     """A quantized copy beside `model_dir` (made once, atomically; reused afterwards)."""
     out = model_dir.with_name(f"{model_dir.name}-{plan.mode}-g{plan.group_size}")
-    if (out / "config.json").is_file():
-        return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_quantized(model_dir, plan, tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_once(out, lambda tmp: save_quantized(model_dir, plan, tmp), "config.json")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -42,22 +43,30 @@ def converted_dir(gguf_path: Path) -> Path:
     return cache_root() / "converted" / f"{gguf_path.stem}-{key}"
 
 
-def ensure_converted(gguf_path: Path) -> Path:
-    """Return the converted directory for a GGUF file, converting it on first use."""
-    out = converted_dir(gguf_path)
-    if (out / CONVERTED_MARKER).is_file():
+def build_once(out: Path, build: Callable[[Path], None], done: str) -> Path:
+    """`out`, built by `build(tmp)` in a scratch directory that is renamed into place when complete, unless
+    `out/done` shows an earlier build finished. An interrupted build leaves nothing half-written behind."""
+    if (out / done).is_file():
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        convert(gguf_path, tmp)
-        (tmp / CONVERTED_MARKER).write_text(str(gguf_path.resolve()))
+        build(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def ensure_converted(gguf_path: Path) -> Path:
+    """Return the converted directory for a GGUF file, converting it on first use."""
+    def build(tmp: Path) -> None:
+        convert(gguf_path, tmp)
+        (tmp / CONVERTED_MARKER).write_text(str(gguf_path.resolve()))
+
+    return build_once(converted_dir(gguf_path), build, CONVERTED_MARKER)
 
 
 def _field(reader, key, default=None):

@@ -14,6 +14,7 @@ apart from the hidden state so that each residual add fuses into the next norm.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+
+
+@functools.cache
+def _cuda_kernels():
+    """The Triton kernels of the CUDA path, imported on first use (triton is needed only there) and then kept,
+    so the per-layer calls do not repeat the import."""
+    from ..kernels import fused, paged_attention
+
+    return fused, paged_attention
 
 
 @dataclass
@@ -71,9 +81,7 @@ class RMSNorm(nn.Module):
         """(norm(x + residual), x + residual); without a residual (norm(x), x). One kernel on CUDA, where the sum
         is written into `residual` in place."""
         if x.is_cuda:
-            from ..kernels.fused import add_rms_norm
-
-            return add_rms_norm(x, residual, self.weight, self.eps)
+            return _cuda_kernels()[0].add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         return self.forward(x), x
@@ -179,10 +187,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(num_tokens, heads + 2 * groups, self.head_dim)
         k_cache, v_cache = kv_cache
         if qkv.is_cuda and rotary.fixed:  # rotary in place and the K/V cache writes in one launch
-            from ..kernels.fused import rope_and_cache
-
-            rope_and_cache(qkv, positions, rotary.cos, rotary.sin, rotary.interleaved, batch.slot_mapping,
-                           k_cache, v_cache, heads, groups)
+            fused, _ = _cuda_kernels()
+            fused.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, rotary.interleaved, batch.slot_mapping,
+                                 k_cache, v_cache, heads, groups)
             q, k, v = qkv.split([heads, groups, groups], dim=1)
         else:
             q, k = rotary(qkv[:, : heads + groups], positions).split([heads, groups], dim=1)  # one rotary call
@@ -211,10 +218,9 @@ class Attention(nn.Module):
     def _decode(q: torch.Tensor, kv_cache, d: DecodeGroup) -> torch.Tensor:
         """q [B, H, D] of one new token per sequence -> [B, H*D]."""
         if d.block_tables is not None:  # CUDA: the Triton kernel reads the paged cache in place
-            from ..kernels.paged_attention import paged_decode_attention
-
-            out = paged_decode_attention(q, kv_cache[0], kv_cache[1], d.block_tables, d.context_lens,
-                                         d.block_size)
+            _, paged = _cuda_kernels()
+            out = paged.paged_decode_attention(q, kv_cache[0], kv_cache[1], d.block_tables, d.context_lens,
+                                               d.block_size)
             return out.view(q.shape[0], -1)
         flat = d.kv_slots.view(-1)
         k_ctx, v_ctx = (c.index_select(0, flat).view(*d.kv_slots.shape, *c.shape[1:]).to(q.dtype)
@@ -231,9 +237,7 @@ class MLP(nn.Module):
     def forward(self, x):
         gate_up = self.gate_up(x)
         if gate_up.is_cuda:
-            from ..kernels.fused import silu_and_mul
-
-            return self.down(silu_and_mul(gate_up))
+            return self.down(_cuda_kernels()[0].silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
