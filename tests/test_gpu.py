@@ -87,3 +87,52 @@ def test_gpu_sampling_seeded_and_preemption(checkpoints):
     b = gpu.generate(PROMPTS, p)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert gpu.engine.scheduler.num_preemptions > 0 and gpu.engine.blocks.num_used == 0
+
+
+def test_gpu_lookahead_matches_cpu(checkpoints):
+    """With CUDA graphs the runner launches each decode step ahead; sequences finishing at different steps and a
+    request arriving mid-run still give the CPU's tokens, and the steps launched ahead are the ones used."""
+    cpu = LLM(str(checkpoints["chatglm"]), dtype="float32", device="cpu")
+    gpu = LLM(str(checkpoints["chatglm"]), dtype="float32", device="cuda")
+    assert gpu.engine.runner.lookahead
+
+    def run(llm):
+        engine, tokens, steps = llm.engine, {}, 0
+        for i, n in enumerate((5, 30, 17)):
+            engine.add_request(PROMPTS[i], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), f"r{i}")
+        while engine.has_unfinished():
+            for delta in engine.step():
+                tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
+            steps += 1
+            if steps == 8:
+                engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True), "late")
+        return tokens
+
+    expected = run(cpu)
+    calls = []
+    real = gpu.engine.runner._logits
+    gpu.engine.runner._logits = lambda seqs, blocks: calls.append(len(seqs)) or real(seqs, blocks)
+    assert run(gpu) == expected
+    assert len(calls) <= 4  # two prefills, plus a step after each arrival or finish at most; not one per token
+    assert gpu.engine.blocks.num_used == 0
+
+
+def test_gpu_decode_step_waits_only_for_its_tokens(checkpoints):
+    """A steady decode step (graph replay launched ahead, sampling, reading the ids back) makes no stream
+    synchronisation: the host waits on the event of the ids' copy alone."""
+    import warnings
+
+    gpu = LLM(str(checkpoints["qwen2"]), device="cuda")
+    engine = gpu.engine
+    engine.add_request(PROMPTS[1], SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True), "r")
+    for _ in range(4):
+        engine.step()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            deltas = engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(deltas) == 1 and len(deltas[0].token_ids) == 1
+    assert [str(w.message) for w in caught if "synchroniz" in str(w.message)] == []

@@ -112,6 +112,7 @@ class BlockManager:
                 self.free_ids[block_id] = None
         seq.block_table = []
         seq.num_cached = seq.num_hashed = 0
+        seq.num_resets += 1
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

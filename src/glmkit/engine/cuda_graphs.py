@@ -59,23 +59,33 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
+    def run(self, input_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int],
             tables: list[list[int]]) -> torch.Tensor:
-        """One decode step for len(input_ids) sequences -> their logits [n, vocab] (valid until the next run)."""
-        n = len(input_ids)
+        """One decode step for len(positions) sequences -> their logits [n, vocab] (valid until the next run).
+
+        input_ids may be a host list or a tensor already on the device (the tokens just sampled, when the
+        runner launches a step ahead). Nothing here waits for the GPU: the host data goes through pinned memory.
+        """
+        n = len(positions)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
         # Only the columns some sequence uses: the kernel reads a row no further than its context length, so
         # whatever an earlier step left beyond that is never looked at. Padding rows attend to the scratch block.
         width = max(len(t) for t in tables)
         rows = [t + [self.pad_block] * (width - len(t)) for t in tables] + [[self.pad_block] * width] * pad
-        host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [self.pad_slot] * pad,
-                             [p + 1 for p in positions] + [1] * pad], dtype=torch.long)
-        self.input_ids[:size].copy_(host[0], non_blocking=True)
-        self.positions[:size].copy_(host[1], non_blocking=True)
-        self.slots[:size].copy_(host[2], non_blocking=True)
-        self.context_lens[:size].copy_(host[3], non_blocking=True)
-        self.block_tables[:size, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        host = [positions + [0] * pad, slots + [self.pad_slot] * pad, [p + 1 for p in positions] + [1] * pad]
+        on_device = isinstance(input_ids, torch.Tensor)
+        if not on_device:
+            host.append(input_ids + [0] * pad)
+        host = torch.tensor(host, dtype=torch.long).pin_memory()
+        self.positions[:size].copy_(host[0], non_blocking=True)
+        self.slots[:size].copy_(host[1], non_blocking=True)
+        self.context_lens[:size].copy_(host[2], non_blocking=True)
+        if on_device:  # padding rows keep whatever ids an earlier step left: valid tokens, and never read back
+            self.input_ids[:n].copy_(input_ids)
+        else:
+            self.input_ids[:size].copy_(host[3], non_blocking=True)
+        self.block_tables[:size, :width].copy_(torch.tensor(rows, dtype=torch.int32).pin_memory(), non_blocking=True)
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:n]

@@ -2,15 +2,25 @@
 
 KV cache per layer: k and v of shape [num_blocks * block_size, num_kv_heads, head_dim], addressed by slot
 (see BlockManager). Knows tensors and the model; knows nothing of requests' text, chat formats or HTTP.
+
+Running a step ahead (`lookahead`, on with CUDA graphs): once a step's tokens are sampled on the GPU, and before
+they are read back, the runner launches the next decode step for the same sequences with those tokens as input.
+The host then reads the ids and the engine detokenizes, checks stops and schedules while the GPU already computes,
+so the GPU does not sit idle between steps. The next run() takes that step's results if it asks for exactly
+those decodes (or some of them: a finished sequence simply drops out); otherwise they are dropped and the step is
+computed again, which rewrites the same K/V. Only batches the sampler takes in one pass (no penalties, seeds,
+logprobs or pending min_tokens) run ahead, so dropping a step loses no sampler state.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..models.layers import AttentionBatch, DecodeGroup, DecoderModel, PromptGroup, SeqSlice
 from .block_manager import BlockManager
-from .sampler import Sample, Sampler
+from .sampler import Sample, Sampler, to_device
 from .sequence import Sequence
 
 
@@ -19,12 +29,47 @@ def kv_bytes_per_token(model: DecoderModel, dtype: torch.dtype) -> int:
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
 
 
+@dataclass
+class _Ahead:
+    """A decode step launched before the engine asked for it."""
+    seqs: list[Sequence]
+    positions: list[int]      # the position each sequence computes (its length at launch)
+    resets: list[int]         # each one's num_resets at launch: blocks taken back since means recompute
+    ids: torch.Tensor         # [n] sampled token ids on the device
+    host: torch.Tensor        # the same, being copied to (pinned) host memory
+    done: torch.cuda.Event | None  # recorded after that copy (None on CPU)
+
+    def rows(self, seqs: list[Sequence]) -> list[int] | None:
+        """Row of each of `seqs` in this step if it computed exactly what they are scheduled for, else None."""
+        index = {id(s): i for i, s in enumerate(self.seqs)}
+        rows = []
+        for seq in seqs:
+            i = index.get(id(seq))
+            if (i is None or seq.num_scheduled != 1 or seq.num_cached != self.positions[i]
+                    or len(seq) != seq.num_cached + 1 or seq.num_resets != self.resets[i]):
+                return None
+            rows.append(i)
+        return rows
+
+
+def _read_back(ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ids to the host; (host tensor, event to wait on before reading it)."""
+    if not ids.is_cuda:
+        return ids, None
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host.copy_(ids, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 max_model_len: int = 0, max_num_seqs: int = 1, cuda_graphs: bool = False):
+                 max_model_len: int = 0, max_num_seqs: int = 1, cuda_graphs: bool = False,
+                 lookahead: bool | None = None):
         self.model = model
         self.device = model.embed.weight.device
-        self.block_size = block_size
+        self.block_size, self.max_model_len = block_size, max_model_len
         c = model.config
         # One block more than the block manager hands out: CUDA-graph padding rows write their K/V there.
         shape = ((num_blocks + 1) * block_size, c.num_kv_heads, c.head_dim)
@@ -45,6 +90,8 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_model_len // block_size),
                                        block_size, pad_block=num_blocks)
+        self.lookahead = self.graphs is not None if lookahead is None else lookahead
+        self._ahead: _Ahead | None = None
 
     def _prepare(self, seqs: list[Sequence], blocks: BlockManager):
         input_ids, positions, slots, slices, last_rows = [], [], [], [], []
@@ -85,10 +132,11 @@ class ModelRunner:
         grouped = {id(s) for g in by_length.values() if len(g) > 1 for s in g}
         return [s for s in slices if id(s) not in grouped], groups
 
-    def _decode_group(self, rows: list[int], seqs: list[Sequence], blocks: BlockManager) -> DecodeGroup | None:
+    def _decode_group(self, rows: list[int], seqs: list[Sequence], blocks: BlockManager,
+                      lengths: list[int] | None = None) -> DecodeGroup | None:
         if not rows:
             return None
-        lengths = [s.num_cached + 1 for s in seqs]
+        lengths = lengths or [s.num_cached + 1 for s in seqs]
         row_ids = torch.tensor(rows, device=self.device)
         if self.paged:
             width = max(len(s.block_table) for s in seqs)
@@ -119,9 +167,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden[last_rows]) if last_rows else None
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], blocks: BlockManager) -> list[tuple[Sequence, Sample]]:
-        """Compute the scheduled tokens of every sequence; sample for those whose prompt is now complete."""
-        logits = self._logits(seqs, blocks)
+    def run(self, seqs: list[Sequence], blocks: BlockManager, lookahead: bool = True) -> list[tuple[Sequence, Sample]]:
+        """Compute the scheduled tokens of every sequence; sample for those whose prompt is now complete.
+        `lookahead=False` (the engine has requests waiting) launches no step ahead."""
+        ahead, self._ahead = self._ahead, None
+        rows = ahead.rows(seqs) if ahead is not None else None
+        logits = self._logits(seqs, blocks) if rows is None else None
         sampling = [s for s in seqs if s.num_cached + s.num_scheduled == len(s)]
         for seq in seqs:
             seq.num_cached += seq.num_scheduled
@@ -129,4 +180,50 @@ class ModelRunner:
             blocks.register_full_blocks(seq)
         if not sampling:
             return []
-        return list(zip(sampling, self.sampler(logits, sampling)))
+        lookahead = lookahead and self.lookahead
+        if rows is not None:  # computed ahead: rows of ahead.ids, in the order of seqs (all of them decodes)
+            ids, host, done = ahead.ids, ahead.host, ahead.done
+            if rows != list(range(len(ahead.seqs))):
+                ids = ids.index_select(0, to_device(rows, torch.long, ids.device)) if lookahead else None
+        elif lookahead and self.sampler.batchable(sampling):
+            ids = self.sampler.sample_ids(logits, sampling)
+            host, done = _read_back(ids)
+            rows = list(range(len(sampling)))
+        else:
+            return list(zip(sampling, self.sampler(logits, sampling)))
+        if lookahead:
+            self._ahead = self._launch_ahead(sampling, ids, blocks)
+        if done is not None:
+            done.synchronize()
+        tokens = host.tolist()
+        return [(seq, Sample(tokens[r])) for seq, r in zip(sampling, rows)]
+
+    def _launch_ahead(self, seqs: list[Sequence], ids: torch.Tensor, blocks: BlockManager) -> _Ahead | None:
+        """Start the decode step that follows, with `ids` (just sampled, still on the device) as its input."""
+        if self.graphs is not None and not self.graphs.can_run(len(seqs)):
+            return None
+        if not self.sampler.batchable(seqs, ahead=1):
+            return None
+        if all(len(s) + 1 >= self.max_model_len or (s.params.max_tokens is not None
+                                                    and len(s.output_ids) + 1 >= s.params.max_tokens)
+               for s in seqs):
+            return None  # every one of them stops at the token being sampled
+        positions = [len(s) for s in seqs]  # the sampled token's position: the next step computes it
+        new_blocks = sum(max(blocks.blocks_needed(p + 1) - len(s.block_table), 0) for s, p in zip(seqs, positions))
+        if new_blocks > blocks.num_free or max(positions) >= self.max_model_len:
+            return None
+        for seq, p in zip(seqs, positions):
+            blocks.allocate(seq, p + 1)
+        bs = self.block_size
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        if self.graphs is not None:
+            logits = self.graphs.run(ids, positions, slots, [s.block_table for s in seqs])
+        else:
+            decode = self._decode_group(list(range(len(seqs))), seqs, blocks, [p + 1 for p in positions])
+            decode.rows = None
+            batch = AttentionBatch(to_device(slots, torch.long, self.device), [], decode)
+            hidden = self.model(ids, to_device(positions, torch.long, self.device), batch, self.kv_caches)
+            logits = self.model.compute_logits(hidden)
+        next_ids = self.sampler.sample_ids(logits, seqs)
+        host, done = _read_back(next_ids)
+        return _Ahead(list(seqs), positions, [s.num_resets for s in seqs], next_ids, host, done)

@@ -56,7 +56,7 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
 MIN_TEMPERATURE = 1e-5
 
 
-def _to(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list on `device`. To a GPU through pinned memory, asynchronously: a plain copy from pageable
     memory would wait for the queued forward pass (a host synchronisation)."""
     t = torch.tensor(values, dtype=dtype)
@@ -92,20 +92,26 @@ class Sampler:
             else:  # penalties, seeds, logprobs or min_tokens: the per-row path
                 out[i] = self._sample_row(logits[i], seq)
         if fast:
-            rows = logits if len(fast) == len(seqs) else logits.index_select(0, _to(fast, torch.long, logits.device))
-            for i, token in zip(fast, self._sample_batch(rows, [seqs[i] for i in fast])):
+            rows = logits if len(fast) == len(seqs) else logits.index_select(0, to_device(fast, torch.long, logits.device))
+            for i, token in zip(fast, self.sample_ids(rows, [seqs[i] for i in fast]).tolist()):
                 out[i] = Sample(token)
         return out
 
     @staticmethod
-    def _is_fast(seq: Sequence) -> bool:
+    def _is_fast(seq: Sequence, ahead: int = 0) -> bool:
+        """Whether seq's row can go through the batched pass (`ahead` tokens from now)."""
         p = seq.params
         return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
                 and p.seed is None and p.logprobs is None
-                and not (len(seq.output_ids) < p.min_tokens and seq.stop_ids))
+                and not (len(seq.output_ids) + ahead < p.min_tokens and seq.stop_ids))
 
-    def _sample_batch(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits [R, vocab] of rows without penalties, seeds, logprobs or min_tokens -> R token ids."""
+    def batchable(self, seqs: list[Sequence], ahead: int = 0) -> bool:
+        """Whether every row can be sampled by sample_ids() (now, or `ahead` tokens from now)."""
+        return all(self._is_fast(seq, ahead) for seq in seqs)
+
+    def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits [R, vocab] of rows without penalties, seeds, logprobs or min_tokens -> R token ids, on the
+        logits' device (nothing is read back: the caller decides when)."""
         dev, vocab = logits.device, logits.shape[-1]
         if self.invalid_score_token is not None:
             forced = torch.zeros(1, vocab, dtype=logits.dtype, device=dev)
@@ -118,20 +124,20 @@ class Sampler:
         sampled = [not p.greedy and p.temperature >= MIN_TEMPERATURE for p in params]
         if any(sampled):
             ps = [p if s else None for p, s in zip(params, sampled)]  # greedy rows: no cut, temperature 1
-            temperature = _to([[p.temperature if p else 1.0] for p in ps], logits.dtype, dev)
+            temperature = to_device([[p.temperature if p else 1.0] for p in ps], logits.dtype, dev)
             probs = torch.softmax(logits / temperature, dim=-1)
             ok = torch.isfinite(probs).all(-1)
             top_k = [p.top_k if p and 0 < p.top_k < vocab else 0 for p in ps]
             if any(top_k):
                 top = torch.topk(probs, max(top_k), dim=-1).values
-                kth = top.gather(-1, _to([[max(k, 1) - 1] for k in top_k], torch.long, dev))
-                kth = torch.where(_to([[k > 0] for k in top_k], torch.bool, dev), kth, 0.0)
+                kth = top.gather(-1, to_device([[max(k, 1) - 1] for k in top_k], torch.long, dev))
+                kth = torch.where(to_device([[k > 0] for k in top_k], torch.bool, dev), kth, 0.0)
                 probs = torch.where(probs >= kth, probs, 0.0)
             if any(p and p.min_p > 0.0 for p in ps):
-                min_p = _to([[p.min_p if p else 0.0] for p in ps], probs.dtype, dev)
+                min_p = to_device([[p.min_p if p else 0.0] for p in ps], probs.dtype, dev)
                 probs = torch.where(probs >= min_p * probs.amax(-1, keepdim=True), probs, 0.0)
             if any(p and p.top_p < 1.0 for p in ps):
-                top_p = _to([[p.top_p if p else 1.0] for p in ps], probs.dtype, dev)
+                top_p = to_device([[p.top_p if p else 1.0] for p in ps], probs.dtype, dev)
                 sorted_probs, order = probs.sort(dim=-1, descending=True)
                 cumulative = sorted_probs.cumsum(-1)
                 # as filter_probs: keep the smallest prefix whose mass reaches top_p, at least the top token
@@ -145,8 +151,8 @@ class Sampler:
             # torch.multinomial needs no host sync. The clamp keeps E = 0 from turning a 0 into NaN.
             noise = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
             drawn = (probs / noise).argmax(-1)
-            ids = torch.where(ok & _to(sampled, torch.bool, dev), drawn, ids)
-        return ids.tolist()
+            ids = torch.where(ok & to_device(sampled, torch.bool, dev), drawn, ids)
+        return ids
 
     def _sample_row(self, row: torch.Tensor, seq: Sequence) -> Sample:
         if not torch.isfinite(row).all():

@@ -25,6 +25,7 @@ class Sequence:
         self.num_cached = 0           # tokens whose K/V is in the cache
         self.num_hashed = 0           # leading full blocks registered for prefix sharing
         self.num_scheduled = 0        # tokens to compute in the current step
+        self.num_resets = 0           # times its blocks were taken back (preemption, finishing)
         self.num_prefix_hit_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None

@@ -65,47 +65,48 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def _rope_and_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
                            stride_t, num_heads, num_kv_heads, cache_stride_slot,
                            HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                           BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                           INTERLEAVED: tl.constexpr):
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # Program (t, c) takes rows c * BLOCK_R ... of token t's [q heads | k heads | v heads]. Every load comes
+    # before the first store, so the memory round trips overlap instead of queueing behind possibly aliasing
+    # stores.
     t = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i = tl.arange(0, BLOCK_HALF)
+    d = tl.arange(0, BLOCK_D)
+    n_rot = num_heads + num_kv_heads
+    is_k = (r >= num_heads) & (r < n_rot)
+    is_v = (r >= n_rot) & (r < n_rot + num_kv_heads)
     pos = tl.load(pos_ptr + t)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    row = qkv_ptr + t * stride_t
-    # 1. rotate the q and k heads (rows 0 .. num_heads + num_kv_heads - 1) in place
-    i = tl.arange(0, BLOCK_HALF)
-    h = tl.arange(0, BLOCK_H)
-    cos = tl.load(cos_ptr + pos * HALF + i, mask=i < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * HALF + i, mask=i < HALF, other=0.0).to(tl.float32)
+    row = qkv_ptr + t * stride_t + r[:, None] * HEAD_DIM
     if INTERLEAVED:
         first, second = 2 * i, 2 * i + 1
     else:
         first, second = i, i + HALF
-    mask = (h[:, None] < num_heads + num_kv_heads) & (i[None, :] < HALF)
-    ptrs = row + h[:, None] * HEAD_DIM
-    x0 = tl.load(ptrs + first[None, :], mask=mask, other=0.0)
-    x1 = tl.load(ptrs + second[None, :], mask=mask, other=0.0)
+    rot = (r[:, None] < n_rot) & (i[None, :] < HALF)
+    x0 = tl.load(row + first[None, :], mask=rot, other=0.0)
+    x1 = tl.load(row + second[None, :], mask=rot, other=0.0)
+    # what is copied unrotated: the tail of each k head past the rotary dims, and the v heads whole
+    rest = ((is_k[:, None] & (d[None, :] >= 2 * HALF)) | is_v[:, None]) & (d[None, :] < HEAD_DIM)
+    x_rest = tl.load(row + d[None, :], mask=rest, other=0.0)
+    cos = tl.load(cos_ptr + pos * HALF + i, mask=i < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * HALF + i, mask=i < HALF, other=0.0).to(tl.float32)
     a, b = x0.to(tl.float32), x1.to(tl.float32)
     r0 = (a * cos[None, :] - b * sin[None, :]).to(x0.dtype)
     r1 = (b * cos[None, :] + a * sin[None, :]).to(x0.dtype)
-    tl.store(ptrs + first[None, :], r0, mask=mask)
-    tl.store(ptrs + second[None, :], r1, mask=mask)
-    # 2. the rotated part of each k head into the cache, straight from registers
-    kv_head = h - num_heads
-    is_k = mask & (kv_head[:, None] >= 0)
-    cache = k_cache_ptr + slot * cache_stride_slot + kv_head[:, None] * HEAD_DIM
-    tl.store(cache + first[None, :], r0.to(k_cache_ptr.dtype.element_ty), mask=is_k)
-    tl.store(cache + second[None, :], r1.to(k_cache_ptr.dtype.element_ty), mask=is_k)
-    # 3. the unrotated tail of each k head, and the v heads, copied as they are
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    tail = (g[:, None] < num_kv_heads) & (d[None, :] >= 2 * HALF) & (d[None, :] < HEAD_DIM)
-    k_tail = tl.load(row + (num_heads + g[:, None]) * HEAD_DIM + d[None, :], mask=tail, other=0.0)
-    tl.store(k_cache_ptr + slot * cache_stride_slot + g[:, None] * HEAD_DIM + d[None, :],
-             k_tail.to(k_cache_ptr.dtype.element_ty), mask=tail)
-    full = (g[:, None] < num_kv_heads) & (d[None, :] < HEAD_DIM)
-    v = tl.load(row + (num_heads + num_kv_heads + g[:, None]) * HEAD_DIM + d[None, :], mask=full, other=0.0)
-    tl.store(v_cache_ptr + slot * cache_stride_slot + g[:, None] * HEAD_DIM + d[None, :],
-             v.to(v_cache_ptr.dtype.element_ty), mask=full)
+    tl.store(row + first[None, :], r0, mask=rot)
+    tl.store(row + second[None, :], r1, mask=rot)
+    kv_head = tl.where(is_k, r - num_heads, r - n_rot)
+    k_row = k_cache_ptr + slot * cache_stride_slot + kv_head[:, None] * HEAD_DIM
+    v_row = v_cache_ptr + slot * cache_stride_slot + kv_head[:, None] * HEAD_DIM
+    k_rot = rot & is_k[:, None]
+    tl.store(k_row + first[None, :], r0.to(k_cache_ptr.dtype.element_ty), mask=k_rot)
+    tl.store(k_row + second[None, :], r1.to(k_cache_ptr.dtype.element_ty), mask=k_rot)
+    tl.store(k_row + d[None, :], x_rest.to(k_cache_ptr.dtype.element_ty), mask=rest & is_k[:, None])
+    tl.store(v_row + d[None, :], x_rest.to(v_cache_ptr.dtype.element_ty), mask=rest & is_v[:, None])
+
+
+ROPE_ROWS = 8  # heads per program of rope_and_cache: ChatGLM3-6B's 34 rotated heads + 2 v heads in 5 programs
 
 
 def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -113,13 +114,13 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
                    num_heads: int, num_kv_heads: int) -> None:
     """qkv [T, heads + 2 * kv_heads, head_dim] (rows contiguous): q and k rotated in place; k and v of token t
     written to cache slot slot_mapping[t] of k_cache / v_cache [slots, kv_heads, head_dim]."""
-    num_tokens, _, head_dim = qkv.shape
+    num_tokens, rows, head_dim = qkv.shape
     if num_tokens == 0:
         return
     assert qkv.stride(2) == 1 and qkv.stride(1) == head_dim and k_cache.is_contiguous() and v_cache.is_contiguous()
     half = cos.shape[1]
-    _rope_and_cache_kernel[(num_tokens,)](
+    block_r = min(ROPE_ROWS, triton.next_power_of_2(rows))
+    _rope_and_cache_kernel[(num_tokens, triton.cdiv(rows, block_r))](
         qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, qkv.stride(0), num_heads, num_kv_heads,
         k_cache.stride(0), HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_H=triton.next_power_of_2(num_heads + num_kv_heads), BLOCK_G=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), INTERLEAVED=interleaved)
+        BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(head_dim), INTERLEAVED=interleaved)

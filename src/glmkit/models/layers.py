@@ -8,8 +8,9 @@ rotary tables computed in fp32 and cast to the model dtype, KV groups expanded b
 The attention reads and writes K/V through a flat slot index (`slot_mapping`, per-sequence `kv_slots`), the
 shape a paged KV cache hands over; it knows nothing of scheduling or requests. On CUDA, decode attention reads
 the cache in place through block tables (kernels/paged_attention.py), and rotary + the K/V writes, add +
-RMSNorm and SiLU-and-mul are fused Triton kernels (kernels/fused.py); the layers carry the residual stream
-apart from the hidden state so that each residual add fuses into the next norm.
+RMSNorm and SiLU-and-mul are fused Triton kernels (kernels/fused.py), and single-row products use a GEMV kernel
+(kernels/gemv.py); the layers carry the residual stream apart from the hidden state so that each residual add
+fuses into the next norm.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from .config import ModelConfig
 def _cuda_kernels():
     """The Triton kernels of the CUDA path, imported on first use (triton is needed only there) and then kept,
     so the per-layer calls do not repeat the import."""
-    from ..kernels import fused, paged_attention
+    from ..kernels import fused, gemv, paged_attention
 
-    return fused, paged_attention
+    return fused, paged_attention, gemv.gemv
 
 
 @dataclass
@@ -66,6 +67,16 @@ class AttentionBatch:
     seqs: list[SeqSlice]           # the other sequences (prompts and prompt chunks), attended one by one
     decode: DecodeGroup | None = None
     prompt_groups: list[PromptGroup] = field(default_factory=list)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose single-row products on CUDA (a batch-1 decode step) use the GEMV kernel of
+    kernels/gemv.py, which reads the weight faster than cuBLAS at those shapes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.shape[0] == 1 and x.dim() == 2 and x.dtype == self.weight.dtype != torch.float32:
+            return _cuda_kernels()[2](x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -179,15 +190,15 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
-        self.o = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.o = Linear(q_size, config.hidden_size, bias=False)
 
     def forward(self, x, positions, batch: AttentionBatch, kv_cache, rotary: Rotary):
         num_tokens, heads, groups = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv(x).view(num_tokens, heads + 2 * groups, self.head_dim)
         k_cache, v_cache = kv_cache
         if qkv.is_cuda and rotary.fixed:  # rotary in place and the K/V cache writes in one launch
-            fused, _ = _cuda_kernels()
+            fused = _cuda_kernels()[0]
             fused.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, rotary.interleaved, batch.slot_mapping,
                                  k_cache, v_cache, heads, groups)
             q, k, v = qkv.split([heads, groups, groups], dim=1)
@@ -218,7 +229,7 @@ class Attention(nn.Module):
     def _decode(q: torch.Tensor, kv_cache, d: DecodeGroup) -> torch.Tensor:
         """q [B, H, D] of one new token per sequence -> [B, H*D]."""
         if d.block_tables is not None:  # CUDA: the Triton kernel reads the paged cache in place
-            _, paged = _cuda_kernels()
+            paged = _cuda_kernels()[1]
             out = paged.paged_decode_attention(q, kv_cache[0], kv_cache[1], d.block_tables, d.context_lens,
                                                d.block_size)
             return out.view(q.shape[0], -1)
@@ -231,8 +242,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         gate_up = self.gate_up(x)
@@ -265,7 +276,7 @@ class DecoderModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: Rotary | None = None
 
     def finish_loading(self) -> None:

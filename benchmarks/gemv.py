@@ -1,0 +1,89 @@
+"""Single-row products (batch-1 decode) on a GPU: glmkit's GEMV kernel against cuBLAS (torch's F.linear), per
+linear layer of a model shape, in the same run.
+
+    python benchmarks/gemv.py [--shape chatglm3-6b|glm4-9b] [--sweep]
+
+Each product is timed inside a CUDA graph (as the decode step runs) over enough copies of the weight that L2
+cannot hold them, median of 5 rounds. Prints microseconds and TB/s per layer, the ratio to cuBLAS, and the
+weight-reading time of one token (layers x calls). --sweep also tries other tile configurations and prints the
+best few per layer (what kernels/gemv.py's config() was chosen from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from glmkit.kernels.gemv import config, gemv
+
+# (N, K) of the decoder's linear layers and how many of each one decode step reads
+SHAPES = {
+    "chatglm3-6b": {"qkv": (4608, 4096, 28), "o": (4096, 4096, 28), "gate_up": (27392, 4096, 28),
+                    "down": (4096, 13696, 28), "lm_head": (65024, 4096, 1)},
+    "glm4-9b": {"qkv": (4608, 4096, 40), "o": (4096, 4096, 40), "gate_up": (27392, 4096, 40),
+                "down": (4096, 13696, 40), "lm_head": (151552, 4096, 1)},
+}
+
+
+def graph_time(fn, calls: int) -> float:
+    """Seconds per call of fn() (which makes `calls` products), replayed from a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    rounds = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - t) / 10 / calls)
+    return statistics.median(rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="chatglm3-6b")
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    print(f"# {torch.cuda.get_device_name()}, {args.shape}, bf16, one row, torch {torch.__version__}")
+    print("| layer | N x K | cuBLAS us | TB/s | glmkit us | TB/s | cuBLAS / glmkit |\n|---|---|---|---|---|---|---|")
+    totals = [0.0, 0.0]
+    for name, (N, K, count) in SHAPES[args.shape].items():
+        nbytes = N * K * 2
+        copies = max(2, int(400e6 // nbytes))
+        weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        theirs = graph_time(lambda: [F.linear(x, w) for w in weights], copies)
+        ours = graph_time(lambda: [gemv(x, w) for w in weights], copies)
+        totals[0] += theirs * count
+        totals[1] += ours * count
+        print(f"| {name} | {N} x {K} | {theirs * 1e6:.1f} | {nbytes / theirs / 1e12:.2f} | {ours * 1e6:.1f} | "
+              f"{nbytes / ours / 1e12:.2f} | {theirs / ours:.2f} |", flush=True)
+        if args.sweep:
+            tried = []
+            for bn, bk, defer, warps in itertools.product([2, 4, 8, 16], [256, 512, 1024, 2048], [True, False],
+                                                          [2, 4, 8]):
+                if bn * bk > 16384 or (defer and bn * bk // (32 * warps) > 128):
+                    continue
+                tiles = (bn, bk, defer, warps)
+                tried.append((graph_time(lambda: [gemv(x, w, tiles=tiles) for w in weights], copies), tiles))
+            tried.sort()
+            print(f"    config() {config(N, K)}; best: " + ", ".join(
+                f"{t} {nbytes / s / 1e12:.2f} TB/s" for s, t in tried[:4]), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    print(f"\nweights of one token: cuBLAS {totals[0] * 1e3:.3f} ms, glmkit {totals[1] * 1e3:.3f} ms "
+          f"({totals[0] / totals[1]:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

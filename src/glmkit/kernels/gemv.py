@@ -1,0 +1,88 @@
+"""Matrix-vector product for one decoding row on CUDA (Triton): y = x @ weight.T (+ bias), bf16/fp16.
+
+At batch 1 a decode step is nothing but weight reads, so every linear layer should stream its weight at the
+memory's full speed. cuBLAS picks split-K GEMM kernels for these shapes, some with a separate reduction launch,
+and on an H200 reads ChatGLM3-6B's smaller layers at 2.7 TB/s; this kernel reads them at 3.2-3.3 TB/s and the
+large ones (gate_up, the output layer) at 4.0-4.3 TB/s (benchmarks/gemv.py).
+
+    gemv(x [1, K], weight [N, K], bias [N] | None) -> [1, N] in x's dtype
+
+Each program owns BLOCK_N output rows and walks K in BLOCK_K steps: a [BLOCK_N, BLOCK_K] weight tile (each row's
+bytes contiguous, 16-byte loads), multiplied by the matching slice of x in fp32. With DEFER the products are
+summed element-wise across the walk and reduced over K once at the end (fewer shuffles: better for short K);
+otherwise each step reduces its tile (fewer registers: more programs in flight for wide N). No split-K, so the
+result does not depend on timing, and a launch depends only on the shapes: safe inside CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
+                 HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DEFER: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if EVEN_N:
+        rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    else:  # the last tile's missing rows read row N - 1 again and are not stored
+        rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
+    if DEFER:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    else:
+        total = tl.zeros((BLOCK_N,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN_K:
+            a = tl.load(x_ptr + k)
+            w = tl.load(rows + k[None, :])
+        else:
+            a = tl.load(x_ptr + k, mask=k < K, other=0.0)
+            w = tl.load(rows + k[None, :], mask=k[None, :] < K, other=0.0)
+        prod = w.to(tl.float32) * a.to(tl.float32)[None, :]
+        if DEFER:
+            acc += prod
+        else:
+            total += tl.sum(prod, 1)
+    if DEFER:
+        total = tl.sum(acc, 1)
+    if HAS_BIAS:
+        if EVEN_N:
+            total += tl.load(b_ptr + offs_n).to(tl.float32)
+        else:
+            total += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    if EVEN_N:
+        tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def config(N: int, K: int) -> tuple[int, int, bool]:
+    """(BLOCK_N, BLOCK_K, DEFER), from a sweep on an H200 over ChatGLM3-6B's layers (benchmarks/gemv.py): wide
+    outputs (gate_up, the output layer) like 8 x 512 tiles reduced per step; the rest 4 x 1024, reduced once."""
+    if N >= 16384:
+        return 8, min(512, max(16, triton.next_power_of_2(K))), False
+    return 4, min(1024, max(16, triton.next_power_of_2(K))), True
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         tiles: tuple[int, int, bool, int] | None = None) -> torch.Tensor:
+    """x [1, K] @ weight [N, K].T (+ bias) -> [1, N]; weight rows contiguous, x, weight and bias of one dtype.
+    `tiles` (BLOCK_N, BLOCK_K, DEFER, num_warps) overrides the configuration (for tuning)."""
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"gemv takes x [1, {weight.shape[1]}], got {tuple(x.shape)}")
+    if weight.stride(1) != 1:
+        raise ValueError("gemv needs the weight's rows contiguous")
+    N, K = weight.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    block_n, block_k, defer, warps = tiles or (*config(N, K), 4)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, weight, bias if bias is not None else weight, out, N, K, weight.stride(0),
+        HAS_BIAS=bias is not None, EVEN_N=N % block_n == 0, EVEN_K=K % block_k == 0, DEFER=defer,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
+    return out
