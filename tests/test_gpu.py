@@ -136,3 +136,17 @@ def test_gpu_decode_step_waits_only_for_its_tokens(checkpoints):
         torch.cuda.set_sync_debug_mode("default")
     assert len(deltas) == 1 and len(deltas[0].token_ids) == 1
     assert [str(w.message) for w in caught if "synchroniz" in str(w.message)] == []
+
+
+def test_gpu_prefix_cache_hits_match_cpu(checkpoints):
+    """A prompt whose first blocks are in the prefix cache attends over the paged cache (kernels/paged_prefill.py)
+    and still gives the CPU's tokens."""
+    long_prompt = list(range(100, 160))
+    follow_ups = [long_prompt + [7, 8, 9], long_prompt[:40] + [11, 12], long_prompt + [7, 8, 9, 10, 11]]
+    results = []
+    for device in ("cpu", "cuda"):
+        llm = LLM(str(checkpoints["qwen2"]), dtype="float32", device=device)
+        llm.generate([long_prompt], GREEDY)
+        results.append([o.token_ids for o in llm.generate(follow_ups, GREEDY)])
+        assert llm.engine.blocks.num_hit_blocks >= 3 + 2 + 3
+    assert results[1] == results[0]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.layers import AttentionBatch, DecodeGroup, DecoderModel, PromptGroup, SeqSlice
+from ..models.layers import AttentionBatch, DecodeGroup, DecoderModel, PagedPrefill, PromptGroup, SeqSlice
 from .block_manager import BlockManager
 from .sampler import Sample, Sampler, to_device
 from .sequence import Sequence
@@ -78,7 +78,7 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
                            torch.zeros(shape, dtype=kv_dtype, device=self.device)) for _ in range(c.num_layers)]
         self.sampler = Sampler(invalid_score_token=5 if c.family == "glm" else None)
-        self.paged = self.device.type == "cuda"  # decode attention by the Triton kernel over block tables
+        self.paged = self.device.type == "cuda"  # attention over cached context: Triton kernels reading block tables
         self.graphs = None
         if self.paged:
             model.rotary.ensure(max_model_len)
@@ -95,7 +95,7 @@ class ModelRunner:
 
     def _prepare(self, seqs: list[Sequence], blocks: BlockManager):
         input_ids, positions, slots, slices, last_rows = [], [], [], [], []
-        decode_rows, decode_seqs = [], []
+        decode_rows, decode_seqs, paged = [], [], []
         for seq in seqs:
             start, end = seq.num_cached, seq.num_cached + seq.num_scheduled
             q_start = len(input_ids)
@@ -105,6 +105,8 @@ class ModelRunner:
             if start > 0 and end - start == 1:  # a decode step: batched with the others
                 decode_rows.append(q_start)
                 decode_seqs.append(seq)
+            elif start > 0 and self.paged:  # after a cached context: attended over the paged cache
+                paged.append((q_start, end - start, end, seq.block_table))
             else:
                 kv_slots = None if start == 0 else torch.tensor(blocks.slots(seq, 0, end), device=self.device)
                 slices.append(SeqSlice(q_start, end - start, kv_slots))
@@ -113,10 +115,20 @@ class ModelRunner:
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         decode = self._decode_group(decode_rows, decode_seqs, blocks)
         slices, groups = self._group_prompts(slices)
-        if decode is not None and not slices and not groups:
+        if decode is not None and not slices and not groups and not paged:
             decode.rows = None  # every row is a decode: attention skips the row gather and scatter
-        batch = AttentionBatch(as_tensor(slots), slices, decode, groups)
+        batch = AttentionBatch(as_tensor(slots), slices, decode, groups, self._paged_prefill(paged))
         return as_tensor(input_ids), as_tensor(positions), batch, last_rows
+
+    def _paged_prefill(self, items: list[tuple[int, int, int, list[int]]]) -> PagedPrefill | None:
+        """(first row, new tokens, context length, block table) per sequence -> the kernel's tensors."""
+        if not items:
+            return None
+        width = max(len(table) for *_, table in items)
+        as_int32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
+        starts, lens, contexts, tables = zip(*items)
+        return PagedPrefill(as_int32(starts), as_int32(lens), as_int32(contexts),
+                            as_int32([t + [0] * (width - len(t)) for t in tables]), max(lens), self.block_size)
 
     def _group_prompts(self, slices: list[SeqSlice]) -> tuple[list[SeqSlice], list[PromptGroup]]:
         """Whole prompts of equal length (many requests arriving together) -> one attention call per length."""

@@ -92,7 +92,8 @@ class Sampler:
             else:  # penalties, seeds, logprobs or min_tokens: the per-row path
                 out[i] = self._sample_row(logits[i], seq)
         if fast:
-            rows = logits if len(fast) == len(seqs) else logits.index_select(0, to_device(fast, torch.long, logits.device))
+            rows = logits if len(fast) == len(seqs) else logits.index_select(0, to_device(fast, torch.long,
+                                                                                          logits.device))
             for i, token in zip(fast, self.sample_ids(rows, [seqs[i] for i in fast]).tolist()):
                 out[i] = Sample(token)
         return out

@@ -6,8 +6,9 @@ modules map checkpoint names onto it. The numerics follow ChatGLM's modeling cod
 rotary tables computed in fp32 and cast to the model dtype, KV groups expanded before SDPA.
 
 The attention reads and writes K/V through a flat slot index (`slot_mapping`, per-sequence `kv_slots`), the
-shape a paged KV cache hands over; it knows nothing of scheduling or requests. On CUDA, decode attention reads
-the cache in place through block tables (kernels/paged_attention.py), and rotary + the K/V writes, add +
+shape a paged KV cache hands over; it knows nothing of scheduling or requests. On CUDA, decode attention and the
+attention of new tokens after a cached context read the cache in place through block tables
+(kernels/paged_attention.py, kernels/paged_prefill.py), and rotary + the K/V writes, add +
 RMSNorm and SiLU-and-mul are fused Triton kernels (kernels/fused.py), and single-row products use a GEMV kernel
 (kernels/gemv.py); the layers carry the residual stream apart from the hidden state so that each residual add
 fuses into the next norm.
@@ -29,9 +30,9 @@ from .config import ModelConfig
 def _cuda_kernels():
     """The Triton kernels of the CUDA path, imported on first use (triton is needed only there) and then kept,
     so the per-layer calls do not repeat the import."""
-    from ..kernels import fused, gemv, paged_attention
+    from ..kernels import fused, gemv, paged_attention, paged_prefill
 
-    return fused, paged_attention, gemv.gemv
+    return fused, paged_attention, gemv.gemv, paged_prefill.paged_prefill_attention
 
 
 @dataclass
@@ -62,11 +63,24 @@ class PromptGroup:
 
 
 @dataclass
+class PagedPrefill:
+    """CUDA: new tokens after a cached context (prompt chunks, prompts with a cached prefix), attended over the
+    paged cache in one call (kernels/paged_prefill.py). Each sequence's rows are q_starts[s] ... + q_lens[s]."""
+    q_starts: torch.Tensor         # [S] int32
+    q_lens: torch.Tensor           # [S] int32
+    context_lens: torch.Tensor     # [S] int32, the new tokens included
+    block_tables: torch.Tensor     # [S, max_blocks] int32
+    max_q_len: int
+    block_size: int
+
+
+@dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor     # [num_tokens] cache slot for each new token's K/V
     seqs: list[SeqSlice]           # the other sequences (prompts and prompt chunks), attended one by one
     decode: DecodeGroup | None = None
     prompt_groups: list[PromptGroup] = field(default_factory=list)
+    paged_prefill: PagedPrefill | None = None
 
 
 class Linear(nn.Linear):
@@ -214,6 +228,10 @@ class Attention(nn.Module):
         for g in batch.prompt_groups:
             shape = (g.count, g.length, -1, self.head_dim)
             out[g.rows] = attend_prompts(q[g.rows].view(shape), k[g.rows].view(shape), v[g.rows].view(shape))
+        p = batch.paged_prefill
+        if p is not None:
+            _cuda_kernels()[3](q, k_cache, v_cache, p.q_starts, p.q_lens, p.context_lens, p.block_tables,
+                               p.block_size, p.max_q_len, out.view(num_tokens, heads, self.head_dim))
         for s in batch.seqs:
             rows = slice(s.q_start, s.q_start + s.q_len)
             if s.kv_slots is None:
