@@ -43,10 +43,18 @@ def test_gemv_matches_reference(N, K, dtype):
     assert_near(out, reference(x, w, b), dtype)
 
 
-def test_config_covers_both_layouts():
-    assert config(27392, 4096) == (8, 512, False)   # wide outputs: reduce each step
-    assert config(4608, 4096) == (4, 1024, True)    # the rest: reduce once
-    assert config(64, 48)[1] == 64                  # short K: one tile
+@pytest.mark.parametrize("tiles", [(4, 64, True, 4), (8, 32, False, 2), (2, 128, False, 8)])
+def test_other_tilings_agree(tiles):
+    """Both reductions (once at the end, or per step) and other tile shapes, as the benchmark's sweep tries them."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(70, 200, generator=gen).half().to(DEVICE)
+    x = torch.randn(1, 200, generator=gen).half().to(DEVICE)
+    assert_near(gemv(x, w, tiles=tiles), reference(x, w), torch.float16)
+
+
+def test_config_fits_the_shape():
+    assert config(27392, 4096) == (2, 2048, False, 8)
+    assert config(64, 48)[1] == 64  # short K: one tile
 
 
 def test_gemv_rejects_bad_shapes():
