@@ -5,8 +5,8 @@
 
 Builds (once, under --work-dir) a GLM checkpoint in the transformers-native layout with random bf16 weights
 and a word-level tokenizer covering every id, then measures on the same GPU in this process:
-  - the memory bandwidth (a large device copy), and from it the decode limit at batch 1: bytes of weights
-    read per token (everything but the embedding table) / bandwidth;
+  - the memory bandwidth (the larger of a 1 GiB device copy and a 1 GiB sum), and from it the decode limit at
+    batch 1: bytes of weights read per token (everything but the embedding table) / bandwidth;
   - HF transformers: `generate` at batch 1 (decode tok/s) and `generate_batch` (its continuous batching) at
     the highest concurrency; glmkit: decode tok/s at batch 1 and its fraction of the limit, output tok/s at each
     concurrency (prompt 128, output 256 tokens, EOS ignored; median of 3 after a warm-up round), time to first
@@ -62,18 +62,29 @@ def build_checkpoint(shape: str, work_dir: Path, device: str) -> Path:
     return out
 
 
-def bandwidth_gbs() -> float:
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")  # 1 GiB
+def bandwidth_gbs() -> tuple[float, float]:
+    """(copy, read) GB/s over 1 GiB, median of 10 rounds timed by CUDA events: a device copy (bytes read + written)
+    and a sum (bytes read). Decoding reads weights, so the larger of the two bounds it."""
+    x = torch.zeros(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
     y = torch.empty_like(x)
-    times = []
-    for _ in range(20):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        y.copy_(x)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+
+    def timed(fn) -> float:
+        fn()
+        rounds = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                fn()
+            end.record()
+            end.synchronize()
+            rounds.append(start.elapsed_time(end) / 5 / 1e3)
+        return statistics.median(rounds)
+
+    copy = 2 * 2**30 / timed(lambda: y.copy_(x)) / 1e9
+    read = 2**30 / timed(lambda: x.sum()) / 1e9
     del x, y
-    return 2 * 2**30 / statistics.median(times) / 1e9  # read + write
+    return copy, read
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -226,11 +237,13 @@ def main() -> None:
     vocab = config["vocab_size"]
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     read_per_token = weights - vocab * config["hidden_size"] * 2  # the embedding table is looked up, not read
-    bw = bandwidth_gbs()
+    copy_bw, read_bw = bandwidth_gbs()
+    bw = max(copy_bw, read_bw)
     limit = bw * 1e9 / read_per_token
     print(f"# {torch.cuda.get_device_name()}, {args.shape} (random bf16 weights, {weights / 1e9:.2f} GB), "
           f"torch {torch.__version__}")
-    print(f"bandwidth (copy): {bw:.0f} GB/s; weights read per token: {read_per_token / 1e9:.2f} GB; "
+    print(f"bandwidth: copy {copy_bw:.0f} GB/s, read {read_bw:.0f} GB/s; "
+          f"weights read per token: {read_per_token / 1e9:.2f} GB; "
           f"batch-1 decode limit: {limit:.0f} tok/s")
     ours = glmkit_runs(model_dir, args.concurrency, vocab, args.prompt_len, args.output_len, args.quantization,
                        args.kv_cache_memory, args.profile)

@@ -1,6 +1,6 @@
 """Running a decode step ahead (runner.lookahead): the outputs are exactly those of running step by step, whatever
 happens between steps (sequences finishing, stopping on strings, new requests, aborts, preemption, the length
-limit), and the step computed ahead is actually used. On CPU the ahead step runs eagerly, so the bookkeeping is
+limit), and the step computed ahead is actually used, also beside new prompts. On CPU the ahead step runs eagerly, so the bookkeeping is
 tested here; the GPU tests run it with CUDA graphs, where it is on by default."""
 
 import pytest
@@ -24,7 +24,8 @@ def llm(model_dir):
 
 
 def both(llm, fn):
-    """fn() with lookahead off, then on; also how many forward passes the engine asked for with it on."""
+    """fn() with lookahead off, then on; also the forward passes the engine asked for with it on (the number of
+    sequences in each)."""
     runner = llm.engine.runner
     assert not runner.lookahead  # off by default without CUDA graphs
     off = fn()
@@ -38,7 +39,7 @@ def both(llm, fn):
         runner.lookahead = False
         del runner._logits
         runner._ahead = None
-    return off, on, len(calls)
+    return off, on, calls
 
 
 def outputs(results):
@@ -50,7 +51,7 @@ def test_same_outputs_and_the_steps_ahead_are_used(llm):
     off, on, forwards = both(llm, lambda: outputs(llm.generate(PROMPTS, params)))
     assert on == off
     assert [len(ids) for ids, _, _ in on] == [3, 17, 9]
-    assert forwards <= 2  # the prefill; every later step was launched ahead (the first two finish on the way)
+    assert forwards == [3]  # the prefill; every later step was launched ahead (the first two finish on the way)
 
 
 def test_stops_and_stop_strings(llm):
@@ -81,8 +82,9 @@ def test_requests_arriving_and_aborted_between_steps(llm):
                 engine.abort("c")
         return texts
 
-    off, on, _ = both(llm, run)
+    off, on, forwards = both(llm, run)
     assert on == off
+    assert forwards == [2, 1]  # the first prompts, then the late one alone: the running decodes were ahead
     assert len(off["a"]) == 20 and len(off["b"]) == 10 and len(off["c"]) < 20
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
 
@@ -107,10 +109,31 @@ def test_rows_that_need_the_per_row_sampler_never_run_ahead(llm):
     seeded = SamplingParams(temperature=1.0, max_tokens=8, seed=5, ignore_eos=True)
     off, on, forwards = both(llm, lambda: outputs(llm.generate(PROMPTS[:2], seeded)))
     assert on == off
-    assert forwards == 8  # one forward per token: nothing was launched ahead
+    assert forwards == [2] * 8  # one forward per token: nothing was launched ahead
 
 
 def test_random_sampling_runs_ahead(llm):
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=15, ignore_eos=True)
     _, on, forwards = both(llm, lambda: outputs(llm.generate(PROMPTS, params)))
-    assert [len(ids) for ids, _, _ in on] == [15, 15, 15] and forwards == 1
+    assert [len(ids) for ids, _, _ in on] == [15, 15, 15] and forwards == [3]
+
+
+def test_seeded_request_arriving_beside_steps_launched_ahead(llm):
+    """The running decodes come from the step launched ahead while the newcomer (sampled row by row, being seeded)
+    gets its own forward; afterwards nothing runs ahead while it is in the batch."""
+    def run():
+        engine, out = llm.engine, {}
+        engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), "greedy")
+        for step in range(40):
+            if not engine.has_unfinished():
+                break
+            for delta in engine.step():
+                out.setdefault(delta.request_id, []).extend(delta.token_ids)
+            if step == 3:
+                engine.add_request(PROMPTS[1], SamplingParams(temperature=1.0, max_tokens=6, seed=11,
+                                                              ignore_eos=True), "seeded")
+        return out
+
+    off, on, forwards = both(llm, run)
+    assert on == off and len(on["greedy"]) == 16 and len(on["seeded"]) == 6
+    assert forwards[:2] == [1, 1]  # the greedy prompt; the seeded prompt alone, beside the greedy step ahead

@@ -83,7 +83,7 @@ class LLMEngine:
             return []
         self.stats.num_prompt_tokens += sum(min(s.num_scheduled, max(len(s.prompt_ids) - s.num_cached, 0))
                                             for s in seqs)
-        sampled = self.runner.run(seqs, self.blocks, lookahead=not self.scheduler.waiting)
+        sampled = self.runner.run(seqs, self.blocks)
         now = time.monotonic()
         deltas = []
         for seq, sample in sampled:

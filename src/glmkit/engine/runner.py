@@ -6,10 +6,12 @@ KV cache per layer: k and v of shape [num_blocks * block_size, num_kv_heads, hea
 Running a step ahead (`lookahead`, on with CUDA graphs): once a step's tokens are sampled on the GPU, and before
 they are read back, the runner launches the next decode step for the same sequences with those tokens as input.
 The host then reads the ids and the engine detokenizes, checks stops and schedules while the GPU already computes,
-so the GPU does not sit idle between steps. The next run() takes that step's results if it asks for exactly
-those decodes (or some of them: a finished sequence simply drops out); otherwise they are dropped and the step is
-computed again, which rewrites the same K/V. Only batches the sampler takes in one pass (no penalties, seeds,
-logprobs or pending min_tokens) run ahead, so dropping a step loses no sampler state.
+so the GPU does not sit idle between steps. The next run() takes that step's results for every sequence it asks
+to decode that step computed (a finished or aborted sequence simply drops out) and runs the model only for the
+others (new prompts, prompt chunks, sequences back from preemption), so arrivals cost running streams nothing; a
+sequence whose blocks were taken back meanwhile is computed again, which rewrites the K/V of its own slot. Only
+tokens the sampler draws in one pass (no penalties, seeds, logprobs or pending min_tokens) run ahead, so an
+unused step loses no sampler state.
 """
 
 from __future__ import annotations
@@ -39,17 +41,21 @@ class _Ahead:
     host: torch.Tensor        # the same, being copied to (pinned) host memory
     done: torch.cuda.Event | None  # recorded after that copy (None on CPU)
 
-    def rows(self, seqs: list[Sequence]) -> list[int] | None:
-        """Row of each of `seqs` in this step if it computed exactly what they are scheduled for, else None."""
+    def covered(self, seqs: list[Sequence]) -> dict[int, int]:
+        """{id(seq): its row here} for those of `seqs` whose scheduled step is exactly what this one computed."""
         index = {id(s): i for i, s in enumerate(self.seqs)}
-        rows = []
+        rows = {}
         for seq in seqs:
             i = index.get(id(seq))
-            if (i is None or seq.num_scheduled != 1 or seq.num_cached != self.positions[i]
-                    or len(seq) != seq.num_cached + 1 or seq.num_resets != self.resets[i]):
-                return None
-            rows.append(i)
+            if (i is not None and seq.num_scheduled == 1 and seq.num_cached == self.positions[i]
+                    and len(seq) == seq.num_cached + 1 and seq.num_resets == self.resets[i]):
+                rows[id(seq)] = i
         return rows
+
+    def tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
 def _read_back(ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -179,12 +185,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden[last_rows]) if last_rows else None
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], blocks: BlockManager, lookahead: bool = True) -> list[tuple[Sequence, Sample]]:
-        """Compute the scheduled tokens of every sequence; sample for those whose prompt is now complete.
-        `lookahead=False` (the engine has requests waiting) launches no step ahead."""
+    def run(self, seqs: list[Sequence], blocks: BlockManager) -> list[tuple[Sequence, Sample]]:
+        """Compute the scheduled tokens of every sequence; sample for those whose prompt is now complete."""
         ahead, self._ahead = self._ahead, None
-        rows = ahead.rows(seqs) if ahead is not None else None
-        logits = self._logits(seqs, blocks) if rows is None else None
+        covered = ahead.covered(seqs) if ahead is not None else {}  # decodes already computed ahead
+        rest = [s for s in seqs if id(s) not in covered]
+        logits = self._logits(rest, blocks) if rest else None
         sampling = [s for s in seqs if s.num_cached + s.num_scheduled == len(s)]
         for seq in seqs:
             seq.num_cached += seq.num_scheduled
@@ -192,23 +198,43 @@ class ModelRunner:
             blocks.register_full_blocks(seq)
         if not sampling:
             return []
-        lookahead = lookahead and self.lookahead
-        if rows is not None:  # computed ahead: rows of ahead.ids, in the order of seqs (all of them decodes)
-            ids, host, done = ahead.ids, ahead.host, ahead.done
-            if rows != list(range(len(ahead.seqs))):
-                ids = ids.index_select(0, to_device(rows, torch.long, ids.device)) if lookahead else None
-        elif lookahead and self.sampler.batchable(sampling):
-            ids = self.sampler.sample_ids(logits, sampling)
-            host, done = _read_back(ids)
-            rows = list(range(len(sampling)))
+        fresh = [s for s in sampling if id(s) not in covered]  # the rows of `logits`, in order
+        tokens: dict[int, Sample] = {}
+        if fresh and not (self.lookahead and self.sampler.batchable(fresh)):
+            tokens = dict(zip(map(id, fresh), self.sampler(logits, fresh)))  # reads back now; nothing runs ahead
         else:
-            return list(zip(sampling, self.sampler(logits, sampling)))
-        if lookahead:
-            self._ahead = self._launch_ahead(sampling, ids, blocks)
-        if done is not None:
-            done.synchronize()
-        tokens = host.tolist()
-        return [(seq, Sample(tokens[r])) for seq, r in zip(sampling, rows)]
+            fresh_ids = self.sampler.sample_ids(logits, fresh) if fresh else None
+            fresh_host, fresh_done = _read_back(fresh_ids) if fresh else (None, None)
+            if self.lookahead:
+                self._ahead = self._launch_ahead(sampling, self._ids(sampling, covered, ahead, fresh_ids), blocks)
+            if fresh:
+                if fresh_done is not None:
+                    fresh_done.synchronize()
+                tokens = {id(s): Sample(t) for s, t in zip(fresh, fresh_host.tolist())}
+        if covered:
+            host = ahead.tokens()
+            tokens.update((key, Sample(host[row])) for key, row in covered.items())
+        return [(seq, tokens[id(seq)]) for seq in sampling]
+
+    @staticmethod
+    def _ids(sampling: list[Sequence], covered: dict[int, int], ahead: _Ahead | None,
+             fresh_ids: torch.Tensor | None) -> torch.Tensor:
+        """The sampled ids of `sampling`, in its order, on the device: rows of the step computed ahead for the
+        covered sequences, the fresh samples for the others."""
+        if not covered:
+            return fresh_ids
+        ahead_rows = [covered[id(s)] for s in sampling if id(s) in covered]
+        old = ahead.ids
+        if ahead_rows != list(range(len(ahead.seqs))):
+            old = old.index_select(0, to_device(ahead_rows, torch.long, old.device))
+        if fresh_ids is None:
+            return old
+        ids = torch.empty(len(sampling), dtype=old.dtype, device=old.device)
+        where = [i for i, s in enumerate(sampling) if id(s) in covered]
+        ids.index_copy_(0, to_device(where, torch.long, ids.device), old)
+        where = [i for i, s in enumerate(sampling) if id(s) not in covered]
+        ids.index_copy_(0, to_device(where, torch.long, ids.device), fresh_ids)
+        return ids
 
     def _launch_ahead(self, seqs: list[Sequence], ids: torch.Tensor, blocks: BlockManager) -> _Ahead | None:
         """Start the decode step that follows, with `ids` (just sampled, still on the device) as its input."""
