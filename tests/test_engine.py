@@ -67,14 +67,22 @@ def test_chunked_prefill_and_preemption_give_identical_tokens(tiny_dir, llm):
     assert [o.token_ids for o in tight.generate(prompts(), greedy(24))] == expected
     assert tight.engine.scheduler.num_preemptions > 0
     assert tight.engine.blocks.num_used == 0
+    for other in (chunked, tight):  # decode steps launched ahead, beside prompt chunks and preemption
+        other.engine.runner.lookahead = True
+        assert [o.token_ids for o in other.generate(prompts(), greedy(24))] == expected
+        assert other.engine.blocks.num_used == 0
 
 
-def test_thousand_random_aborts_leave_no_blocks(llm):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_thousand_random_aborts_leave_no_blocks(llm, lookahead, monkeypatch):
     engine, rng = llm.engine, random.Random(1)
+    monkeypatch.setattr(engine.runner, "lookahead", lookahead)
     live: list[str] = []
     for i in range(1000):
         prompt = (SYSTEM if rng.random() < 0.5 else []) + [rng.randrange(3, 400) for _ in range(rng.randrange(1, 40))]
-        engine.add_request(prompt, SamplingParams(temperature=0.8, max_tokens=rng.randrange(1, 30), seed=i), f"r{i}")
+        seed = None if lookahead else i  # seeded rows are sampled one by one and never run ahead
+        engine.add_request(prompt, SamplingParams(temperature=0.8, max_tokens=rng.randrange(1, 30), seed=seed),
+                           f"r{i}")
         live.append(f"r{i}")
         if rng.random() < 0.3:
             engine.step()
@@ -96,7 +104,10 @@ def test_logprobs(llm):
         assert all(a[1] >= b[1] for a, b in zip(top, top[1:])) and logprob <= 0
 
 
-def test_async_engine_streams_concurrently_and_cancels(llm):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_async_engine_streams_concurrently_and_cancels(llm, lookahead, monkeypatch):
+    monkeypatch.setattr(llm.engine.runner, "lookahead", lookahead)
+
     async def main():
         engine = AsyncLLMEngine(llm.engine)
         try:
