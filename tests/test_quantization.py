@@ -99,13 +99,15 @@ def test_float32_activations_are_refused_with_the_fix():
 # -- models ---------------------------------------------------------------------------------------------
 
 def dequantized_copy(state: dict, config: dict, bits: int) -> tuple[dict, dict]:
-    """The float checkpoint that a fresh int8/int4 quantization of `state` stands for (head always int8)."""
+    """The float checkpoint that a fresh int8/int4 quantization of `state` stands for (head always int8; int4
+    keeps the q/k/v projections in int8, which per output row is the same as quantizing the fused qkv)."""
     state = dict(state)
     if config.get("tie_word_embeddings"):
         state["lm_head.weight"], config = state["model.embed_tokens.weight"], config | {"tie_word_embeddings": False}
     for name, w in state.items():
         if name.endswith("proj.weight") or name == "lm_head.weight":
-            b = 8 if name == "lm_head.weight" else bits
+            qkv = name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))
+            b = 8 if name == "lm_head.weight" or qkv else bits
             state[name] = dequantize(b, *(quantize_int8(w) if b == 8 else quantize_int4(w, 32)))
     return state, config
 
@@ -126,6 +128,8 @@ def test_fresh_quantization_computes_the_dequantized_model(tmp_path, hf_tokenize
         # bf16 activations alone account for ~3% of the largest logit on these random models
         assert rel_err(got, prompt_logits(LLM(str(ref_dir), dtype="float32", device="cpu"))) < 0.06
         errors[mode] = rel_err(got, float_logits)
+        layer = llm.model.layers[0]
+        assert (layer.attn.qkv.bits, layer.mlp.gate_up.bits, llm.model.lm_head.bits) == (8, bits, 8)
         out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
         assert len(out.outputs[0].token_ids) == 6
     assert errors["int8"] < errors["int4"], errors
@@ -159,12 +163,28 @@ def test_saved_quantized_copy_loads_without_quantizing_again(tmp_path, hf_tokeni
     assert "wrote" in capsys.readouterr().out
     saved = json.loads((out / "config.json").read_text())
     assert saved["quantization_config"] == {"quant_method": "glmkit", "bits": int(mode[3]), "group_size": 32,
-                                            "head_bits": 8}
+                                            "head_bits": 8, "int8_layers": ["attn.qkv"] if mode == "int4" else []}
     assert (out / "tokenizer.json").is_file()
     fresh, reloaded = LLM(str(d), device="cpu", quantization=mode), LLM(str(out), device="cpu")
     assert reloaded.quantization.source == "glmkit"
     assert torch.equal(prompt_logits(fresh), prompt_logits(reloaded))
     assert cli_main(["quantize", "--model", str(d), "--quantization", "int8", "--output", str(out)]) == 2
+
+
+def test_copy_saved_before_int8_layers_loads_all_int4(tmp_path, hf_tokenizer_dir):
+    """Copies written before int4 kept qkv in int8 have no `int8_layers`: every linear but the head is int4."""
+    from glmkit.models.export import save_quantized
+    from glmkit.models.quant import QuantPlan
+
+    config = llama_config(512, "qwen2")
+    d = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=9), config, hf_tokenizer_dir)
+    out = save_quantized(d, QuantPlan(4), tmp_path / "old-int4")
+    raw = json.loads((out / "config.json").read_text())
+    del raw["quantization_config"]["int8_layers"]
+    (out / "config.json").write_text(json.dumps(raw))
+    llm = LLM(str(out), device="cpu")
+    assert llm.model.layers[0].attn.qkv.bits == 4 and llm.quantization.int8_layers == ()
+    assert len(llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=3))[0].outputs[0].token_ids) >= 1
 
 
 def test_bad_quantization_settings_are_clear(tmp_path, hf_tokenizer_dir):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ def save_quantized(model_dir: Path, plan: QuantPlan, out_dir: Path, dtype: torch
                 and not src.name.endswith(_WEIGHT_SUFFIXES) \
                 and not src.name.endswith(".index.json"):
             shutil.copy2(src, out_dir / src.name)
-    saved = QuantPlan(plan.bits, plan.group_size, plan.head_bits, source="glmkit")
+    saved = replace(plan, source="glmkit")
     raw = {k: v for k, v in raw.items() if k != "quantization_bit"} | {
         "quantization_config": saved.to_config(), "tie_word_embeddings": config.tie_word_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch.")}
@@ -51,5 +52,5 @@ def save_quantized(model_dir: Path, plan: QuantPlan, out_dir: Path, dtype: torch
 
 def cached_quantized_copy(model_dir: Path, plan: QuantPlan) -> Path:
     """A quantized copy beside `model_dir` (made once, atomically; reused afterwards)."""
-    out = model_dir.with_name(f"{model_dir.name}-{plan.mode}-g{plan.group_size}")
+    out = model_dir.with_name(f"{model_dir.name}-{plan.tag}")
     return build_once(out, lambda tmp: save_quantized(model_dir, plan, tmp), "config.json")

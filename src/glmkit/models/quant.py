@@ -24,6 +24,10 @@ from ..errors import InvalidParameterError, ModelLoadError
 MODES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 32  # as llama.cpp's 4-bit blocks; `glmkit quantize --group-size` trades quality for speed
 HEAD_BITS = 8  # the output layer stays int8 in int4 mode too: its error shows directly in every logit
+# Linears that int4 mode keeps in int8: the query/key/value projection is 7% of a layer's weights but carries the
+# largest share of int4's error (the default model's perplexity: +8.6% all int4, +5.1% with it in int8;
+# benchmarks/perplexity.py). As llama.cpp's Q4_K_M keeps attention values at higher precision.
+INT4_INT8_LAYERS = ("attn.qkv",)
 _CPU_INT4_GROUPS = (256, 128, 64, 32)  # group sizes PyTorch's CPU int4 kernel accepts
 # Linears that are quantized; embeddings, norms and biases stay in float.
 QUANTIZED = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down", "lm_head")
@@ -36,17 +40,33 @@ class QuantPlan:
     group_size: int | None = DEFAULT_GROUP_SIZE  # int4 only; None: one group per row (ChatGLM's own checkpoints)
     head_bits: int | None = HEAD_BITS            # None: the output layer stays in float
     source: str = "fresh"  # fresh: quantize float weights while loading; glmkit: saved by us; chatglm: official
+    int8_layers: tuple[str, ...] = ()            # int4 mode: linears (name suffixes) kept in int8
+
+    @classmethod
+    def fresh(cls, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> QuantPlan:
+        """What --quantization int8/int4 does to a float checkpoint."""
+        return cls(bits, group_size, int8_layers=INT4_INT8_LAYERS if bits == 4 else ())
 
     def bits_for(self, name: str) -> int | None:
-        return self.head_bits if name.startswith("lm_head") else self.bits
+        """Bits of the linear `name` (module name, with or without `.weight`)."""
+        name = name.removesuffix(".weight")
+        if name.startswith("lm_head"):
+            return self.head_bits
+        return 8 if self.bits == 4 and name.endswith(self.int8_layers) else self.bits
 
     @property
     def mode(self) -> str:
         return f"int{self.bits}"
 
+    @property
+    def tag(self) -> str:
+        """Names the weights this plan makes, e.g. int4-g32-qkv8 (a cache key)."""
+        kept = "".join(f"-{name.rpartition('.')[2]}8" for name in self.int8_layers)
+        return f"{self.mode}-g{self.group_size}{kept}"
+
     def to_config(self) -> dict:
         return {"quant_method": "glmkit", "bits": self.bits, "group_size": self.group_size,
-                "head_bits": self.head_bits}
+                "head_bits": self.head_bits, "int8_layers": list(self.int8_layers)}
 
 
 def bits_of(mode: str | None) -> int | None:
@@ -66,11 +86,12 @@ def plan_for(raw_config: dict, requested: str | None) -> QuantPlan | None:
         if qc.get("quant_method") != "glmkit":
             raise ModelLoadError(f"config.json: quantization_config.quant_method={qc.get('quant_method')!r} is not "
                                  "supported; load the float checkpoint and pass --quantization int8 or int4")
-        stored = QuantPlan(qc["bits"], qc.get("group_size"), qc.get("head_bits"), source="glmkit")
+        stored = QuantPlan(qc["bits"], qc.get("group_size"), qc.get("head_bits"), source="glmkit",
+                           int8_layers=tuple(qc.get("int8_layers", ())))
     elif raw_config.get("quantization_bit") in (4, 8):  # ChatGLM's -int4 / -int8 releases
         stored = QuantPlan(raw_config["quantization_bit"], None, None, source="chatglm")
     if stored is None:
-        return QuantPlan(bits) if bits else None
+        return QuantPlan.fresh(bits) if bits else None
     if bits is not None and bits != stored.bits:
         raise InvalidParameterError("quantization", requested, f"the checkpoint is already quantized to "
                                     f"{stored.mode}; omit --quantization or load the float checkpoint")

@@ -25,7 +25,7 @@ def main(args) -> int:
     if group not in (32, 64, 128, 256):
         raise InvalidParameterError("--group-size", group, "must be 32, 64, 128 or 256")
     start = time.perf_counter()
-    out = save_quantized(resolve_model_dir(args.model), QuantPlan(bits, group), Path(args.output))
+    out = save_quantized(resolve_model_dir(args.model), QuantPlan.fresh(bits, group), Path(args.output))
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"wrote {out} ({args.quantization}, {size:.0f} MiB) in {time.perf_counter() - start:.1f} s; "
           f"load it with --model {out}")
