@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,8 @@ def _cuda_kernels():
     so the per-layer calls do not repeat the import."""
     from ..kernels import fused, gemv, paged_attention, paged_prefill
 
-    return fused, paged_attention, gemv.gemv, paged_prefill.paged_prefill_attention
+    return SimpleNamespace(fused=fused, gemv=gemv.gemv, paged_decode=paged_attention.paged_decode_attention,
+                           paged_prefill=paged_prefill.paged_prefill_attention)
 
 
 @dataclass
@@ -89,7 +91,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.shape[0] == 1 and x.dim() == 2 and x.dtype == self.weight.dtype != torch.float32:
-            return _cuda_kernels()[2](x, self.weight, self.bias)
+            return _cuda_kernels().gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -106,7 +108,7 @@ class RMSNorm(nn.Module):
         """(norm(x + residual), x + residual); without a residual (norm(x), x). One kernel on CUDA, where the sum
         is written into `residual` in place."""
         if x.is_cuda:
-            return _cuda_kernels()[0].add_rms_norm(x, residual, self.weight, self.eps)
+            return _cuda_kernels().fused.add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         return self.forward(x), x
@@ -212,9 +214,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(num_tokens, heads + 2 * groups, self.head_dim)
         k_cache, v_cache = kv_cache
         if qkv.is_cuda and rotary.fixed:  # rotary in place and the K/V cache writes in one launch
-            fused = _cuda_kernels()[0]
-            fused.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, rotary.interleaved, batch.slot_mapping,
-                                 k_cache, v_cache, heads, groups)
+            _cuda_kernels().fused.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, rotary.interleaved,
+                                                 batch.slot_mapping, k_cache, v_cache, heads, groups)
             q, k, v = qkv.split([heads, groups, groups], dim=1)
         else:
             q, k = rotary(qkv[:, : heads + groups], positions).split([heads, groups], dim=1)  # one rotary call
@@ -230,8 +231,9 @@ class Attention(nn.Module):
             out[g.rows] = attend_prompts(q[g.rows].view(shape), k[g.rows].view(shape), v[g.rows].view(shape))
         p = batch.paged_prefill
         if p is not None:
-            _cuda_kernels()[3](q, k_cache, v_cache, p.q_starts, p.q_lens, p.context_lens, p.block_tables,
-                               p.block_size, p.max_q_len, out.view(num_tokens, heads, self.head_dim))
+            _cuda_kernels().paged_prefill(q, k_cache, v_cache, p.q_starts, p.q_lens, p.context_lens,
+                                          p.block_tables, p.block_size, p.max_q_len,
+                                          out.view(num_tokens, heads, self.head_dim))
         for s in batch.seqs:
             rows = slice(s.q_start, s.q_start + s.q_len)
             if s.kv_slots is None:
@@ -247,8 +249,7 @@ class Attention(nn.Module):
     def _decode(q: torch.Tensor, kv_cache, d: DecodeGroup) -> torch.Tensor:
         """q [B, H, D] of one new token per sequence -> [B, H*D]."""
         if d.block_tables is not None:  # CUDA: the Triton kernel reads the paged cache in place
-            paged = _cuda_kernels()[1]
-            out = paged.paged_decode_attention(q, kv_cache[0], kv_cache[1], d.block_tables, d.context_lens,
+            out = _cuda_kernels().paged_decode(q, kv_cache[0], kv_cache[1], d.block_tables, d.context_lens,
                                                d.block_size)
             return out.view(q.shape[0], -1)
         flat = d.kv_slots.view(-1)
@@ -266,7 +267,7 @@ class MLP(nn.Module):
     def forward(self, x):
         gate_up = self.gate_up(x)
         if gate_up.is_cuda:
-            return self.down(_cuda_kernels()[0].silu_and_mul(gate_up))
+            return self.down(_cuda_kernels().fused.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
