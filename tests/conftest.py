@@ -46,6 +46,14 @@ def sp(sp_model_path):
 
 
 @pytest.fixture(scope="session")
+def glm_dir(tmp_path_factory, sp_model_path, sp):
+    """A tiny random ChatGLM checkpoint for the engine tests (only read, so one serves the session)."""
+    from checkpoint_fixtures import make_chatglm_dir
+
+    return make_chatglm_dir(tmp_path_factory.mktemp("glm-tiny"), sp_model_path, sp.vocab_size, seed=7)
+
+
+@pytest.fixture(scope="session")
 def g4(glm4_ranks_path):
     from glmkit.tokenizers.glm4 import GLM4Tokenizer
 

@@ -5,20 +5,13 @@ import pytest
 from checkpoint_fixtures import make_chatglm_dir
 from glmkit import LLM, SamplingParams
 from glmkit.errors import InvalidParameterError
-from glmkit.tokenizers.chatglm_sp import ChatGLMSPTokenizer
 
 PROMPTS = [[5, 17, 33], [64, 101, 7, 250, 3, 90, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [300, 301]]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, sp_model_path):
-    vocab = ChatGLMSPTokenizer(sp_model_path).vocab_size
-    return make_chatglm_dir(tmp_path_factory.mktemp("tiny"), sp_model_path, vocab, seed=7)
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir):
-    return LLM(str(model_dir), dtype="float32", device="cpu")
+def llm(glm_dir):
+    return LLM(str(glm_dir), dtype="float32", device="cpu")
 
 
 def greedy(n=10):
@@ -32,10 +25,10 @@ def test_batch_equals_single(llm):
     assert all(len(ids) == 10 for ids in batched)
 
 
-def test_preemption_keeps_outputs_identical(model_dir, llm):
+def test_preemption_keeps_outputs_identical(glm_dir, llm):
     expected = [o.token_ids for o in llm.generate(PROMPTS, greedy(24))]
     # Room for ~3 blocks of 16 tokens (384 bytes/token): sequences must be preempted and recomputed.
-    small = LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_memory_gb=3 * 16 * 1024 / 2**30)
+    small = LLM(str(glm_dir), dtype="float32", device="cpu", kv_cache_memory_gb=3 * 16 * 1024 / 2**30)
     assert [o.token_ids for o in small.generate(PROMPTS, greedy(24))] == expected
     assert small.engine.scheduler.num_preemptions > 0
     assert small.engine.blocks.num_free == small.engine.blocks.num_blocks

@@ -2,20 +2,13 @@
 routing batch-1 rows to it on CUDA. Under Triton's interpreter without a GPU (fp16 there: the interpreter
 mishandles bf16); on a GPU in bf16 and fp16, plus a CUDA-graph capture."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_kernels import CUDA, DEVICE  # noqa: I001  (before any kernel: sets up the interpreter)
+from glmkit.kernels.gemv import config, gemv
+from glmkit.models.layers import Linear
 
-from glmkit.kernels.gemv import config, gemv  # noqa: E402
-from glmkit.models.layers import Linear  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
 
 

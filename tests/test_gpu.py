@@ -96,17 +96,14 @@ def test_gpu_lookahead_matches_cpu(checkpoints):
     gpu = LLM(str(checkpoints["chatglm"]), dtype="float32", device="cuda")
     assert gpu.engine.runner.lookahead
 
+    from test_lookahead import drive
+
     def run(llm):
-        engine, tokens, steps = llm.engine, {}, 0
+        engine = llm.engine
         for i, n in enumerate((5, 30, 17)):
             engine.add_request(PROMPTS[i], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), f"r{i}")
-        while engine.has_unfinished():
-            for delta in engine.step():
-                tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
-            steps += 1
-            if steps == 8:
-                engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True), "late")
-        return tokens
+        late = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+        return drive(engine, {8: lambda: engine.add_request(PROMPTS[0], late, "late")})
 
     expected = run(cpu)
     calls = []

@@ -1,26 +1,29 @@
 """Running a decode step ahead (runner.lookahead): the outputs are exactly those of running step by step, whatever
 happens between steps (sequences finishing, stopping on strings, new requests, aborts, preemption, the length
-limit), and the step computed ahead is actually used, also beside new prompts. On CPU the ahead step runs eagerly, so the bookkeeping is
-tested here; the GPU tests run it with CUDA graphs, where it is on by default."""
+limit), and the step computed ahead is actually used, also beside new prompts. On CPU the ahead step runs
+eagerly, so the bookkeeping is tested here; the GPU tests run it with CUDA graphs, where it is on by default."""
 
 import pytest
 
-from checkpoint_fixtures import make_chatglm_dir
 from glmkit import LLM, SamplingParams
-from glmkit.tokenizers.chatglm_sp import ChatGLMSPTokenizer
-
-PROMPTS = [[5, 17, 33], [64, 101, 7, 250, 3, 90, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [300, 301]]
+from test_engine_basic import PROMPTS
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, sp_model_path):
-    vocab = ChatGLMSPTokenizer(sp_model_path).vocab_size
-    return make_chatglm_dir(tmp_path_factory.mktemp("tiny"), sp_model_path, vocab, seed=7)
+def llm(glm_dir):
+    return LLM(str(glm_dir), dtype="float32", device="cpu")
 
 
-@pytest.fixture(scope="module")
-def llm(model_dir):
-    return LLM(str(model_dir), dtype="float32", device="cpu")
+def drive(engine, events: dict | None = None) -> dict[str, list[int]]:
+    """Step `engine` until it is idle, calling events[k]() after the k-th step -> token ids per request."""
+    tokens, steps = {}, 0
+    while engine.has_unfinished():
+        for delta in engine.step():
+            tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
+        steps += 1
+        if events and steps in events:
+            events[steps]()
+    return tokens
 
 
 def both(llm, fn):
@@ -68,19 +71,11 @@ def test_stops_and_stop_strings(llm):
 
 def test_requests_arriving_and_aborted_between_steps(llm):
     def run():
-        engine, texts = llm.engine, {}
+        engine = llm.engine
         engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), "a")
         engine.add_request(PROMPTS[2], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), "c")
-        steps = 0
-        while engine.has_unfinished():
-            for delta in engine.step():
-                texts.setdefault(delta.request_id, []).extend(delta.token_ids)
-            steps += 1
-            if steps == 4:
-                engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), "b")
-            if steps == 7:
-                engine.abort("c")
-        return texts
+        late = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+        return drive(engine, {4: lambda: engine.add_request(PROMPTS[1], late, "b"), 7: lambda: engine.abort("c")})
 
     off, on, forwards = both(llm, run)
     assert on == off
@@ -89,8 +84,8 @@ def test_requests_arriving_and_aborted_between_steps(llm):
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
 
 
-def test_preemption(model_dir):
-    small = LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_memory_gb=3 * 16 * 1024 / 2**30)
+def test_preemption(glm_dir):
+    small = LLM(str(glm_dir), dtype="float32", device="cpu", kv_cache_memory_gb=3 * 16 * 1024 / 2**30)
     off, on, _ = both(small, lambda: outputs(small.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24,
                                                                                       ignore_eos=True))))
     assert on == off
@@ -98,8 +93,8 @@ def test_preemption(model_dir):
     assert small.engine.blocks.num_free == small.engine.blocks.num_blocks
 
 
-def test_length_limit(model_dir):
-    short = LLM(str(model_dir), dtype="float32", device="cpu", max_model_len=40)
+def test_length_limit(glm_dir):
+    short = LLM(str(glm_dir), dtype="float32", device="cpu", max_model_len=40)
     off, on, _ = both(short, lambda: outputs(short.generate(PROMPTS, SamplingParams(temperature=0, ignore_eos=True))))
     assert on == off
     assert [len(PROMPTS[i]) + len(off[i][0]) for i in range(3)] == [40, 40, 40]
@@ -122,17 +117,10 @@ def test_seeded_request_arriving_beside_steps_launched_ahead(llm):
     """The running decodes come from the step launched ahead while the newcomer (sampled row by row, being seeded)
     gets its own forward; afterwards nothing runs ahead while it is in the batch."""
     def run():
-        engine, out = llm.engine, {}
+        engine = llm.engine
         engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), "greedy")
-        for step in range(40):
-            if not engine.has_unfinished():
-                break
-            for delta in engine.step():
-                out.setdefault(delta.request_id, []).extend(delta.token_ids)
-            if step == 3:
-                engine.add_request(PROMPTS[1], SamplingParams(temperature=1.0, max_tokens=6, seed=11,
-                                                              ignore_eos=True), "seeded")
-        return out
+        seeded = SamplingParams(temperature=1.0, max_tokens=6, seed=11, ignore_eos=True)
+        return drive(engine, {4: lambda: engine.add_request(PROMPTS[1], seeded, "seeded")})
 
     off, on, forwards = both(llm, run)
     assert on == off and len(on["greedy"]) == 16 and len(on["seeded"]) == 6

@@ -5,23 +5,18 @@ tests run on the GPU (plus a CUDA-graph capture test).
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
-
-from glmkit.kernels.paged_attention import (  # noqa: E402
+from triton_kernels import CUDA, DEVICE  # noqa: I001  (before any kernel: sets up the interpreter)
+from glmkit.kernels.paged_attention import (
     COMBINE_BLOCK_S,
     MAX_SPLITS,
     choose_num_splits,
     paged_decode_attention,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {
     torch.float32: dict(atol=2e-5, rtol=2e-5),
     torch.float16: dict(atol=4e-3, rtol=4e-3),
@@ -188,7 +183,7 @@ def test_many_splits_combined_in_chunks():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("num_splits", [None, 1])
 def test_cuda_graph_replay_follows_new_lengths_and_tables(num_splits):
     block_size, dtype = 16, torch.bfloat16

@@ -5,19 +5,12 @@ run on the GPU in bf16 as well.
 """
 
 import math
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_kernels import CUDA, DEVICE  # noqa: I001  (before any kernel: sets up the interpreter)
+from glmkit.kernels.paged_prefill import paged_prefill_attention
 
-from glmkit.kernels.paged_prefill import paged_prefill_attention  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 
@@ -46,7 +39,7 @@ def make_case(contexts, q_lens, num_heads, num_kv_heads, head_dim, block_size, d
 
 
 def reference(q, k_cache, v_cache, starts, q_lens, contexts, tables, block_size):
-    num_heads, group = q.shape[1], q.shape[1] // k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64)
     q, k_cache, v_cache = q.cpu().double(), k_cache.cpu().double(), v_cache.cpu().double()
     for s, (start, n, ctx) in enumerate(zip(starts.tolist(), q_lens.tolist(), contexts.tolist())):

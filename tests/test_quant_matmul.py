@@ -5,20 +5,13 @@ are fp16 (the interpreter mishandles bf16); with CUDA the same tests run on the 
 capture test and QuantLinear's own CUDA path.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_kernels import CUDA, DEVICE  # noqa: I001  (before any kernel: sets up the interpreter)
+from glmkit.kernels.quant_matmul import QuantMatmul
+from glmkit.models.quant import dequantize, quantize
 
-from glmkit.kernels.quant_matmul import QuantMatmul  # noqa: E402
-from glmkit.models.quant import dequantize, quantize  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
 # Largest error allowed, as a fraction of the largest reference value: the output's rounding plus (multi-group
 # int4) the scales and dequantized weights held in the activation dtype; accumulation is fp32.

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["paged_decode_attention", "choose_num_splits", "default_block_n"]
+__all__ = ["paged_decode_attention", "choose_num_splits", "default_block_n", "attend_cache_tile"]
 
 # Split heuristic (see choose_num_splits); tuned on an H200 with bf16, head_dim 64 and 128, block_size 16.
 MAX_SPLITS = 128
@@ -53,6 +53,35 @@ COMBINE_BLOCK_S = 32         # splits the combine kernel reads at a time
 _NO_CUDA_SM_COUNT = 4        # stand-in SM count for CPU tensors (Triton interpreter)
 
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def attend_cache_tile(q, acc, m_i, l_i, start, hi, q_pos, table, stride_table, k_base, v_base, stride_ks, stride_vs,
+                      mask_d, qk_scale, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr):
+    """One step of an online softmax (fp32, base 2) over cache tokens start ... start + BLOCK_N - 1 below `hi`,
+    found through a block-table row (`table`, `stride_table`): q [rows, D] against the K and V tiles read by slot
+    from `k_base` / `v_base` (pointers [1, D] at the KV head). With CAUSAL, row r sees keys up to q_pos[r] only.
+    Returns the updated (acc, m_i, l_i). The decode and prefill kernels walk their contexts with it; the first
+    tile of a walk must hold a key that every row sees, so each row's maximum is finite from then on."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < hi
+    block_ids = tl.load(table + (offs_n // BLOCK_SIZE) * stride_table, mask=mask_n, other=0)
+    slots = block_ids.to(tl.int64) * BLOCK_SIZE + (offs_n % BLOCK_SIZE)
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_base + slots[:, None] * stride_ks, mask=mask_nd, other=0.0).to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale   # [rows, BLOCK_N], log2 units
+    visible = mask_n[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= q_pos[:, None])
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + slots[:, None] * stride_vs, mask=mask_nd, other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -111,26 +140,10 @@ def _paged_decode_kernel(
     k_base = K + kv_head * stride_kh + offs_d[None, :] * stride_kd
     v_base = V + kv_head * stride_vh + offs_d[None, :] * stride_vd
 
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        block_ids = tl.load(bt_row + (offs_n // BLOCK_SIZE) * stride_btn, mask=mask_n, other=0)
-        slots = block_ids.to(tl.int64) * BLOCK_SIZE + (offs_n % BLOCK_SIZE)
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-
-        k = tl.load(k_base + slots[:, None] * stride_ks, mask=mask_nd, other=0.0).to(q.dtype)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale   # [BLOCK_H, BLOCK_N], log2 units
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-
-        # Every tile walked holds at least one real token, so m_new is finite and no -inf - -inf appears.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        v = tl.load(v_base + slots[:, None] * stride_vs, mask=mask_nd, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for start in range(lo, hi, BLOCK_N):  # every tile walked holds at least one real token
+        acc, m_i, l_i = attend_cache_tile(q, acc, m_i, l_i, start, hi, hi, bt_row, stride_btn, k_base, v_base,
+                                          stride_ks, stride_vs, mask_d, qk_scale, BLOCK_N, BLOCK_SIZE,
+                                          DOT_PRECISION, CAUSAL=False)
 
     has_tokens = l_i > 0.0
     out = acc / tl.where(has_tokens, l_i, 1.0)[:, None]

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .paged_attention import attend_cache_tile
+
 _LOG2E = 1.4426950408889634
 ROWS_PER_PROGRAM = 64  # BLOCK_M: query rows (tokens x heads of a group) per program
 
@@ -36,7 +38,7 @@ ROWS_PER_PROGRAM = 64  # BLOCK_M: query rows (tokens x heads of a group) per pro
 @triton.jit
 def _paged_prefill_kernel(
     Q, K, V, QS, QL, CL, BT, O,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_bt, stride_btn, stride_ot, stride_oh,
     qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -72,23 +74,10 @@ def _paged_prefill_kernel(
     table = BT + seq.to(tl.int64) * stride_bt
     k_base = K + kv_head * stride_kh + offs_d[None, :]
     v_base = V + kv_head * stride_vh + offs_d[None, :]
-    for start in range(0, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        block_ids = tl.load(table + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
-        slots = block_ids.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + slots[:, None] * stride_ks, mask=mask_nd, other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
-        # Key 0 is in the first tile and every row may see it, so each row's maximum is finite from there on.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + slots[:, None] * stride_vs, mask=mask_nd, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for start in range(0, hi, BLOCK_N):  # key 0, in the first tile, is one every row sees
+        acc, m_i, l_i = attend_cache_tile(q, acc, m_i, l_i, start, hi, q_pos, table, stride_btn, k_base, v_base,
+                                          stride_ks, stride_vs, mask_d, qk_scale, BLOCK_N, BLOCK_SIZE,
+                                          DOT_PRECISION, CAUSAL=True)
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(O + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
@@ -118,7 +107,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, q_starts, q_lens, context_lens, block_tables, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), block_tables.stride(1), out.stride(0), out.stride(1),
         _LOG2E / math.sqrt(head_dim),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
         BLOCK_N=32 if dot_fp32 or block_d > 128 else 64, BLOCK_D=block_d,
