@@ -108,7 +108,7 @@ def test_gpu_lookahead_matches_cpu(checkpoints):
     expected = run(cpu)
     calls = []
     real = gpu.engine.runner._logits
-    gpu.engine.runner._logits = lambda seqs, blocks: calls.append(len(seqs)) or real(seqs, blocks)
+    gpu.engine.runner._logits = lambda rows: calls.append(len(rows)) or real(rows)
     assert run(gpu) == expected
     assert calls == [3, 1]  # the first prompts, then the late one alone: every decode step was launched ahead
     assert gpu.engine.blocks.num_used == 0

@@ -34,7 +34,7 @@ def both(llm, fn):
     off = fn()
     calls = []
     real = runner._logits
-    runner._logits = lambda seqs, blocks: calls.append(len(seqs)) or real(seqs, blocks)
+    runner._logits = lambda rows: calls.append(len(rows)) or real(rows)
     runner.lookahead = True
     try:
         on = fn()

@@ -8,7 +8,7 @@ import torch
 
 from glmkit import SamplingParams
 from glmkit.engine.sampler import Sampler, apply_penalties, filter_probs
-from glmkit.engine.sequence import Sequence
+from glmkit.engine.step import StepRow
 
 VOCAB = 64
 
@@ -18,11 +18,13 @@ def _seeded():
     torch.manual_seed(1234)
 
 
+_next_id = iter(range(10**9))
+
+
 def seq(output_ids=(), stop_ids=(), **params):
-    s = Sequence("r", [1, 2, 3, 2], SamplingParams(**params))
-    s.output_ids = list(output_ids)
-    s.stop_ids = set(stop_ids)
-    return s
+    """The row the engine would hand the sampler for a sequence with prompt [1, 2, 3, 2] and this output."""
+    return StepRow(next(_next_id), [], 0, [], True, SamplingParams(**params), num_output=len(output_ids),
+                   stop_ids=frozenset(stop_ids), prompt_ids=[1, 2, 3, 2], output_ids=list(output_ids))
 
 
 def ids(samples):

@@ -3,7 +3,9 @@ caching) and takes them back. Plain Python; no torch.
 
 Token t of a sequence lives in slot block_table[t // block_size] * block_size + t % block_size. A full block
 is identified by the hash of its tokens and of everything before it, so two sequences that start alike (a
-shared system prompt, a tool list, the earlier turns of a chat) share the same physical blocks. A freed block
+shared system prompt, a tool list, the earlier turns of a chat) share the same physical blocks. The first
+block's hash is salted with the sequence's adapter id (None for the base model): the same tokens under another
+adapter have other K/V (P-Tuning prefixes, LoRA on k/v), so they never share blocks. A freed block
 keeps its content and hash until it is handed out again, so a later request can still hit it.
 """
 
@@ -24,8 +26,9 @@ class Block:
         self.token_ids: tuple[int, ...] = ()
 
 
-def block_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((prev_hash, token_ids))
+def block_hash(prev_hash: int | None, token_ids: tuple[int, ...], salt=None) -> int:
+    """prev_hash is None for a sequence's first block, whose hash takes the salt (the adapter id) instead."""
+    return hash((prev_hash, token_ids) if prev_hash is not None else (("salt", salt), token_ids))
 
 
 class BlockManager:
@@ -59,7 +62,7 @@ class BlockManager:
         ids, bs, prev = seq.all_ids, self.block_size, None
         for start in range(0, len(ids) - 1 - bs + 1, bs):
             tokens = tuple(ids[start:start + bs])
-            h = block_hash(prev, tokens)
+            h = block_hash(prev, tokens, seq.adapter_id)
             self.num_queried_blocks += 1
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
@@ -97,7 +100,7 @@ class BlockManager:
             if block.hash is None:
                 ids = ids or seq.all_ids
                 block.token_ids = tuple(ids[i * bs:(i + 1) * bs])
-                block.hash = block_hash(prev, block.token_ids)
+                block.hash = block_hash(prev, block.token_ids, seq.adapter_id)
                 self.cached.setdefault(block.hash, block.block_id)
             prev = block.hash
         seq.num_hashed = max(seq.num_hashed, seq.num_cached // bs)
@@ -119,11 +122,6 @@ class BlockManager:
         if block.ref_count == 0:
             del self.free_ids[block_id]
         block.ref_count += 1
-
-    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Cache slots of tokens start..end-1 of `seq`."""
-        bs, table = self.block_size, seq.block_table
-        return [table[t // bs] * bs + t % bs for t in range(start, end)]
 
     @property
     def num_used(self) -> int:

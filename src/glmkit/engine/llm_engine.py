@@ -1,8 +1,9 @@
 """LLMEngine: add_request / step / abort over a model runner, a scheduler and per-sequence detokenizers.
 
-`step()` schedules a batch, runs it, updates the sequences and returns their deltas. Knows token ids,
-sampling and stop conditions; knows nothing of chat formats, tools or HTTP. Not thread-safe: one loop owns
-it (see async_engine.py).
+`step()` schedules a batch, describes it to the runner in plain values (a Step), runs it, updates the
+sequences and returns their deltas. The engine owns all cache bookkeeping (the scheduler and block manager):
+the runner only computes. Knows token ids, sampling and stop conditions; knows nothing of chat formats, tools
+or HTTP. Not thread-safe: one loop owns it (see async_engine.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from .sampler import Sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
-
-
+from .step import Step, StepRow
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, num_blocks: int, block_size: int,
@@ -32,10 +32,11 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.max_model_len = max_model_len
-        self.vocab_size = runner.model.config.vocab_size
+        self.vocab_size = runner.vocab_size
         self.eos_token_ids = set(eos_token_ids or [])
         self.seqs: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
+        self._released: list[int] = []  # seq_ids finished since the last step, for the runner to forget
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise the error a request would get, without touching engine state (safe from any thread)."""
@@ -56,20 +57,18 @@ class LLMEngine:
         seqs = []
         for index in range(params.n):
             p = params if params.n == 1 or params.seed is None else replace(params, seed=params.seed + index)
-            seq = Sequence(request_id, prompt_ids, p)
-            seq.index = index
-            seq.stop_ids = set(p.stop_token_ids) | set(p.extra_stop_token_ids)
+            stop_ids = set(p.stop_token_ids) | set(p.extra_stop_token_ids)
             if not p.ignore_eos:
-                seq.stop_ids |= self.eos_token_ids
-            seq.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
+                stop_ids |= self.eos_token_ids
+            seq = Sequence(request_id, prompt_ids, p, index, stop_ids,
+                           IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens))
             seqs.append(seq)
             self.scheduler.add(seq)
         self.seqs[request_id] = seqs
 
     def abort(self, request_id: str) -> None:
         removed = self.scheduler.abort(request_id)
-        for seq in removed:
-            self.runner.sampler.forget(seq)
+        self._released += [seq.seq_id for seq in removed]
         if removed:
             self.stats.num_requests_aborted += 1
         self.seqs.pop(request_id, None)
@@ -83,10 +82,18 @@ class LLMEngine:
             return []
         self.stats.num_prompt_tokens += sum(min(s.num_scheduled, max(len(s.prompt_ids) - s.num_cached, 0))
                                             for s in seqs)
-        sampled = self.runner.run(seqs, self.blocks)
+        sampling = [s for s in seqs if s.num_cached + s.num_scheduled == len(s)]
+        run_ahead = self._reserve_next(sampling)  # before the rows: their block tables then include it
+        step = Step([self._row(s) for s in seqs], run_ahead, self._released)
+        self._released = []
+        samples = self.runner.run(step)
+        for seq in seqs:
+            seq.num_cached += seq.num_scheduled
+            seq.num_scheduled = 0
+            self.blocks.register_full_blocks(seq)
         now = time.monotonic()
         deltas = []
-        for seq, sample in sampled:
+        for seq, sample in zip(sampling, samples):
             seq.output_ids.append(sample.token_id)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -95,6 +102,32 @@ class LLMEngine:
             deltas.append(self._update(seq, sample))
         self.stats.num_preemptions = self.scheduler.num_preemptions
         return deltas
+
+    def _row(self, seq: Sequence) -> StepRow:
+        p, start, end = seq.params, seq.num_cached, seq.num_cached + seq.num_scheduled
+        penalties = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+        return StepRow(seq.seq_id, seq.token_ids(start, end), start, seq.block_table, end == len(seq), p,
+                       len(seq.output_ids), seq.stop_ids, seq.prompt_ids if penalties else None,
+                       seq.output_ids if penalties else None, seq.num_resets, seq.adapter_id)
+
+    def _reserve_next(self, sampling: list[Sequence]) -> bool:
+        """For a runner that launches the next decode step ahead: give each sampling sequence the block of the
+        position its sampled token will take. The next step needs that block anyway; False if it cannot be had,
+        or if every one of them stops at the token being sampled (nothing to run ahead)."""
+        if not (self.runner.lookahead and sampling):
+            return False
+        if all(len(s) + 1 >= self.max_model_len
+               or (s.params.max_tokens is not None and len(s.output_ids) + 1 >= s.params.max_tokens)
+               for s in sampling):
+            return False
+        positions = [len(s) for s in sampling]
+        new_blocks = sum(max(self.blocks.blocks_needed(p + 1) - len(s.block_table), 0)
+                         for s, p in zip(sampling, positions))
+        if new_blocks > self.blocks.num_free or max(positions) >= self.max_model_len:
+            return False
+        for seq, p in zip(sampling, positions):
+            self.blocks.allocate(seq, p + 1)
+        return True
 
     def _update(self, seq: Sequence, sample: Sample) -> Delta:
         p, token_id = seq.params, sample.token_id
@@ -127,7 +160,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.stop_reason = stop_reason
         self.scheduler.finish(seq, reason)
-        self.runner.sampler.forget(seq)
+        self._released.append(seq.seq_id)
         self.stats.num_requests_finished += 1
         if len(seq.output_ids) > 1 and seq.first_token_time is not None:
             per_token = (time.monotonic() - seq.first_token_time) / (len(seq.output_ids) - 1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sequence import Sequence
+from .step import StepRow
 
 
 @dataclass
@@ -22,14 +22,14 @@ class Sample:
     top_logprobs: list[tuple[int, float]] | None = None  # the k most likely alternatives
 
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    p = seq.params
+def apply_penalties(logits: torch.Tensor, row: StepRow) -> torch.Tensor:
+    p = row.params
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.long, device=logits.device)
+        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long, device=logits.device)
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-        counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=logits.shape[-1])
+    if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
+        counts = torch.bincount(torch.tensor(row.output_ids, device=logits.device), minlength=logits.shape[-1])
         counts = counts[: logits.shape[-1]].to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
@@ -69,48 +69,48 @@ class Sampler:
         self.invalid_score_token = invalid_score_token
         self.generators: dict[int, torch.Generator] = {}
 
-    def generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.params.seed is None:
+    def generator(self, row: StepRow) -> torch.Generator | None:
+        if row.params.seed is None:
             return None
-        gen = self.generators.get(id(seq))
+        gen = self.generators.get(row.seq_id)
         if gen is None:
             gen = torch.Generator(device="cpu")
-            gen.manual_seed(seq.params.seed)
-            self.generators[id(seq)] = gen
+            gen.manual_seed(row.params.seed)
+            self.generators[row.seq_id] = gen
         return gen
 
-    def forget(self, seq: Sequence) -> None:
-        self.generators.pop(id(seq), None)
+    def forget(self, seq_id: int) -> None:
+        self.generators.pop(seq_id, None)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
+    def __call__(self, logits: torch.Tensor, rows: list[StepRow]) -> list[Sample]:
         """One host synchronisation for the rows that need no per-row work (reading their ids once)."""
-        out: list[Sample | None] = [None] * len(seqs)
+        out: list[Sample | None] = [None] * len(rows)
         fast = []
-        for i, seq in enumerate(seqs):
-            if self._is_fast(seq):
+        for i, row in enumerate(rows):
+            if self._is_fast(row):
                 fast.append(i)
             else:  # penalties, seeds, logprobs or min_tokens: the per-row path
-                out[i] = self._sample_row(logits[i], seq)
+                out[i] = self._sample_row(logits[i], row)
         if fast:
-            rows = logits if len(fast) == len(seqs) else logits.index_select(0, to_device(fast, torch.long,
-                                                                                          logits.device))
-            for i, token in zip(fast, self.sample_ids(rows, [seqs[i] for i in fast]).tolist()):
+            picked = logits if len(fast) == len(rows) else logits.index_select(0, to_device(fast, torch.long,
+                                                                                            logits.device))
+            for i, token in zip(fast, self.sample_ids(picked, [rows[i] for i in fast]).tolist()):
                 out[i] = Sample(token)
         return out
 
     @staticmethod
-    def _is_fast(seq: Sequence, ahead: int = 0) -> bool:
-        """Whether seq's row can go through the batched pass (`ahead` tokens from now)."""
-        p = seq.params
+    def _is_fast(row: StepRow, ahead: int = 0) -> bool:
+        """Whether the row can go through the batched pass (`ahead` tokens from now)."""
+        p = row.params
         return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
                 and p.seed is None and p.logprobs is None
-                and not (len(seq.output_ids) + ahead < p.min_tokens and seq.stop_ids))
+                and not (row.num_output + ahead < p.min_tokens and row.stop_ids))
 
-    def batchable(self, seqs: list[Sequence], ahead: int = 0) -> bool:
+    def batchable(self, rows: list[StepRow], ahead: int = 0) -> bool:
         """Whether every row can be sampled by sample_ids() (now, or `ahead` tokens from now)."""
-        return all(self._is_fast(seq, ahead) for seq in seqs)
+        return all(self._is_fast(row, ahead) for row in rows)
 
-    def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def sample_ids(self, logits: torch.Tensor, rows: list[StepRow]) -> torch.Tensor:
         """logits [R, vocab] of rows without penalties, seeds, logprobs or min_tokens -> R token ids, on the
         logits' device (nothing is read back: the caller decides when)."""
         dev, vocab = logits.device, logits.shape[-1]
@@ -121,7 +121,7 @@ class Sampler:
         else:  # the identity on finite rows
             logits = torch.nan_to_num(logits, nan=-1e9, posinf=1e9, neginf=-1e9)
         ids = logits.argmax(-1)
-        params = [seq.params for seq in seqs]
+        params = [row.params for row in rows]
         sampled = [not p.greedy and p.temperature >= MIN_TEMPERATURE for p in params]
         if any(sampled):
             ps = [p if s else None for p, s in zip(params, sampled)]  # greedy rows: no cut, temperature 1
@@ -155,24 +155,24 @@ class Sampler:
             ids = torch.where(ok & to_device(sampled, torch.bool, dev), drawn, ids)
         return ids
 
-    def _sample_row(self, row: torch.Tensor, seq: Sequence) -> Sample:
-        if not torch.isfinite(row).all():
+    def _sample_row(self, logits: torch.Tensor, row: StepRow) -> Sample:
+        if not torch.isfinite(logits).all():
             if self.invalid_score_token is not None:
-                row = torch.zeros_like(row)
-                row[self.invalid_score_token] = 5e4
+                logits = torch.zeros_like(logits)
+                logits[self.invalid_score_token] = 5e4
             else:
-                row = torch.nan_to_num(row, nan=-1e9, posinf=1e9, neginf=-1e9)
-        raw, p = row, seq.params
-        row = apply_penalties(row.clone(), seq)
-        if len(seq.output_ids) < p.min_tokens and seq.stop_ids:
-            row[list(seq.stop_ids)] = float("-inf")
-        row = torch.nan_to_num(row, nan=float("-inf"))  # extreme penalties can overflow
-        token = int(row.argmax())
+                logits = torch.nan_to_num(logits, nan=-1e9, posinf=1e9, neginf=-1e9)
+        raw, p = logits, row.params
+        logits = apply_penalties(logits.clone(), row)
+        if row.num_output < p.min_tokens and row.stop_ids:
+            logits[list(row.stop_ids)] = float("-inf")
+        logits = torch.nan_to_num(logits, nan=float("-inf"))  # extreme penalties can overflow
+        token = int(logits.argmax())
         # A temperature this small is greedy in effect (and would overflow the division below).
         if not p.greedy and p.temperature >= MIN_TEMPERATURE:
-            probs = filter_probs(torch.softmax(row / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
+            probs = filter_probs(torch.softmax(logits / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
             if torch.isfinite(probs).all() and probs.sum() > 0:
-                token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator(seq)))
+                token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator(row)))
         return self._with_logprobs(token, raw, p.logprobs)
 
     @staticmethod

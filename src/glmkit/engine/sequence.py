@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 
 from .sampling_params import SamplingParams
@@ -14,8 +15,13 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+_seq_ids = itertools.count()
+
+
 class Sequence:
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, index: int = 0,
+                 stop_ids: set[int] | frozenset[int] = frozenset(), detokenizer=None, adapter_id: int | None = None):
+        self.seq_id = next(_seq_ids)  # unique in the process: what the runner knows the sequence by
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -31,10 +37,10 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
-        # Set by the engine when the request is added:
-        self.index = 0                # choice index among the request's n sequences
-        self.stop_ids: set[int] = set()
-        self.detok = None             # IncrementalDetokenizer
+        self.index = index            # choice index among the request's n sequences
+        self.stop_ids = frozenset(stop_ids)
+        self.detok = detokenizer      # IncrementalDetokenizer (None: no text, ids only)
+        self.adapter_id = adapter_id  # None: the base model; salts the prefix-cache hashes of its blocks
         self.text = ""                # detokenized output so far
         self.num_sent = 0             # how much of `text` was handed out (the rest may start a stop string)
 
