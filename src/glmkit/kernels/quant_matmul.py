@@ -3,9 +3,10 @@
     mm = QuantMatmul(bits, qweight, scales, group_size, dtype)   repacks the weight once (tensors it keeps)
     mm(x)   x [M, K] bf16/fp16 -> [M, N] in x's dtype; one Triton launch
 
-Weight layouts the kernel reads (built from models/quant.py's portable layouts at construction). Both keep each
-output row's bytes contiguous along K, so a thread's bytes for the tensor-core fragment sit together in shared
-memory and unpack with 32-bit operations:
+Weight layouts the kernel reads (built from models/quant.py's portable layouts at construction; this module
+decodes those bytes itself rather than import the models layer, which imports it). Both keep each output row's
+bytes contiguous along K, so a thread's bytes for the tensor-core fragment sit together in shared memory and
+unpack with 32-bit operations:
 
 * int8: `qweight` int8 [N, K_pad], the portable layout itself (zero columns only if K is not a multiple of 128:
   otherwise no copy is made). `scales` fp32 [N], applied once to the fp32 accumulator at the end (exact).
@@ -50,8 +51,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from ..models.quant import unpack_int4
 
 # Nibbles -> floats, four bytes (eight values) per asm block: byte j's low nibble becomes element j of the first
 # result, its high nibble element j of the second. prmt reorders the bytes (b0, b2, b1, b3) so that one
@@ -184,13 +183,21 @@ def _quant_matmul_kernel(
             tl.atomic_xchg(counter, 0)  # ready for the next launch
 
 
-def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """t with zeros appended along `dim` up to `size` (t itself if it is that long)."""
+def _pad_dim(t: torch.Tensor, dim: int, size: int, value: int = 0) -> torch.Tensor:
+    """t with `value` appended along `dim` up to `size` (t itself if it is that long)."""
     if t.shape[dim] == size:
         return t
     shape = list(t.shape)
     shape[dim] = size - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+    return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+
+def _offset_nibbles(qweight: torch.Tensor) -> torch.Tensor:
+    """Portable int4 bytes [N, K/2] (two signed nibbles, element 2k in the high one) -> q + 8, uint8 [N, K].
+
+    A signed nibble's bits XOR 8 are q + 8 (0..15), so no sign extension is needed."""
+    b = qweight.view(torch.uint8)
+    return torch.stack([b >> 4, b & 0x0F], dim=-1).flatten(-2) ^ 8
 
 
 def _interpreting() -> bool:
@@ -238,7 +245,7 @@ class QuantMatmul:
                 half = self._int4_half(self.K, group_size, groups)
                 self.block_k = 2 * half
                 self.k_pad = triton.cdiv(self.K, self.block_k) * self.block_k
-                u = _pad_dim(unpack_int4(qweight), 1, self.k_pad) + 8  # [N, K_pad], 0..15 (padding: q = 0)
+                u = _pad_dim(_offset_nibbles(qweight), 1, self.k_pad, value=8)  # [N, K_pad], 0..15 (pad: q = 0)
                 u = u.view(self.N, self.k_pad // self.block_k, 2, half)
                 packed = (u[:, :, 1].to(torch.int32) << 4) | u[:, :, 0].to(torch.int32)  # 0..255
                 self.qweight = packed.to(torch.uint8).view(torch.int8).reshape(self.N, self.k_pad // 2)

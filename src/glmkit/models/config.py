@@ -27,5 +27,4 @@ class ModelConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     eos_token_ids: list[int] = field(default_factory=list)
-    pad_token_id: int | None = None
     name: str = ""

@@ -30,7 +30,6 @@ def config_from_chatglm(cfg: dict) -> ModelConfig:
         rope_theta=10000.0 * cfg.get("rope_ratio", 1), rotary_dim=head_dim // 2, rope_interleaved=True,
         qkv_bias=cfg.get("add_qkv_bias", False), tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         max_position_embeddings=cfg.get("seq_length", 8192), eos_token_ids=_eos_list(cfg.get("eos_token_id")),
-        pad_token_id=cfg.get("pad_token_id"),
     )
 
 
@@ -48,7 +47,7 @@ def config_from_glm_hf(cfg: dict) -> ModelConfig:
         rope_theta=float(theta), rotary_dim=int(head_dim * factor), rope_interleaved=True,
         qkv_bias=cfg.get("attention_bias", True), tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         max_position_embeddings=cfg.get("max_position_embeddings", 131072),
-        eos_token_ids=_eos_list(cfg.get("eos_token_id")), pad_token_id=cfg.get("pad_token_id"),
+        eos_token_ids=_eos_list(cfg.get("eos_token_id")),
     )
 
 
@@ -64,7 +63,7 @@ _CHATGLM_NAMES = [
     (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", r"layers.\1.mlp.down.weight"),
 ]
 # Saved buffers / P-Tuning prefixes that are not weights of the decoder.
-_CHATGLM_SKIP = re.compile(r"transformer\.(rotary_pos_emb\.inv_freq|prefix_encoder\..*)")
+_CHATGLM_SKIP = re.compile(r"transformer\.rotary_pos_emb\.inv_freq")
 
 _GLM_HF_NAMES = [
     (r"model\.embed_tokens\.weight", "embed.weight"),

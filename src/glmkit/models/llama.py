@@ -30,7 +30,7 @@ def config_from_llama(cfg: dict) -> ModelConfig:
         rope_interleaved=False, qkv_bias=cfg.get("attention_bias", model_type == "qwen2"),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        eos_token_ids=_eos_list(cfg.get("eos_token_id")), pad_token_id=cfg.get("pad_token_id"),
+        eos_token_ids=_eos_list(cfg.get("eos_token_id")),
     )
 
 

@@ -27,6 +27,11 @@ FAMILIES = {
     "qwen2": (llama.config_from_llama, llama._LLAMA_NAMES, llama._LLAMA_SKIP),
 }
 _PART_ORDER = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
+# A ChatGLM P-Tuning v2 checkpoint is the base model plus a learned prefix (config.json's pre_seq_len, the
+# transformer.prefix_encoder tensors). Loaded as a plain model it would answer without its fine-tuning, silently.
+_PREFIX_ENCODER = "transformer.prefix_encoder."
+_NO_ADAPTERS = ("glmkit cannot serve P-Tuning v2 adapters yet (adapter serving is coming); load the base model's "
+                "directory, without the adapter, instead")
 
 
 def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
@@ -42,6 +47,9 @@ def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
     if model_type not in FAMILIES:
         raise ModelLoadError(f"{path}: model_type={model_type!r} is not supported; supported model types: "
                              f"{', '.join(sorted(FAMILIES))}")
+    if raw.get("pre_seq_len") is not None:  # the official base configs carry it as null
+        raise ModelLoadError(f"{path}: pre_seq_len={raw['pre_seq_len']!r} marks a ChatGLM P-Tuning v2 checkpoint; "
+                             + _NO_ADAPTERS)
     try:
         return raw, FAMILIES[model_type][0](raw)
     except KeyError as e:
@@ -81,6 +89,29 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     except Exception as e:  # truncated or corrupt file: safetensors / zipfile / pickle errors
         raise ModelLoadError(f"cannot read weights from {path} ({type(e).__name__}: {e}); the file is probably "
                              "truncated or corrupt: copy it again and compare its size with the original")
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """The tensor names of one weights file without reading tensor data (a safetensors header; a .bin's pickle,
+    memory-mapped). [] if the file cannot be read: reading its tensors reports that, with the fix."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        return list(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True))
+    except Exception:
+        return []
+
+
+def _refuse_adapter_weights(paths: list[Path]) -> None:
+    """A P-Tuning v2 prefix among the weights (with pre_seq_len missing from config.json) is refused before any
+    tensor is read."""
+    for path in paths:
+        prefix = next((name for name in _tensor_names(path) if name.startswith(_PREFIX_ENCODER)), None)
+        if prefix is not None:
+            raise ModelLoadError(f"{path}: tensor {prefix!r} is a ChatGLM P-Tuning v2 prefix encoder; " + _NO_ADAPTERS)
 
 
 def _map_name(name: str, names, skip) -> str | None:
@@ -132,6 +163,7 @@ def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype, plan: 
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     paths = _weight_files(model_dir)
+    _refuse_adapter_weights(paths)
     fresh = plan is not None and plan.source == "fresh"
     progress = tqdm(total=_tensor_count(paths) if fresh else None, desc=f"quantizing to {plan.mode}" if fresh
                     else "loading", unit="tensor", disable=not fresh)

@@ -125,14 +125,3 @@ class LegacyChatResponse(Model):
     history: list[list[str]]
     status: int
     time: str
-
-
-class ErrorDetail(Model):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(Model):
-    error: ErrorDetail

@@ -41,17 +41,6 @@ class Tokenizer(ABC):
         except KeyError:
             raise KeyError(f"tokenizer has no special token {token!r}; it has {sorted(self.special_tokens)}")
 
-    def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_id_set
-
-    @property
-    def _special_id_set(self) -> set[int]:
-        cached = getattr(self, "_special_ids_cache", None)
-        if cached is None:
-            cached = set(self.special_tokens.values())
-            self._special_ids_cache = cached
-        return cached
-
     def encode_with_special_tokens(self, text: str) -> list[int]:
         """Text in which special-token strings ARE special (rendered chat templates only, never user text)."""
         if not self.special_tokens:

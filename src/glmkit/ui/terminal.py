@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import add_model_arguments, add_sampling_arguments, load_llm, sampling_params
+from ..commands.args import add_model_arguments, add_sampling_arguments, load_llm, sampling_params
 from ..errors import InvalidParameterError
 
 WELCOME = ("Chatting with {name}. Type a message; `clear` clears the history, `stop` or `exit` quits, Ctrl-C stops "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..cli import add_model_arguments, engine_kwargs
 from ..errors import InvalidParameterError
+from .args import add_model_arguments, engine_kwargs
 
 log = logging.getLogger("glmkit")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import add_model_arguments, add_sampling_arguments, load_llm, sampling_params
+from .args import add_model_arguments, add_sampling_arguments, load_llm, sampling_params
 
 
 def add_arguments(p) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_model_arguments, load_llm
+from .args import add_model_arguments, load_llm
 
 
 def add_arguments(p) -> None:
