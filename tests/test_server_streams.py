@@ -188,7 +188,7 @@ def test_streamed_tool_call_matches_non_streamed(request, family, monkeypatch):
         llm = state_of(app).llm
         assert llm.chat_format.name == family
         ids = llm.tokenizer.encode(MODEL_CALL_TEXT[family])
-        monkeypatch.setattr(state_of(app).engine, "generate", fake_generate(ids))
+        monkeypatch.setattr(state_of(app).client, "generate", fake_generate(ids))
         body = chat_body(tools=[WEATHER], messages=[{"role": "user", "content": "Weather in Beijing?"}])
         full = c.post(CHAT, json=body).json()["choices"][0]
         assert full["finish_reason"] == "tool_calls" and full["message"]["content"] is None

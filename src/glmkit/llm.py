@@ -1,7 +1,9 @@
 """LLM: the in-process Python API. Loads a model directory (or GGUF, or the embedded default), its tokenizer
 and chat format, sizes the KV cache, and runs `generate` / `chat` on the engine.
 
-Shapes follow vLLM's: `generate(prompts, params)` and `chat(messages, params)` return RequestOutputs.
+Shapes follow vLLM's: `generate(prompts, params)` and `chat(messages, params)` return RequestOutputs. The LLM
+steps its engine itself until `start_engine_thread()` hands the engine to a background thread (the server does);
+from then on its own calls go through that thread too, so they never race the server's requests.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Iterator
 import torch
 
 from .chat import get_chat_format
+from .chat.serving import ChatServing
 from .config import DTYPES, EngineConfig
+from .engine.async_engine import AsyncLLMEngine
 from .engine.llm_engine import LLMEngine
-from .engine.outputs import CompletionOutput, Delta, RequestOutput
+from .engine.outputs import Delta, OutputCollector, RequestOutput
 from .engine.runner import ModelRunner, kv_bytes_per_token
 from .engine.sampling_params import SamplingParams
 from .errors import InvalidParameterError, ModelLoadError
@@ -115,13 +119,22 @@ class LLM:
         self.chat_format = get_chat_format(self.config.chat_format, tokenizer=self.tokenizer,
                                            model_type=mc.model_type, model_name=mc.name or self.model_dir.name,
                                            eos_token_ids=mc.eos_token_ids)
+        self.chat_serving = ChatServing(self.chat_format)
         eos = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
         self.engine = self._build_engine(sorted(eos))
-        log.info("glmkit: model=%s format=%s device=%s dtype=%s quantization=%s max_model_len=%d kv_blocks=%d",
-                 self.model_dir, self.chat_format.name, self.device, str(self.dtype).removeprefix("torch."),
-                 self.quantization.mode if self.quantization else "none",
-                 self.engine.max_model_len,
-                 self.engine.blocks.num_blocks)
+        self._engine_thread: AsyncLLMEngine | None = None
+        self.resolved_config = replace(
+            self.config, model=str(self.model_dir), device=str(self.device), chat_format=self.chat_format.name,
+            dtype=str(self.dtype).removeprefix("torch."), max_model_len=self.engine.max_model_len,
+            quantization=self.quantization.mode if self.quantization else "none",
+            num_threads=self.config.num_threads or torch.get_num_threads())
+        log.info("glmkit: %s kv_blocks=%d", self.resolved_config.summary(), self.engine.blocks.num_blocks)
+
+    def start_engine_thread(self) -> AsyncLLMEngine:
+        """Hand the engine to one background thread (once) and return it; this LLM's own calls use it too."""
+        if self._engine_thread is None:
+            self._engine_thread = AsyncLLMEngine(self.engine)
+        return self._engine_thread
 
     def _build_engine(self, eos_token_ids: list[int]) -> LLMEngine:
         c = self.config
@@ -162,31 +175,36 @@ class LLM:
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     character: dict | None = None) -> list[int]:
-        return self.chat_format.render(messages, tools=tools, character=character)
+        return self.chat_serving.render(messages, tools, character).prompt_ids
 
     # -- running ---------------------------------------------------------------------------------------
+    def _deltas(self, requests: list[tuple[list[int], SamplingParams, str]]) -> Iterator[Delta]:
+        """The deltas of these requests until every choice has finished; closing early aborts them."""
+        for prompt_ids, p, _ in requests:  # reject a bad batch before any of it runs
+            self.engine.validate(prompt_ids, p)
+        if self._engine_thread is not None:
+            yield from self._engine_thread.stream(requests)
+            return
+        remaining = {request_id: p.n for _, p, request_id in requests}
+        try:
+            for prompt_ids, p, request_id in requests:
+                self.engine.add_request(prompt_ids, p, request_id)
+            while any(remaining.values()):
+                for d in self.engine.step():
+                    if d.request_id in remaining:
+                        remaining[d.request_id] -= d.finished
+                        yield d
+        finally:
+            for request_id, left in remaining.items():
+                if left:
+                    self.engine.abort(request_id)
+
     def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         ids = [uuid.uuid4().hex for _ in prompts]
-        for prompt_ids, p in zip(prompts, params):  # reject a bad batch before any of it runs
-            self.engine.validate(prompt_ids, p)
-        results = {rid: {} for rid in ids}
-        try:
-            for request_id, prompt_ids, p in zip(ids, prompts, params):
-                self.engine.add_request(prompt_ids, p, request_id)
-            while self.engine.has_unfinished():
-                for d in self.engine.step():
-                    out = results[d.request_id].setdefault(d.index, CompletionOutput(d.index, "", [], None))
-                    out.text += d.text
-                    out.token_ids += d.token_ids
-                    if d.logprobs:
-                        out.logprobs = (out.logprobs or []) + d.logprobs
-                    out.finish_reason, out.stop_reason = d.finish_reason, d.stop_reason
-        except BaseException:
-            for request_id in ids:
-                self.engine.abort(request_id)
-            raise
-        return [RequestOutput(rid, prompt, [results[rid][i] for i in sorted(results[rid])])
-                for rid, prompt in zip(ids, prompts)]
+        collectors = {rid: OutputCollector(rid, prompt, p.n) for rid, prompt, p in zip(ids, prompts, params)}
+        for d in self._deltas(list(zip(prompts, params, ids))):
+            collectors[d.request_id].add(d)
+        return [collectors[rid].result() for rid in ids]
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -198,40 +216,30 @@ class LLM:
              character: dict | None = None) -> list[RequestOutput]:
         """One conversation (a list of message dicts) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.render_chat(conv, tools, character) for conv in conversations]
-        outputs = self._run(prompts, [self._chat_params(p) for p in self._params_list(params, len(prompts))])
-        for out in outputs:
+        serving, limit = self.chat_serving, self.engine.max_model_len
+        prompts = [serving.render(conv, tools, character) for conv in conversations]
+        params = [serving.sampling_params(p, len(prompt.prompt_ids), limit)
+                  for p, prompt in zip(self._params_list(params, len(prompts)), prompts)]
+        outputs = self._run([prompt.prompt_ids for prompt in prompts], params)
+        for prompt, out in zip(prompts, outputs):
             for choice in out.outputs:
-                parsed = self.chat_format.parse(choice.token_ids, tools)
+                parsed = serving.parse(prompt, choice.token_ids)
                 choice.text, choice.tool_calls = parsed.content, parsed.tool_calls
         return outputs
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
                     tools: list[dict] | None = None, character: dict | None = None) -> Iterator[tuple[str, Delta]]:
         """Yield (display text delta, engine delta) for one conversation; closing the iterator aborts it."""
-        prompt = self.render_chat(messages, tools, character)
-        params = self._chat_params(params or SamplingParams())
-        request_id = uuid.uuid4().hex
-        self.engine.add_request(prompt, params, request_id)
-        output_ids: list[int] = []
-        shown = ""
+        prompt = self.chat_serving.render(messages, tools, character)
+        params = self.chat_serving.sampling_params(params or SamplingParams(), len(prompt.prompt_ids),
+                                                   self.engine.max_model_len)
+        streams = [self.chat_serving.stream(prompt) for _ in range(params.n)]
+        deltas = self._deltas([(prompt.prompt_ids, params, uuid.uuid4().hex)])
         try:
-            while self.engine.has_unfinished():
-                for d in self.engine.step():
-                    if d.request_id != request_id:
-                        continue
-                    output_ids += d.token_ids
-                    display = self.chat_format.display_text(output_ids, final=d.finished)
-                    new = display[len(shown):] if display.startswith(shown) else ""
-                    shown = display if display.startswith(shown) else shown
-                    yield new, d
-                    if d.finished:
-                        return
+            for d in deltas:
+                yield streams[d.index].feed(d.token_ids, d.finished), d
         finally:
-            self.engine.abort(request_id)
-
-    def _chat_params(self, params: SamplingParams) -> SamplingParams:
-        return replace(params, extra_stop_token_ids=self.chat_format.stop_token_ids, skip_special_tokens=False)
+            deltas.close()
 
     @staticmethod
     def _params_list(params, count: int) -> list[SamplingParams]:

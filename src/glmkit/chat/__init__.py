@@ -1,5 +1,6 @@
 """Chat formats: messages (+ tools, + character profile) -> prompt token ids, and model output -> visible text
-plus tool calls (never eval).
+plus tool calls (never eval); and the chat-serving layer over a format (`ChatServing`: render with a tool
+choice, sampling params, incremental display, the one final parse).
 
 `get_chat_format` picks the format from the tokenizer and model name unless one is named. Knows nothing of
 the engine, sampling or HTTP.
@@ -15,14 +16,15 @@ from .chatglm3 import ChatGLM3Format
 from .glm4 import GLM4Format
 from .jinja import JinjaFormat
 from .messages import normalize_messages
+from .serving import ChatPrompt, ChatServing, ChatStream
 from .tool_calls import ParsedOutput, ToolCall
 
 FORMATS = ("chatglm2", "chatglm3", "characterglm", "glm4", "jinja")
 _CLASSES = {"chatglm2": ChatGLM2Format, "chatglm3": ChatGLM3Format, "characterglm": CharacterGLMFormat,
             "glm4": GLM4Format, "jinja": JinjaFormat}
 
-__all__ = ["ChatFormat", "ParsedOutput", "ToolCall", "get_chat_format", "FORMATS", "normalize_messages",
-           "detect_chat_format"]
+__all__ = ["ChatFormat", "ChatPrompt", "ChatServing", "ChatStream", "ParsedOutput", "ToolCall", "get_chat_format",
+           "FORMATS", "normalize_messages", "detect_chat_format"]
 
 
 def detect_chat_format(tokenizer, model_type: str, model_name: str = "", template: str | None = None) -> str:

@@ -1,39 +1,26 @@
 """The ChatFormat contract shared by every format, plus helpers for the ChatGLM-style output segments.
 
-A format turns normalized messages into prompt token ids (`render`), a finished generation into visible text
-and tool calls (`parse`), and a generation in progress into what a streaming UI may show (`display_text`).
-Subclasses implement `_render`; text-only formats inherit `parse`/`display_text`. Knows nothing of the engine,
-HTTP or sampling.
+A format turns normalized messages into prompt token ids (`render`) and a finished generation into visible
+text and tool calls (`parse`). What a streaming UI may show is not computed here: a format only declares its
+display rules (`replacements`, `hidden_spans`/`hides_span`, `segment_token`, `call_starts`), which chat/serving.py's
+ChatStream applies incrementally; `display_text` is a thin wrapper over one. Subclasses implement `_render`;
+text-only formats inherit `parse`. Knows nothing of the engine, HTTP or sampling.
 """
 
 from __future__ import annotations
 
 from ..errors import InvalidParameterError
 from .messages import normalize_messages, normalize_tools, persona_system_prompt, validate_character
+from .serving import ChatPrompt, ChatStream
 from .tool_calls import ParsedOutput, ToolCall
 
-REPLACEMENT_CHAR = "\ufffd"
 TRAINING_TIME_MARKER = "[[训练时间]]"
+# ChatGLM2/3's own response clean-up (besides strip): the training-time placeholder becomes 2023年.
+CHATGLM_REPLACEMENTS = ((TRAINING_TIME_MARKER, "2023年"),)
 
 
 def dedupe(ids) -> list[int]:
     return [i for n, i in enumerate(ids) if i is not None and i not in ids[:n]]
-
-
-def withhold_partial(text: str, markers: tuple[str, ...] = ()) -> str:
-    """Drop a tail that may still change as tokens arrive: an incomplete UTF-8 character (decoded as U+FFFD)
-    or the start of a marker the post-processing would rewrite or hide. Keeps streamed text prefix-stable."""
-    text = text.rstrip(REPLACEMENT_CHAR)
-    for marker in markers:
-        for k in range(len(marker) - 1, 0, -1):
-            if text.endswith(marker[:k]):
-                return text[:-k]
-    return text
-
-
-def chatglm_postprocess(text: str) -> str:
-    """ChatGLM2/3's own response clean-up: strip, and the training-time placeholder becomes 2023年."""
-    return text.replace(TRAINING_TIME_MARKER, "2023年").strip()
 
 
 class ChatFormat:
@@ -42,6 +29,13 @@ class ChatFormat:
     supports_tools = True
     # Formats without a native character profile get it as a leading system message.
     persona_as_system = True
+    # Display rules, applied by `postprocess` to the final text and by ChatStream to streamed text:
+    # text the post-processing rewrites (old -> new, before stripping; old strings must not overlap),
+    replacements: tuple[tuple[str, str], ...] = ()
+    # (opening, closing) spans of the text that hold tool calls (hidden while streaming; see hides_span),
+    hidden_spans: tuple[tuple[str, str], ...] = ()
+    # and the special token that starts a new output segment with its own metadata line (ChatGLM3/GLM-4).
+    segment_token: str | None = None
 
     def __init__(self, tokenizer, eos_token_ids: list[int] | None = None, template: str | None = None):
         self.tokenizer = tokenizer
@@ -85,19 +79,28 @@ class ChatFormat:
 
     # -- output ------------------------------------------------------------------------------------------
     def postprocess(self, text: str) -> str:
+        for old, new in self.replacements:
+            text = text.replace(old, new)
         return text.strip()
 
-    def stream_markers(self) -> tuple[str, ...]:
+    def hides_span(self, span: str) -> bool:
+        """Whether a closed hidden span (opening + body + closing) stays hidden: it does when the final parse
+        takes it as a tool call; otherwise the parse keeps it as text, and so does the display."""
+        return True
+
+    def call_starts(self, tools) -> tuple[str, ...]:
+        """Openings of a tool call written as plain text in this format, besides the generic ones (JSON, a
+        fence, a Hermes tag): with these tools declared, an answer starting so is held until the parse."""
         return ()
 
     def parse(self, output_ids: list[int], tools=None) -> ParsedOutput:
         return ParsedOutput(content=self.postprocess(self.tokenizer.decode(output_ids)), tool_calls=[])
 
     def display_text(self, output_ids: list[int], final: bool = False) -> str:
-        """Visible text so far. `final=True` (the generation has ended) releases withheld tails, so the last
-        display equals parse(...).content for plain answers."""
-        text = self.tokenizer.decode(output_ids)
-        return self.postprocess(text if final else withhold_partial(text, self.stream_markers()))
+        """Visible text of a whole output so far, as a fresh ChatStream shows it (no tools declared).
+        `final=True` (the generation has ended) gives parse(...).content. Streaming callers use ChatStream
+        itself: this decodes all ids on every call."""
+        return ChatStream(self, ChatPrompt([])).feed(list(output_ids), finished=final)
 
 
 class SegmentedFormat(ChatFormat):
@@ -105,9 +108,10 @@ class SegmentedFormat(ChatFormat):
 
     An empty metadata line marks text; a tool name marks a call, which the subclass parses in `_parse_call`.
     """
+    segment_token = "<|assistant|>"
 
     def _split(self, output_ids: list[int]) -> list[str]:
-        assistant_id = self.special("<|assistant|>")
+        assistant_id = self.special(self.segment_token)
         runs: list[list[int]] = [[]]
         for token_id in output_ids:
             if token_id == assistant_id:
@@ -139,19 +143,3 @@ class SegmentedFormat(ChatFormat):
             else:
                 texts.append(self.postprocess(body))
         return ParsedOutput(content="\n".join(t for t in texts if t), tool_calls=calls)
-
-    def display_text(self, output_ids: list[int], final: bool = False) -> str:
-        if final:
-            return self.parse(output_ids).content
-        texts = []
-        segments = self._split(output_ids)
-        for n, segment in enumerate(segments):
-            metadata, sep, body = segment.partition("\n")
-            if not sep:  # the metadata line is not finished: text or tool call is not known yet
-                break
-            if metadata.strip():  # a tool-call segment: nothing to show
-                continue
-            if n == len(segments) - 1:
-                body = withhold_partial(body, self.stream_markers())
-            texts.append(self.postprocess(body))
-        return "\n".join(t for t in texts if t)

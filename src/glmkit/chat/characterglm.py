@@ -11,7 +11,7 @@ there), and empty messages (the demos' ("", greeting) placeholder) are skipped. 
 from __future__ import annotations
 
 from ..errors import InvalidParameterError
-from .base import TRAINING_TIME_MARKER, ChatFormat, chatglm_postprocess
+from .base import CHATGLM_REPLACEMENTS, ChatFormat
 
 
 def character_prompt(messages: list[dict], character: dict, add_generation_prompt: bool = True) -> str:
@@ -45,6 +45,7 @@ class CharacterGLMFormat(ChatFormat):
     required_special_tokens = ("[gMASK]", "sop")
     supports_tools = False
     persona_as_system = False
+    replacements = CHATGLM_REPLACEMENTS
 
     def _render(self, messages, tools, character, add_generation_prompt):
         if character is None:
@@ -53,9 +54,3 @@ class CharacterGLMFormat(ChatFormat):
                                         '{"bot_name", "bot_info", "user_name", "user_info"}')
         text = character_prompt(messages, character, add_generation_prompt)
         return [self.special("[gMASK]"), self.special("sop")] + self.tokenizer.encode(text)
-
-    def postprocess(self, text: str) -> str:
-        return chatglm_postprocess(text)
-
-    def stream_markers(self) -> tuple[str, ...]:
-        return (TRAINING_TIME_MARKER,)

@@ -9,7 +9,7 @@ engine.
 from __future__ import annotations
 
 from ..errors import InvalidParameterError
-from .base import TRAINING_TIME_MARKER, ChatFormat, chatglm_postprocess
+from .base import CHATGLM_REPLACEMENTS, ChatFormat
 
 
 def round_text(number: int, query: str, response: str | None) -> str:
@@ -53,6 +53,7 @@ class ChatGLM2Format(ChatFormat):
     name = "chatglm2"
     required_special_tokens = ("[gMASK]", "sop")
     supports_tools = False
+    replacements = CHATGLM_REPLACEMENTS
 
     def _render(self, messages, tools, character, add_generation_prompt):
         system, pairs = dialog_pairs(messages, self.name)
@@ -66,9 +67,3 @@ class ChatGLM2Format(ChatFormat):
         # Without a generation prompt the final answer follows "答：" directly, as in P-Tuning training data.
         text += round_text(len(pairs), pairs[-1][0], None) + (last_response or "")
         return [self.special("[gMASK]"), self.special("sop")] + self.tokenizer.encode(text)
-
-    def postprocess(self, text: str) -> str:
-        return chatglm_postprocess(text)
-
-    def stream_markers(self) -> tuple[str, ...]:
-        return (TRAINING_TIME_MARKER,)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from .base import TRAINING_TIME_MARKER, SegmentedFormat, chatglm_postprocess
+from .base import CHATGLM_REPLACEMENTS, SegmentedFormat
 from .tool_calls import ToolCall, dump_arguments, fenced_body, format_python_tool_call, parse_python_tool_call
 
 TOOLS_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
@@ -45,6 +45,7 @@ def python_call_text(name: str, arguments: str) -> str:
 class ChatGLM3Format(SegmentedFormat):
     name = "chatglm3"
     required_special_tokens = ("[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+    replacements = CHATGLM_REPLACEMENTS
 
     def _format_stop_ids(self) -> list[int]:
         return [self.tokenizer.eos_token_id, self.special("<|user|>"), self.special("<|observation|>")]
@@ -83,9 +84,3 @@ class ChatGLM3Format(SegmentedFormat):
             arguments = dump_arguments({"code": code})
             return ToolCall(name=INTERPRETER, arguments=arguments) if code and arguments else None
         return parse_python_tool_call(metadata, body)
-
-    def postprocess(self, text: str) -> str:
-        return chatglm_postprocess(text)
-
-    def stream_markers(self) -> tuple[str, ...]:
-        return (TRAINING_TIME_MARKER,)

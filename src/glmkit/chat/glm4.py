@@ -73,3 +73,7 @@ class GLM4Format(SegmentedFormat):
         if sep and first.strip() in names and rest.lstrip().startswith("{"):
             return parse_json_tool_call(first.strip(), rest)
         return None
+
+    def call_starts(self, tools) -> tuple[str, ...]:
+        # The server rule above: an answer whose first line is a declared tool name may be a call.
+        return tuple(f"{name}\n" for name in sorted(declared_tool_names(tools)))

@@ -25,9 +25,9 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import InvalidParameterError, ModelLoadError
-from .base import ChatFormat, withhold_partial
+from .base import ChatFormat
 from .messages import normalize_messages, normalize_tools
-from .tool_calls import (TOOL_CALL_OPEN, ParsedOutput, declared_tool_names, hide_hermes_blocks,
+from .tool_calls import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ParsedOutput, declared_tool_names,
                          parse_bare_json_tool_calls, parse_hermes_tool_calls)
 
 log = logging.getLogger("glmkit")
@@ -95,6 +95,7 @@ def _variants(text: str) -> list[str]:
 
 class JinjaFormat(ChatFormat):
     name = "jinja"
+    hidden_spans = ((TOOL_CALL_OPEN, TOOL_CALL_CLOSE),)  # Hermes blocks never show while streaming
 
     def __init__(self, tokenizer, eos_token_ids: list[int] | None = None, template: str | None = None):
         source = template if template is not None else getattr(tokenizer, "chat_template", None)
@@ -226,8 +227,5 @@ class JinjaFormat(ChatFormat):
                 return ParsedOutput(content="", tool_calls=bare)
         return ParsedOutput(content=content.strip(), tool_calls=calls)
 
-    def display_text(self, output_ids: list[int], final: bool = False) -> str:
-        if final:
-            return self.parse(output_ids).content
-        text = withhold_partial(self.tokenizer.decode(output_ids), (TOOL_CALL_OPEN,))
-        return hide_hermes_blocks(text).strip()
+    def hides_span(self, span: str) -> bool:
+        return bool(parse_hermes_tool_calls(span)[1])  # a malformed block stays text, as in `parse`

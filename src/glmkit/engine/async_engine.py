@@ -1,69 +1,111 @@
 """AsyncLLMEngine: one background thread owns the LLMEngine (and so the device) and steps it while there is
-work; asyncio handlers only enqueue commands and read their own queue of deltas.
+work; every other thread only sends commands and reads the deltas of its own requests.
 
-Leaving a `generate()` stream early (client gone, task cancelled) aborts the request, freeing its KV blocks at
-once. If a step fails, the requests of that moment get the error and the loop keeps serving new ones.
+Callers: asyncio handlers (`generate`, an async iterator), plain threads (`stream`, e.g. `LLM.chat` on an LLM
+whose engine is being served), and `call`, which runs a function on the engine thread (a consistent stats
+snapshot). Leaving a stream early (client gone, task cancelled, iterator closed) aborts the request, freeing
+its KV blocks at once. If a step fails, the requests of that moment get the error and the loop keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Iterator
 
+from ..errors import InvalidParameterError
 from .llm_engine import LLMEngine
 from .outputs import Delta
 from .sampling_params import SamplingParams
 
 log = logging.getLogger("glmkit")
 
+Sink = Callable[[object], None]  # called on the engine thread with each Delta, or the exception that ends it
+
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._sinks: dict[str, Sink] = {}
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="glmkit-engine", daemon=True)
         self._thread.start()
 
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """The error a request would get; reads only the engine's fixed limits, so safe from any thread."""
+        self.engine.validate(prompt_ids, params)
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sink: Sink) -> None:
+        """Start a request whose deltas go to `sink` (on the engine thread). Bad input raises here, at once."""
+        self.validate(prompt_ids, params)
+        if request_id in self._sinks:
+            raise InvalidParameterError("request_id", request_id, "is already in use by a running request")
+        self._sinks[request_id] = sink
+        self._send(("add", prompt_ids, params, request_id))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its sink hears nothing more."""
+        self._sinks.pop(request_id, None)
+        self._send(("abort", request_id))
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[Delta]:
         """Yield the request's deltas until every choice has finished. Bad input raises before anything runs."""
-        self.engine.validate(prompt_ids, params)
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            from ..errors import InvalidParameterError
-
-            raise InvalidParameterError("request_id", request_id, "is already in use by a running request")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(("add", prompt_ids, params, request_id))
+        loop, stream = asyncio.get_running_loop(), asyncio.Queue()
+        self.add(prompt_ids, params, request_id, lambda item: loop.call_soon_threadsafe(stream.put_nowait, item))
         remaining = params.n
         try:
             while remaining:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item.finished:
-                    remaining -= 1
+                remaining -= item.finished
                 yield item
         finally:
-            self._streams.pop(request_id, None)
-            if remaining:
-                self._send(("abort", request_id))
+            self._close(request_id, remaining)
 
-    def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+    def stream(self, requests: list[tuple[list[int], SamplingParams, str]]) -> Iterator[Delta]:
+        """The deltas of several requests, for a thread that is not an event loop, until every choice of every
+        request has finished; closing the iterator aborts the unfinished ones."""
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        remaining = {}
+        try:
+            for prompt_ids, params, request_id in requests:
+                self.add(prompt_ids, params, request_id, inbox.put)
+                remaining[request_id] = params.n
+            while any(remaining.values()):
+                item = inbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                remaining[item.request_id] -= item.finished
+                yield item
+        finally:
+            for request_id, left in remaining.items():
+                self._close(request_id, left)
+
+    def call(self, fn: Callable[[LLMEngine], object]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread, between steps; the future holds its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("call", fn, future))
+        return future
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout_s)
+
+    def _close(self, request_id: str, remaining: int) -> None:
+        if remaining:
+            self.abort(request_id)
+        else:
+            self._sinks.pop(request_id, None)
 
     # -- the engine thread ---------------------------------------------------------------------------------
     def _send(self, command: tuple) -> None:
@@ -71,13 +113,12 @@ class AsyncLLMEngine:
         self._wake.set()
 
     def _deliver(self, request_id: str, item) -> None:
-        entry = self._streams.get(request_id)
-        if entry is not None:
-            loop, stream = entry
+        sink = self._sinks.get(request_id)
+        if sink is not None:
             try:
-                loop.call_soon_threadsafe(stream.put_nowait, item)
+                sink(item)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-                self._commands.put(("abort", request_id))
+                self.abort(request_id)
 
     def _run_commands(self) -> None:
         while True:
@@ -87,12 +128,18 @@ class AsyncLLMEngine:
                 return
             if command[0] == "add":
                 _, prompt_ids, params, request_id = command
-                if request_id not in self._streams:  # cancelled before it started
+                if request_id not in self._sinks:  # cancelled before it started
                     continue
                 try:
                     self.engine.add_request(prompt_ids, params, request_id)
                 except Exception as e:  # noqa: BLE001 - the error belongs to this request alone
                     self._deliver(request_id, e)
+            elif command[0] == "call":
+                _, fn, future = command
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(e)
             else:
                 self.engine.abort(command[1])
 

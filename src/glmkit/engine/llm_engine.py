@@ -8,6 +8,7 @@ or HTTP. Not thread-safe: one loop owns it (see async_engine.py).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import replace
 
@@ -15,7 +16,7 @@ from ..errors import ContextLengthError, InvalidParameterError
 from ..tokenizers.base import Tokenizer
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
-from .metrics import EngineStats
+from .metrics import EngineSnapshot, EngineStats
 from .outputs import Delta
 from .runner import ModelRunner
 from .sampler import Sample
@@ -167,6 +168,9 @@ class LLMEngine:
             self.stats.time_per_output_token.observe(per_token)
         if all(s.finished for s in self.seqs.get(seq.request_id, [])):
             self.seqs.pop(seq.request_id, None)
+
+    def snapshot(self) -> EngineSnapshot:
+        return EngineSnapshot(self.counters(), copy.deepcopy(self.stats))
 
     def counters(self) -> dict[str, float]:
         """Point-in-time gauges for monitoring."""

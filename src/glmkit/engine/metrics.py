@@ -1,4 +1,5 @@
-"""EngineStats: the counters a /metrics endpoint exports. Plain numbers; no I/O."""
+"""EngineStats: the counters a /metrics endpoint exports, and EngineSnapshot, a copy of them with the cache
+gauges taken at one moment (what crosses from the engine thread to the server). Plain numbers; no I/O."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ class EngineStats:
     num_preemptions: int = 0
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
     time_per_output_token: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
+
+
+@dataclass
+class EngineSnapshot:
+    gauges: dict[str, float]   # requests running/waiting, KV blocks used/free/total, prefix-cache hits
+    stats: EngineStats         # a copy: the engine keeps counting into its own

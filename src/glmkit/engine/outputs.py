@@ -1,4 +1,5 @@
-"""What the engine hands back: a Delta per sequence per step, and whole RequestOutputs for the LLM API."""
+"""What the engine hands back: a Delta per sequence per step; whole RequestOutputs (folded from the deltas by
+OutputCollector) for callers that wait for the end."""
 
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0      # prompt tokens served from the prefix cache
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens over every choice (a stop token is not counted)."""
+        return sum(len(o.token_ids) for o in self.outputs)
 
     # The first choice, flat, as most callers want it.
     @property
@@ -57,3 +64,27 @@ class RequestOutput:
     @property
     def tool_calls(self) -> list:
         return self.outputs[0].tool_calls
+
+
+class OutputCollector:
+    """Folds one request's deltas into a RequestOutput; texts are joined once at the end, so a long answer costs
+    linear time."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], n: int):
+        self.output = RequestOutput(request_id, prompt_ids, [CompletionOutput(i, "", [], None) for i in range(n)])
+        self._texts: list[list[str]] = [[] for _ in range(n)]
+
+    def add(self, d: Delta) -> None:
+        out = self.output.outputs[d.index]
+        self._texts[d.index].append(d.text)
+        out.token_ids += d.token_ids
+        if d.logprobs:
+            out.logprobs = (out.logprobs or []) + d.logprobs
+        out.finish_reason, out.stop_reason = d.finish_reason, d.stop_reason
+        if d.finished:
+            self.output.num_cached_tokens = d.num_cached_tokens
+
+    def result(self) -> RequestOutput:
+        for out, texts in zip(self.output.outputs, self._texts):
+            out.text = "".join(texts)
+        return self.output

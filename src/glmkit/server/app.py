@@ -1,4 +1,4 @@
-"""The FastAPI application: thin routes over ServerState. Auth and HTTP counters are a middleware; model
+"""The FastAPI application: thin routes over ServerState and its engine client. Auth and HTTP counters are a middleware; model
 loading starts in the background so the server answers (503) at once.
 
 Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
@@ -40,8 +40,8 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
         else:
             await asyncio.to_thread(state.load)
         yield
-        if state.engine is not None:
-            state.engine.shutdown()
+        if state.client is not None:
+            state.client.shutdown()
 
     app = FastAPI(title="glmkit", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible and ChatGLM-compatible API over a private model.")
@@ -69,7 +69,8 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return Response(render_metrics(state), media_type="text/plain; version=0.0.4")
+        snapshot = await state.client.snapshot() if state.client is not None else None
+        return Response(render_metrics(state, snapshot), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():

@@ -9,60 +9,27 @@ from fastapi import APIRouter, Request
 
 from ..errors import GlmkitError
 from . import streaming as sse
-from .errors import APIError, from_glmkit
-from .generation import EngineStream, collect, sampling_params, total_usage
+from .errors import from_glmkit
+from .generation import EngineStream, collect, request_params
 from .protocol import ChatCompletionRequest
 
 router = APIRouter()
 
 
-class ToolPlan:
-    """What the request asks of tools: those shown to the model, whether to parse calls, a forced prefix."""
-
-    def __init__(self, req: ChatCompletionRequest, chat_format):
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        choice = req.tool_choice
-        self.legacy = False
-        if tools is None and req.functions:  # the older OpenAI `functions` / `function_call` fields
-            tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in req.functions]
-            fc = req.function_call
-            choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
-            self.legacy = True
-        if choice is not None and not isinstance(choice, str) and not isinstance(choice, dict):
-            choice = choice.model_dump()
-        self.prefix: list[int] = []
-        if not tools and choice not in (None, "none", "auto"):
-            field = "function_call" if req.function_call is not None and req.tool_choice is None else "tool_choice"
-            raise APIError(400, f"{field} asks for a tool call but the request has no tools; add `tools` or drop "
-                           f"{field}", param=field, code="invalid_value")
-        if not tools or choice == "none":
-            self.tools = None
-            return
-        names = [t["function"]["name"] for t in tools]
-        forced = None
-        if isinstance(choice, dict):
-            forced = choice.get("function", {}).get("name")
-            if forced not in names:
-                field = "function_call" if self.legacy else "tool_choice"
-                raise APIError(400, f"{field} names the function {forced!r}, which is not in tools "
-                               f"({', '.join(names)})", param=field, code="invalid_value")
-            tools = [t for t in tools if t["function"]["name"] == forced]
-        elif choice == "required":
-            forced = names[0] if len(names) == 1 else None
-            if forced is None:
-                self.prefix = chat_format.forced_call_prefix(None) or []
-        if forced is not None:
-            self.prefix = chat_format.forced_call_prefix(forced) or []
-        self.tools = tools
-
-
-CALL_STARTS = ("```", "{", "[", "<tool_call>")
-
-
-def _may_be_call(text: str) -> bool:
-    """Whether streamed text could still be the start of a tool call written as JSON or a fence."""
-    head = text.lstrip()
-    return not head or any(head.startswith(s) or s.startswith(head) for s in CALL_STARTS)
+def _tool_request(req: ChatCompletionRequest):
+    """(tools, tool choice, whether OpenAI's older `functions` API was used, the field that names the choice),
+    with `functions` / `function_call` translated into tools and a tool choice."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    choice, legacy = req.tool_choice, False
+    if tools is None and req.functions:
+        tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in req.functions]
+        fc = req.function_call
+        choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
+        legacy = True
+    if choice is not None and not isinstance(choice, (str, dict)):
+        choice = choice.model_dump()
+    legacy_field = legacy or (req.function_call is not None and req.tool_choice is None)
+    return tools, choice, legacy, "function_call" if legacy_field else "tool_choice"
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict]:
@@ -95,83 +62,59 @@ def _message(parsed, legacy: bool) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = request.app.state.glmkit
-    llm = state.require_model(req.model)
-    fmt = llm.chat_format
-    plan = ToolPlan(req, fmt)
+    client = state.require_model(req.model)
+    tools, choice, legacy, choice_field = _tool_request(req)
     character = req.character.model_dump() if req.character else None
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
     try:
-        prompt_ids = llm.render_chat(_messages(req), plan.tools, character) + plan.prefix
+        prompt = client.chat.render(_messages(req), tools, character, choice, choice_field=choice_field)
+        params = client.chat.sampling_params(request_params(req, req.max_completion_tokens or req.max_tokens,
+                                                            logprobs),
+                                             len(prompt.prompt_ids), client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e, "messages")
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, llm, len(prompt_ids), req.max_completion_tokens or req.max_tokens, logprobs,
-                             fmt.stop_token_ids)
-    params.skip_special_tokens = False
     state.admit()
     request_id, created = sse.random_id("chatcmpl-"), sse.now()
     if req.stream:
-        return EngineStream(_stream(state, llm, req, plan, prompt_ids, params, request_id, created), state.release)
+        return EngineStream(_stream(client, req, prompt, params, legacy, request_id, created), state.release)
     try:
-        choices = await collect(state.engine, prompt_ids, params, request)
+        result = await collect(client, prompt.prompt_ids, params, request)
     finally:
         state.release()
     out = []
-    for index in sorted(choices):
-        c = choices[index]
-        parsed = fmt.parse(plan.prefix + c["ids"], plan.tools) if plan.tools else fmt.parse(c["ids"])
-        out.append({"index": index, "message": _message(parsed, plan.legacy),
-                    "logprobs": sse.chat_logprobs(llm.tokenizer, c["logprobs"]) if logprobs is not None else None,
-                    "finish_reason": _finish_reason(c["finish_reason"], parsed.tool_calls, plan.legacy)})
-    prompt_tokens, completion_tokens, cached = total_usage(choices)
+    for c in result.outputs:
+        parsed = client.chat.parse(prompt, c.token_ids)
+        out.append({"index": c.index, "message": _message(parsed, legacy),
+                    "logprobs": sse.chat_logprobs(client.tokenizer, c.logprobs or []) if logprobs is not None else None,
+                    "finish_reason": _finish_reason(c.finish_reason, parsed.tool_calls, legacy)})
+    usage = sse.usage(len(prompt.prompt_ids), result.num_output_tokens, result.num_cached_tokens)
     return {"id": request_id, "object": "chat.completion", "created": created, "model": req.model,
-            "system_fingerprint": "glmkit", "choices": out, "usage": sse.usage(prompt_tokens, completion_tokens, cached)}
+            "system_fingerprint": "glmkit", "choices": out, "usage": usage}
 
 
-async def _stream(state, llm, req, plan, prompt_ids, params, request_id, created):
-    fmt, model = llm.chat_format, req.model
+async def _stream(client, req, prompt, params, legacy, request_id, created):
+    model = req.model
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    ids = {i: [] for i in range(req.n)}
-    shown = {i: "" for i in range(req.n)}
+    streams = [client.chat.stream(prompt) for _ in range(req.n)]
     prompt_tokens = completion_tokens = cached = 0
     try:
         for i in range(req.n):
             yield sse.sse(sse.chat_chunk(request_id, model, created, [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]))
-        async for d in state.engine.generate(prompt_ids, params, uuid.uuid4().hex):
-            ids[d.index] += d.token_ids
-            output = (plan.prefix + ids[d.index]) if plan.prefix else ids[d.index]
-            if plan.prefix:
-                display = ""  # a forced call: nothing of it is text
-            elif d.finished and plan.tools:
-                display = fmt.parse(output, plan.tools).content  # what is left once the calls are taken out
-            else:
-                display = fmt.display_text(output, final=d.finished)
-            if plan.tools and not d.finished and _may_be_call(display):
-                display = shown[d.index]  # hold text that may turn out to be a tool call
-            new = display[len(shown[d.index]):] if display.startswith(shown[d.index]) else ""
-            shown[d.index] = display if display.startswith(shown[d.index]) else shown[d.index]
+        async for d in client.generate(prompt.prompt_ids, params, uuid.uuid4().hex):
+            stream = streams[d.index]
+            new = stream.feed(d.token_ids, d.finished)
             if new or (d.logprobs and req.logprobs):
                 choice = {"index": d.index, "delta": {"content": new}, "finish_reason": None,
-                          "logprobs": sse.chat_logprobs(llm.tokenizer, d.logprobs) if req.logprobs and d.logprobs else None}
+                          "logprobs": sse.chat_logprobs(client.tokenizer, d.logprobs) if req.logprobs and d.logprobs else None}
                 yield sse.sse(sse.chat_chunk(request_id, model, created, [choice]))
             if d.finished:
-                calls = fmt.parse(output, plan.tools).tool_calls if plan.tools else []
-                if calls and plan.legacy:
-                    delta = {"function_call": {"name": calls[0].name, "arguments": calls[0].arguments}}
-                    yield sse.sse(sse.chat_chunk(request_id, model, created, [
-                        {"index": d.index, "delta": delta, "logprobs": None, "finish_reason": None}]))
-                elif calls:
-                    for n, call in enumerate(calls):  # the name first, then the arguments, as OpenAI streams them
-                        head = {"index": n, "id": call.id, "type": "function",
-                                "function": {"name": call.name, "arguments": ""}}
-                        args = {"index": n, "function": {"arguments": call.arguments}}
-                        for part in (head, args):
-                            yield sse.sse(sse.chat_chunk(request_id, model, created, [
-                                {"index": d.index, "delta": {"tool_calls": [part]}, "logprobs": None,
-                                 "finish_reason": None}]))
+                calls = stream.result.tool_calls if prompt.tools else []
+                for chunk in _call_chunks(calls, legacy, d.index):
+                    yield sse.sse(sse.chat_chunk(request_id, model, created, [chunk]))
                 yield sse.sse(sse.chat_chunk(request_id, model, created, [
                     {"index": d.index, "delta": {}, "logprobs": None,
-                     "finish_reason": _finish_reason(d.finish_reason, calls, plan.legacy)}]))
+                     "finish_reason": _finish_reason(d.finish_reason, calls, legacy)}]))
                 prompt_tokens, cached = d.num_prompt_tokens, d.num_cached_tokens
                 completion_tokens += d.num_output_tokens
         if include_usage:
@@ -184,3 +127,18 @@ async def _stream(state, llm, req, plan, prompt_ids, params, request_id, created
     except Exception as e:  # noqa: BLE001 - the stream has started; report in-band and end it
         yield sse.sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
                                  "code": "internal_error"}})
+
+
+def _call_chunks(calls, legacy: bool, index: int) -> list[dict]:
+    """The streamed form of a finished choice's tool calls: per call its name, then its arguments, as OpenAI
+    streams them (or one `function_call` delta for the older functions API)."""
+    if calls and legacy:
+        delta = {"function_call": {"name": calls[0].name, "arguments": calls[0].arguments}}
+        return [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]
+    chunks = []
+    for n, call in enumerate(calls):
+        head = {"index": n, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        args = {"index": n, "function": {"arguments": call.arguments}}
+        chunks += [{"index": index, "delta": {"tool_calls": [part]}, "logprobs": None, "finish_reason": None}
+                   for part in (head, args)]
+    return chunks

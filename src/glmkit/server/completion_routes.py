@@ -16,7 +16,7 @@ from .protocol import CompletionRequest
 router = APIRouter()
 
 
-def _prompts(req: CompletionRequest, llm) -> list[list[int]]:
+def _prompts(req: CompletionRequest, client) -> list[list[int]]:
     p = req.prompt
     if isinstance(p, str):
         p = [p]
@@ -25,7 +25,7 @@ def _prompts(req: CompletionRequest, llm) -> list[list[int]]:
     if not p:
         raise APIError(400, "prompt is empty; give a string, a list of strings or token ids", param="prompt")
     try:
-        return [llm.encode_prompt(x) for x in p]
+        return [client.encode_prompt(x) for x in p]
     except GlmkitError as e:
         raise from_glmkit(e, "prompt")
 
@@ -40,42 +40,42 @@ def _logprobs(tokenizer, entries) -> dict:
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     state = request.app.state.glmkit
-    llm = state.require_model(req.model)
-    prompts = _prompts(req, llm)
-    params = [sampling_params(req, llm, len(p), req.max_tokens, req.logprobs, prompt_field="prompt") for p in prompts]
+    client = state.require_model(req.model)
+    prompts = _prompts(req, client)
+    params = [sampling_params(req, client, len(p), req.max_tokens, req.logprobs) for p in prompts]
     for p, sp in zip(prompts, params):  # reject bad prompts with a 400 before anything runs or streams
         try:
-            llm.engine.validate(p, sp)
+            client.validate(p, sp)
         except GlmkitError as e:
             raise from_glmkit(e, "prompt")
     state.admit()
     request_id, created = sse.random_id("cmpl-"), sse.now()
     if req.stream:
-        return EngineStream(_stream(state, llm, req, prompts, params, request_id, created), state.release)
+        return EngineStream(_stream(client, req, prompts, params, request_id, created), state.release)
     try:
-        results = await asyncio.gather(*(collect(state.engine, p, sp, request) for p, sp in zip(prompts, params)))
+        results = await asyncio.gather(*(collect(client, p, sp, request) for p, sp in zip(prompts, params)))
     finally:
         state.release()
     choices, prompt_tokens, completion_tokens = [], 0, 0
-    for k, (prompt, result) in enumerate(zip(prompts, results)):
-        prompt_tokens += len(prompt)
-        for index in sorted(result):
-            c = result[index]
-            completion_tokens += c.get("num_output_tokens", 0)
-            text = (llm.tokenizer.decode(prompt) if req.echo else "") + c["text"]
-            choices.append({"index": k * req.n + index, "text": text, "finish_reason": c["finish_reason"],
-                            "logprobs": _logprobs(llm.tokenizer, c["logprobs"]) if req.logprobs is not None else None})
+    tokenizer = client.tokenizer
+    for k, result in enumerate(results):
+        prompt_tokens += len(result.prompt_token_ids)
+        completion_tokens += result.num_output_tokens
+        echo = tokenizer.decode(result.prompt_token_ids) if req.echo else ""
+        for c in result.outputs:
+            choices.append({"index": k * req.n + c.index, "text": echo + c.text, "finish_reason": c.finish_reason,
+                            "logprobs": _logprobs(tokenizer, c.logprobs or []) if req.logprobs is not None else None})
     return {"id": request_id, "object": "text_completion", "created": created, "model": req.model,
             "system_fingerprint": "glmkit", "choices": choices, "usage": sse.usage(prompt_tokens, completion_tokens)}
 
 
-async def _stream(state, llm, req, prompts, params, request_id, created):
+async def _stream(client, req, prompts, params, request_id, created):
     queue: asyncio.Queue = asyncio.Queue()
     usage = {"prompt": sum(len(p) for p in prompts), "completion": 0}
 
     async def pump(k, prompt, sp):
         try:
-            async for d in state.engine.generate(prompt, sp, uuid.uuid4().hex):
+            async for d in client.generate(prompt, sp, uuid.uuid4().hex):
                 await queue.put((k, d))
         finally:
             await queue.put((k, None))
@@ -92,7 +92,7 @@ async def _stream(state, llm, req, prompts, params, request_id, created):
                 usage["completion"] += d.num_output_tokens
             if d.text or d.finished:
                 choice = {"index": k * req.n + d.index, "text": d.text, "finish_reason": d.finish_reason,
-                          "logprobs": _logprobs(llm.tokenizer, d.logprobs) if req.logprobs is not None and d.logprobs else None}
+                          "logprobs": _logprobs(client.tokenizer, d.logprobs) if req.logprobs is not None and d.logprobs else None}
                 yield sse.sse({"id": request_id, "object": "text_completion", "created": created, "model": req.model,
                                "system_fingerprint": "glmkit", "choices": [choice]})
         for t in tasks:

@@ -1,16 +1,19 @@
 """Shared by the generation routes: request -> SamplingParams, and running one engine request to completion
-or as a stream, aborting it when the client goes away."""
+(a RequestOutput) or as a stream, aborting it when the client goes away. Talks to an EngineClient only."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from ..engine.outputs import OutputCollector, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..errors import ContextLengthError, GlmkitError
+from .engine_client import EngineClient
 from .errors import from_glmkit
 
 
@@ -33,39 +36,37 @@ class EngineStream(StreamingResponse):
                 self._on_close()
 
 
-def sampling_params(req, llm, num_prompt_tokens: int, max_tokens: int | None, logprobs: int | None,
-                    stop_token_ids: list[int] | None = None, prompt_field: str = "messages") -> SamplingParams:
-    """The request's sampling fields; max_tokens is clamped to the room left in the context."""
-    room = llm.engine.max_model_len - num_prompt_tokens
-    if room <= 0:
-        raise from_glmkit(ContextLengthError(num_prompt_tokens, llm.engine.max_model_len), prompt_field)
-    kwargs = dict(n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-                  top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
-                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                  repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed, stop=req.stop,
-                  ignore_eos=req.ignore_eos, max_tokens=min(max_tokens or room, room), logprobs=logprobs,
-                  extra_stop_token_ids=list(stop_token_ids or []))
+def request_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The request's sampling fields as SamplingParams (max_tokens None: until the context is full)."""
     try:
-        return SamplingParams(**kwargs)
+        return SamplingParams(
+            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
+            max_tokens=max_tokens, logprobs=logprobs)
     except GlmkitError as e:
         raise from_glmkit(e)
 
 
-async def collect(engine, prompt_ids: list[int], params: SamplingParams, request: Request) -> dict[int, dict]:
-    """Run one request to the end; -> {choice index: {"ids", "text", "finish_reason", "logprobs", usage...}}.
-    If the client disconnects first, the request is aborted."""
+def sampling_params(req, client: EngineClient, num_prompt_tokens: int, max_tokens: int | None,
+                    logprobs: int | None) -> SamplingParams:
+    """A raw completion's sampling fields; max_tokens is clamped to the room left in the context."""
+    room = client.max_model_len - num_prompt_tokens
+    if room <= 0:
+        raise from_glmkit(ContextLengthError(num_prompt_tokens, client.max_model_len), "prompt")
+    return replace(request_params(req, max_tokens, logprobs), max_tokens=min(max_tokens or room, room))
+
+
+async def collect(client: EngineClient, prompt_ids: list[int], params: SamplingParams,
+                  request: Request) -> RequestOutput:
+    """Run one request to the end. If the client disconnects first, the request is aborted."""
     request_id = uuid.uuid4().hex
-    choices: dict[int, dict] = {}
+    collector = OutputCollector(request_id, prompt_ids, params.n)
 
     async def run():
-        async for d in engine.generate(prompt_ids, params, request_id):
-            c = choices.setdefault(d.index, {"ids": [], "text": "", "logprobs": [], "finish_reason": None})
-            c["ids"] += d.token_ids
-            c["text"] += d.text
-            c["logprobs"] += d.logprobs or []
-            if d.finished:
-                c.update(finish_reason=d.finish_reason, num_prompt_tokens=d.num_prompt_tokens,
-                         num_output_tokens=d.num_output_tokens, num_cached_tokens=d.num_cached_tokens)
+        async for d in client.generate(prompt_ids, params, request_id):
+            collector.add(d)
 
     async def watch_disconnect():
         while not await request.is_disconnected():
@@ -85,10 +86,4 @@ async def collect(engine, prompt_ids: list[int], params: SamplingParams, request
             pass
         raise asyncio.CancelledError()
     task.result()
-    return choices
-
-
-def total_usage(choices: dict[int, dict]) -> tuple[int, int, int]:
-    first = next(iter(choices.values()))
-    return (first.get("num_prompt_tokens", 0), sum(c.get("num_output_tokens", 0) for c in choices.values()),
-            first.get("num_cached_tokens", 0))
+    return collector.result()

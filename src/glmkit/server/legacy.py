@@ -23,7 +23,7 @@ DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, DEFAULT_TEMPERATURE = 2048, 0.7, 0.95
 @router.post("/", response_model=LegacyChatResponse)
 async def legacy_chat(req: LegacyChatRequest, request: Request):
     state = request.app.state.glmkit
-    llm = state.require_model()
+    client = state.require_model()
     # The reply echoes prompt and history; lone surrogates (valid JSON escapes) could not be encoded back.
     history = [[clean_text(x) for x in pair] for pair in req.history or []]
     prompt = clean_text(req.prompt)
@@ -35,29 +35,29 @@ async def legacy_chat(req: LegacyChatRequest, request: Request):
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     messages.append({"role": "user", "content": prompt})
     try:
-        prompt_ids = llm.render_chat(messages)
+        chat_prompt = client.chat.render(messages)
     except GlmkitError as e:
         raise from_glmkit(e, "prompt")
+    num_prompt_tokens = len(chat_prompt.prompt_ids)
     max_length = req.max_length or DEFAULT_MAX_LENGTH
-    if max_length <= len(prompt_ids):
-        raise APIError(400, f"max_length={max_length} counts the prompt too, which already has {len(prompt_ids)} "
+    if max_length <= num_prompt_tokens:
+        raise APIError(400, f"max_length={max_length} counts the prompt too, which already has {num_prompt_tokens} "
                        "tokens; raise max_length or shorten the history", param="max_length", code="invalid_value")
-    room = llm.engine.max_model_len - len(prompt_ids)
-    if room <= 0:
-        raise APIError(400, f"prompt has {len(prompt_ids)} tokens but the model accepts "
-                       f"{llm.engine.max_model_len} (max_model_len); shorten the history", param="history",
+    if num_prompt_tokens >= client.max_model_len:
+        raise APIError(400, f"prompt has {num_prompt_tokens} tokens but the model accepts "
+                       f"{client.max_model_len} (max_model_len); shorten the history", param="history",
                        code="context_length_exceeded")
     try:
-        params = SamplingParams(temperature=req.temperature or DEFAULT_TEMPERATURE, top_p=req.top_p or DEFAULT_TOP_P,
-                                max_tokens=min(max_length - len(prompt_ids), room),
-                                extra_stop_token_ids=llm.chat_format.stop_token_ids, skip_special_tokens=False)
+        params = client.chat.sampling_params(
+            SamplingParams(temperature=req.temperature or DEFAULT_TEMPERATURE, top_p=req.top_p or DEFAULT_TOP_P,
+                           max_tokens=max_length - num_prompt_tokens), num_prompt_tokens, client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e)
     state.admit()
     try:
-        choices = await collect(state.engine, prompt_ids, params, request)
+        result = await collect(client, chat_prompt.prompt_ids, params, request)
     finally:
         state.release()
-    response = llm.chat_format.parse(choices[0]["ids"]).content
+    response = client.chat.parse(chat_prompt, result.token_ids).content
     return {"response": response, "history": history + [[prompt, response]],
             "status": 200, "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}

@@ -1,6 +1,8 @@
-"""GET /metrics: the engine's counters and the HTTP counters in the Prometheus text format."""
+"""GET /metrics: an engine snapshot and the HTTP counters in the Prometheus text format."""
 
 from __future__ import annotations
+
+from ..engine.metrics import EngineSnapshot
 
 
 def _line(name: str, value, labels: dict | None = None) -> str:
@@ -17,7 +19,7 @@ def _histogram(name: str, help_text: str, h) -> list[str]:
     return lines
 
 
-def render_metrics(state) -> str:
+def render_metrics(state, snapshot: EngineSnapshot | None) -> str:
     lines = ["# HELP glmkit_ready 1 once the model is loaded", "# TYPE glmkit_ready gauge",
              _line("glmkit_ready", int(state.ready and not state.load_error)),
              "# TYPE glmkit_http_requests_in_flight gauge", _line("glmkit_http_requests_in_flight", state.in_flight),
@@ -27,11 +29,10 @@ def render_metrics(state) -> str:
     lines.append("# TYPE glmkit_http_request_seconds_total counter")
     for path, seconds in sorted(state.http_seconds.items()):
         lines.append(_line("glmkit_http_request_seconds_total", round(seconds, 6), {"route": path}))
-    if state.llm is not None:
-        engine = state.llm.engine
-        for name, value in engine.counters().items():
+    if snapshot is not None:
+        for name, value in snapshot.gauges.items():
             lines += [f"# TYPE glmkit_{name} gauge", _line(f"glmkit_{name}", value)]
-        s = engine.stats
+        s = snapshot.stats
         for name, value in (("prompt_tokens_total", s.num_prompt_tokens), ("generation_tokens_total", s.num_generated_tokens),
                             ("requests_finished_total", s.num_requests_finished),
                             ("requests_aborted_total", s.num_requests_aborted), ("preemptions_total", s.num_preemptions)):

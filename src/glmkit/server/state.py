@@ -1,6 +1,6 @@
-"""ServerState: what the routes share — the loaded model, the async engine, the embedder, the served names,
-the settings and the HTTP counters. Loading happens on a background thread; until it is done every model
-route answers 503 (never hangs)."""
+"""ServerState: what the routes share — the engine client, the embedder, the served names, the settings and the
+HTTP counters. Loading happens on a background thread; until it is done every model route answers 503 (never
+hangs). Routes reach the model only through the client (`require_model`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .engine_client import EngineClient
 from .errors import APIError
 
 log = logging.getLogger("glmkit")
@@ -28,8 +29,8 @@ class ServerSettings:
 class ServerState:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
-        self.llm = None
-        self.engine = None          # AsyncLLMEngine
+        self.llm = None             # the model loaded in this process (routes use `client`, never this)
+        self.client = None          # EngineClient
         self.embedder = None
         self.load_error: str | None = None
         self.in_flight = 0
@@ -44,18 +45,18 @@ class ServerState:
 
     def load(self) -> None:
         """Load the model (and embedder); run on a background thread at start-up."""
-        from ..engine.async_engine import AsyncLLMEngine
         from ..llm import LLM
+        from .engine_client import LocalEngineClient
 
         try:
             self.llm = LLM(self.settings.model, **self.settings.engine_kwargs)
             if not self.settings.served_model_names:
-                self.settings.served_model_names = [default_served_name(self.llm, self.settings.model)]
+                self.settings.served_model_names = [default_served_name(self.settings.model)]
             if self.settings.embedding_model:
                 from .embeddings import Embedder
 
                 self.embedder = Embedder(self.settings.embedding_model)
-            self.engine = AsyncLLMEngine(self.llm.engine)
+            self.client = LocalEngineClient(self.llm)
             log.info("glmkit: serving %s", ", ".join(self.settings.served_model_names))
         except Exception as e:  # noqa: BLE001 - reported by /health and every route
             self.load_error = f"{type(e).__name__}: {e}"
@@ -63,7 +64,7 @@ class ServerState:
         finally:
             self._ready.set()
 
-    def require_model(self, name: str | None = None):
+    def require_model(self, name: str | None = None) -> EngineClient:
         if not self.ready:
             raise APIError(503, "the model is still loading; retry in a few seconds", "server_error",
                            code="model_loading", headers={"Retry-After": "5"})
@@ -73,7 +74,7 @@ class ServerState:
             raise APIError(404, f"model={name!r} is not served here; served models: "
                            f"{', '.join(self.settings.served_model_names)}", "not_found_error", "model",
                            "model_not_found")
-        return self.llm
+        return self.client
 
     def admit(self) -> None:
         if self.in_flight >= self.settings.max_queue:
@@ -86,7 +87,7 @@ class ServerState:
         self.in_flight -= 1
 
 
-def default_served_name(llm, model: str | None) -> str:
+def default_served_name(model: str | None) -> str:
     if model is None:
         from ..models import default
 

@@ -1,0 +1,238 @@
+"""The chat-serving layer: one `ChatServing` per loaded model takes a conversation from messages (+ tools and
+the request's tool choice) to prompt ids, to sampling parameters, to incremental display text, to the one
+parse of the final output. The LLM API, the OpenAI and legacy routes and the terminal all go through it, so
+the display and tool-call rules exist once.
+
+Streaming is linear: a `ChatStream` decodes only a small window per step and keeps only a bounded unsettled
+tail of text (chat/display.py), so each id costs O(1) amortized however long the answer already is.
+
+Knows the ChatFormat contract (render, parse, forced_call_prefix, stop_token_ids, and the display hooks
+`replacements`, `hidden_spans`, `segment_token`, `call_starts`), SamplingParams and the typed errors. Knows
+nothing of HTTP, pydantic, the engine's scheduling, or OpenAI's older `functions`/`function_call` fields (the
+route translates those into tools and a tool choice before calling `render`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from ..engine.sampling_params import SamplingParams
+from ..errors import ContextLengthError, InvalidParameterError
+from .display import CallGate, EdgeTrim, SpanFilter, TextDecoder
+from .messages import normalize_tools
+from .tool_calls import ParsedOutput
+
+# How a tool call written as text begins: JSON, a code fence, a Hermes tag. With tools declared, an answer
+# starting like this is held until the end, when the parse decides whether it was a call.
+CALL_STARTS = ("```", "{", "[", "<tool_call>")
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+@dataclass
+class ChatPrompt:
+    """A rendered conversation: what `render` returns and `stream`/`parse` take back."""
+    prompt_ids: list[int]                                   # the conversation plus any forced tool-call prefix
+    prefix_ids: list[int] = field(default_factory=list)     # that prefix: the output's first ids when parsing
+    tools: list[dict] | None = None                         # the tools shown to the model; None: none declared
+
+
+def check_tool_choice(choice, choice_field: str) -> None:
+    if choice is None or (isinstance(choice, str) and choice in TOOL_CHOICES):
+        return
+    if isinstance(choice, Mapping) and choice.get("type", "function") == "function":
+        function = choice.get("function")
+        if isinstance(function, Mapping) and isinstance(function.get("name"), str):
+            return
+    raise InvalidParameterError(choice_field, choice, 'must be "none", "auto", "required" or '
+                                '{"type": "function", "function": {"name": ...}}')
+
+
+class ChatServing:
+    def __init__(self, chat_format):
+        self.chat_format = chat_format
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return self.chat_format.stop_token_ids
+
+    def render(self, messages, tools=None, character=None, tool_choice=None, *,
+               choice_field: str = "tool_choice") -> ChatPrompt:
+        """Messages -> prompt ids. `tool_choice`: None | "auto" | "none" | "required" |
+        {"type": "function", "function": {"name": ...}}; errors about it name `choice_field` (a route
+        translating OpenAI's older `function_call` passes that name)."""
+        shown_tools, prefix = self._tool_plan(normalize_tools(tools), tool_choice, choice_field)
+        ids = self.chat_format.render(messages, tools=shown_tools, character=character)
+        return ChatPrompt(ids + prefix, prefix, shown_tools)
+
+    def _tool_plan(self, tools: list[dict] | None, choice, choice_field: str) -> tuple[list[dict] | None, list[int]]:
+        """-> (the tools shown to the model, the ids that force a call), as the tool choice asks."""
+        check_tool_choice(choice, choice_field)
+        if not tools:
+            if choice not in (None, "none", "auto"):
+                raise InvalidParameterError(choice_field, choice, "asks for a tool call but the request has no "
+                                            f"tools; add `tools` or drop {choice_field}")
+            return None, []
+        if choice == "none":  # the model is not told about the tools at all
+            return None, []
+        names = [t["function"]["name"] for t in tools]
+        if isinstance(choice, Mapping):
+            forced = choice["function"]["name"]
+            if forced not in names:
+                raise InvalidParameterError(choice_field, choice, f"names the function {forced!r}, which is not "
+                                            f"in tools ({', '.join(names)})")
+            tools = [t for t in tools if t["function"]["name"] == forced]
+        elif choice == "required":
+            forced = names[0] if len(names) == 1 else None  # None: a call to any of them
+        else:
+            return tools, []
+        # A format that cannot force a call this way leaves it to the model (and the tools it was shown).
+        return tools, list(self.chat_format.forced_call_prefix(forced) or [])
+
+    def sampling_params(self, params: SamplingParams, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+        """A copy of params for a chat request: the format's stop ids, special tokens kept in the text (the
+        parse needs them), and max_tokens clamped to the room left in the context (None: all of it)."""
+        room = max_model_len - num_prompt_tokens
+        if room <= 0:
+            raise ContextLengthError(num_prompt_tokens, max_model_len)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        stop_ids = list(dict.fromkeys(self.stop_token_ids + list(params.extra_stop_token_ids)))
+        return replace(params, max_tokens=max_tokens, extra_stop_token_ids=stop_ids, skip_special_tokens=False)
+
+    def stream(self, prompt: ChatPrompt) -> ChatStream:
+        """The display of one generation (one per choice)."""
+        return ChatStream(self.chat_format, prompt)
+
+    def parse(self, prompt: ChatPrompt, output_ids: list[int]) -> ParsedOutput:
+        """The final output's content and tool calls (for a request that was not streamed)."""
+        return self.chat_format.parse(prompt.prefix_ids + list(output_ids), prompt.tools)
+
+
+class _Run:
+    """One run of output text: the whole answer, or one ChatGLM3/GLM-4 segment (`metadata line \\n body`,
+    where a non-empty metadata line names a tool: none of that segment is text)."""
+
+    def __init__(self, chat_format, metadata_line: bool):
+        self.decoder = TextDecoder(chat_format.tokenizer.decode)
+        self.spans = SpanFilter(chat_format.replacements, chat_format.hidden_spans, chat_format.hides_span)
+        self.trim = EdgeTrim()
+        self.metadata: list[str] | None = [] if metadata_line else None  # None once the line is read
+        self.num_metadata_chars = 0
+        self.hidden = False
+        self.shown = False  # some of its text has been shown
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        if self.hidden:
+            return ""
+        text = self.decoder.add(ids, final)
+        if self.metadata is not None:
+            text = self._after_metadata(text)
+            if text is None:
+                return ""
+        out = self.trim.push(self.spans.push(text))
+        return out + self.trim.push(self.spans.close()) if final else out
+
+    def _after_metadata(self, text: str) -> str | None:
+        """The body text after the metadata line; None while the line is unfinished or names a tool."""
+        line_end = text.find("\n")
+        if line_end < 0:
+            self.metadata.append(text)
+            self.num_metadata_chars += len(text)
+            return None
+        line = "".join(self.metadata) + text[:line_end]
+        self.metadata = None
+        if line.strip():
+            self.hidden = True  # decoding stops here too: nothing of a tool call is ever shown
+            return None
+        return text[line_end + 1:]
+
+    @property
+    def num_held_chars(self) -> int:
+        return self.spans.num_held_chars + self.trim.num_held_chars + self.num_metadata_chars
+
+
+class ChatStream:
+    """The display text of one generation as its ids arrive; `feed` returns what a UI appends.
+
+    Rules: a forced call (prompt with a prefix) shows nothing. Tool-call segments (ChatGLM3/GLM-4 metadata
+    lines) never show; segments are split on the <|assistant|> id (not on text) and their texts joined by
+    "\\n". Hidden spans (Qwen <tool_call> blocks) show only if, once closed, they are not a readable call.
+    Partial UTF-8 and partial markers are held; the format's post-processing (markers, strip) applies. With
+    tools declared, an answer whose start may be a call is held (CALL_STARTS, plus the format's own). When
+    finished, the one parse sets `result`, and the last delta completes the shown text to `result.content`
+    when that extends it (it always does for plain answers): the display never retracts text.
+    """
+
+    def __init__(self, chat_format, prompt: ChatPrompt):
+        self.result: ParsedOutput | None = None
+        self._format, self._prompt = chat_format, prompt
+        self._output_ids: list[int] = []
+        self._shown: list[str] = []
+        self._silent = bool(prompt.prefix_ids)  # a forced call: nothing of it is text
+        self._stalled = False  # a finished segment without a metadata line: nothing more shows until the end
+        self._gate = CallGate(CALL_STARTS + tuple(chat_format.call_starts(prompt.tools))) if prompt.tools else None
+        token = chat_format.segment_token
+        self._segment_id = chat_format.special(token) if token else None
+        self._any_text = False
+        self._run = _Run(chat_format, self._segment_id is not None)
+
+    @property
+    def num_held_chars(self) -> int:
+        """Text received but not yet settled (for tests and metrics): bounded for ordinary answers."""
+        return self._run.num_held_chars + (self._gate.num_held_chars if self._gate else 0)
+
+    @property
+    def num_held_ids(self) -> int:
+        return self._run.decoder.num_held_ids
+
+    def feed(self, token_ids: list[int], finished: bool = False) -> str:
+        """Append the generation's new ids; return the new display text. O(len(token_ids)) amortized."""
+        if self.result is not None:
+            raise ValueError("this ChatStream has finished; use a new one for the next generation")
+        self._output_ids.extend(token_ids)
+        if finished:
+            return self._finish()
+        if self._silent or self._stalled:
+            return ""
+        text = self._segments(token_ids)
+        if self._gate is not None:
+            text = self._gate.push(text)
+        if text:
+            self._shown.append(text)
+        return text
+
+    def _segments(self, token_ids: list[int]) -> str:
+        if self._segment_id is None:
+            return self._show(self._run.push(token_ids))
+        out, start = [], 0
+        while True:
+            try:
+                end = token_ids.index(self._segment_id, start)
+            except ValueError:
+                break
+            out.append(self._show(self._run.push(token_ids[start:end], final=True)))
+            if self._run.metadata is not None:
+                # A segment ended inside its metadata line: text or call is unknown until the final parse.
+                self._stalled = True
+                return "".join(out)
+            self._run, start = _Run(self._format, True), end + 1
+        out.append(self._show(self._run.push(token_ids[start:])))
+        return "".join(out)
+
+    def _show(self, text: str) -> str:
+        """Segment texts are joined by "\\n" (only non-empty ones, as the parse joins them)."""
+        if text and not self._run.shown:
+            self._run.shown = True
+            if self._any_text:
+                text = "\n" + text
+            self._any_text = True
+        return text
+
+    def _finish(self) -> str:
+        self.result = self._format.parse(self._prompt.prefix_ids + self._output_ids, self._prompt.tools)
+        if self._silent:
+            return ""
+        shown, content = "".join(self._shown), self.result.content
+        # Content that does not extend what was shown (a call segment the parse could not read, now text in
+        # the middle) cannot be streamed without retracting text; the caller has it in `result`.
+        return content[len(shown):] if content.startswith(shown) else ""

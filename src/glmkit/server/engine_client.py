@@ -1,0 +1,66 @@
+"""What the routes hold: an engine client. It offers generate/abort, validate, the context limit, a stats
+snapshot, the tokenizer and the model's chat-serving layer, and nothing else of the engine.
+
+`EngineClient` is the contract; `LocalEngineClient` implements it over a model loaded in this process, whose
+engine it hands to a background thread (routes never touch the thread-owned LLMEngine). A client over a remote
+engine (a replica behind a router) implements the same methods. Knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Protocol
+
+from ..chat.serving import ChatServing
+from ..engine.metrics import EngineSnapshot
+from ..engine.outputs import Delta
+from ..engine.sampling_params import SamplingParams
+from ..tokenizers.base import Tokenizer
+
+
+class EngineClient(Protocol):
+    chat: ChatServing          # render / sampling params / stream display / parse for the model's chat format
+    tokenizer: Tokenizer       # raw prompts of /v1/completions, logprob token texts
+    max_model_len: int
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]: ...
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None: ...
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[Delta]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    async def snapshot(self) -> EngineSnapshot: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalEngineClient:
+    def __init__(self, llm):
+        self._llm = llm
+        self._engine = llm.start_engine_thread()
+        self.chat = llm.chat_serving
+        self.tokenizer = llm.tokenizer
+        self.max_model_len = llm.engine.max_model_len
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return self._llm.encode_prompt(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._engine.validate(prompt_ids, params)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[Delta]:
+        return self._engine.generate(prompt_ids, params, request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._engine.abort(request_id)
+
+    async def snapshot(self) -> EngineSnapshot:
+        """Gauges and counters taken on the engine thread between two steps."""
+        return await asyncio.wrap_future(self._engine.call(lambda engine: engine.snapshot()))
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
