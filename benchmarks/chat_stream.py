@@ -1,7 +1,7 @@
 """Streaming display cost per delta: the old way (decode all ids so far at every delta, then `startswith` over
 the whole text, as the chat route and LLM.stream_chat did) against ChatStream.feed (chat/serving.py).
 
-    python benchmarks/chat_stream.py [--tokens 4000] [--window 500]
+    python benchmarks/chat_stream.py [--tokens 4000] [--window 500] [--route]
 
 Builds a plain answer of N tokens (Chinese, English, rare characters that fall back to bytes, ChatGLM's
 [[训练时间]] marker, blank lines) with the tiny tokenizers the tests train offline (tests/tokenizer_fixtures.py),
@@ -10,6 +10,11 @@ token per delta. Prints the mean time per delta over the first and the last `win
 the ratio last/first: about 1 means the cost of a delta does not grow with the answer (linear streaming). Both
 ways must show the same text (checked). The old way is reproduced here verbatim (it no longer exists in the
 package) so the comparison stays runnable.
+
+With --route it also streams the jinja answer through the real OpenAI chat route: a `glmkit serve` app on a
+tiny random Qwen-style checkpoint, run by uvicorn on 127.0.0.1, whose engine client is replaced by one that
+yields the answer's ids one per delta at once (so the time between two SSE chunks is the route's own work
+per delta: the chat layer, the JSON chunk, the HTTP write), read by httpx as a streaming client.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from tokenizer_fixtures import train_sentencepiece, write_glm4_ranks, write_hf_tokenizer  # noqa: E402
 
 from glmkit.chat import ChatPrompt, ChatServing, get_chat_format  # noqa: E402
-from glmkit.chat.tool_calls import TOOL_CALL_OPEN, hide_hermes_blocks  # noqa: E402
+from glmkit.chat.tool_calls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN  # noqa: E402
 
 PARAGRAPH = ("你好，我是人工智能助手。我的知识截止到[[训练时间]]。龘靐齉 The quick brown fox jumps over the lazy dog. "
              "12345\n\n```python\nprint('hello world')\n```\n  晚上睡不着应该怎么办？ ok 😀 ")
@@ -42,6 +47,20 @@ def old_withhold_partial(text: str, markers: tuple[str, ...] = ()) -> str:
             if text.endswith(marker[:k]):
                 return text[:-k]
     return text
+
+
+def hide_hermes_blocks(text: str) -> str:
+    kept, pos = [], 0
+    while True:
+        start = text.find(TOOL_CALL_OPEN, pos)
+        if start < 0:
+            kept.append(text[pos:])
+            return "".join(kept)
+        kept.append(text[pos:start])
+        end = text.find(TOOL_CALL_CLOSE, start)
+        if end < 0:
+            return "".join(kept)
+        pos = end + len(TOOL_CALL_CLOSE)
 
 
 def old_display_text(f, output_ids: list[int]) -> str:
@@ -109,10 +128,61 @@ def answer_ids(f, num_tokens: int) -> list[int]:
     return (head + f.tokenizer.encode(text))[:num_tokens]
 
 
+def time_route(workdir: Path, tokenizer, ids: list[int]) -> list[float]:
+    """Seconds between consecutive content chunks of one streamed chat answer through the real route."""
+    import asyncio
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+    from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
+
+    from glmkit.engine.outputs import Delta
+    from glmkit.server.app import create_app
+    from glmkit.server.state import ServerSettings
+
+    config = llama_config(tokenizer.vocab_size)
+    model_dir = make_hf_dir(workdir / "qwen", random_llama_state(config), config, workdir / "hf")
+    app = create_app(ServerSettings(model=str(model_dir), embedding_model=None, served_model_names=["tiny"],
+                                    engine_kwargs=dict(dtype="float32", device="cpu", kv_cache_memory_gb=0.02)),
+                     load_in_background=False)
+
+    async def generate(prompt_ids, params, request_id=None):
+        for i, token in enumerate(ids):
+            await asyncio.sleep(0)
+            yield Delta(request_id or "bench", 0, "", [token], "length" if i == len(ids) - 1 else None,
+                        num_prompt_tokens=len(prompt_ids), num_output_tokens=i + 1)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        app.state.glmkit.client.generate = generate
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        arrivals = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][:1] and \
+                        json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    arrivals.append(time.perf_counter())
+        return [b - a for a, b in zip(arrivals, arrivals[1:])]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4000)
     parser.add_argument("--window", type=int, default=500)
+    parser.add_argument("--route", action="store_true", help="also time the real chat route (SSE over HTTP)")
     args = parser.parse_args()
     w = args.window
     us = lambda xs: statistics.fmean(xs) * 1e6  # noqa: E731
@@ -128,6 +198,12 @@ def main() -> None:
             o1, o2, n1, n2 = us(old[:w]), us(old[-w:]), us(new[:w]), us(new[-w:])
             print(f"{name:10} {o1:10.1f} {o2:10.1f} {o2 / o1:10.2f} {n1:10.1f} {n2:10.1f} {n2 / n1:10.2f} "
                   f"{o2 / n2:14.1f}")
+            if name == "jinja":
+                route_tokenizer, route_ids = tokenizer, ids
+        if args.route:
+            gaps = time_route(Path(tmp), route_tokenizer, route_ids)
+            print(f"chat route, SSE over HTTP ({len(gaps) + 1} content chunks): mean us between chunks, first "
+                  f"{us(gaps[:w]):.1f}, last {us(gaps[-w:]):.1f}, ratio {us(gaps[-w:]) / us(gaps[:w]):.2f}")
 
 
 if __name__ == "__main__":

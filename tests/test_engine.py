@@ -3,6 +3,8 @@ logprobs, and the streaming detokenizer."""
 
 import asyncio
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -171,3 +173,48 @@ def test_temperature_zero_equals_argmax_of_logits(llm):
         hidden = llm.model(torch.tensor(prompt), torch.arange(7), AttentionBatch(torch.arange(7), [SeqSlice(0, 7, None)]), kv)
         expected = int(llm.model.compute_logits(hidden[-1:]).argmax())
     assert llm.generate([prompt], greedy(1))[0].token_ids == [expected]
+
+
+def test_llm_calls_go_through_the_engine_thread_once_it_serves(glm_dir):
+    """An LLM whose engine is stepped by the serving thread: its own generate/chat/stream_chat calls, from other
+    threads at the same time, go through that thread and never race it."""
+    llm = LLM(str(glm_dir), dtype="float32", device="cpu")
+    expected = [o.token_ids for o in llm.generate(prompts(), greedy(12))]
+    messages = [{"role": "user", "content": "你好"}]
+    expected_chat = llm.chat(messages, greedy(8))[0].token_ids
+    serving = llm.start_engine_thread()
+    assert llm.start_engine_thread() is serving
+
+    async def served():
+        async def one(prompt):
+            ids = []
+            async for delta in serving.generate(prompt, greedy(12)):
+                ids += delta.token_ids
+            return ids
+        return await asyncio.gather(*(one(p) for p in prompts() * 3))
+
+    def stream_then_leave():
+        pieces = llm.stream_chat(messages, SamplingParams(max_tokens=400, ignore_eos=True))
+        next(pieces)
+        pieces.close()  # aborts the request on the engine thread
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            direct = [pool.submit(lambda: [o.token_ids for o in llm.generate(prompts(), greedy(12))])
+                      for _ in range(2)]
+            chat = pool.submit(lambda: llm.chat(messages, greedy(8))[0].token_ids)
+            left = pool.submit(stream_then_leave)
+            from_loop = asyncio.run(served())
+            assert [f.result(timeout=60) for f in direct] == [expected, expected]
+            assert chat.result(timeout=60) == expected_chat
+            left.result(timeout=60)
+        assert from_loop == expected * 3
+        snapshot = serving.call(lambda engine: engine.snapshot()).result(timeout=10)
+        for _ in range(100):  # the abort of the abandoned stream reaches the engine thread
+            if snapshot.gauges["kv_blocks_used"] == 0:
+                break
+            time.sleep(0.01)
+            snapshot = serving.call(lambda engine: engine.snapshot()).result(timeout=10)
+        assert snapshot.gauges["kv_blocks_used"] == 0 and snapshot.gauges["requests_running"] == 0
+    finally:
+        serving.shutdown()

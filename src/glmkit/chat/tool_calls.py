@@ -174,21 +174,6 @@ def parse_hermes_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     return "".join(kept), calls
 
 
-def hide_hermes_blocks(text: str) -> str:
-    """What a stream may show: text without <tool_call> blocks, closed or still open."""
-    kept, pos = [], 0
-    while True:
-        start = text.find(TOOL_CALL_OPEN, pos)
-        if start < 0:
-            kept.append(text[pos:])
-            return "".join(kept)
-        kept.append(text[pos:start])
-        end = text.find(TOOL_CALL_CLOSE, start)
-        if end < 0:
-            return "".join(kept)
-        pos = end + len(TOOL_CALL_CLOSE)
-
-
 _JSON_FENCE_RE = re.compile(r"\A```(?:json)?[ \t]*\n(.*?)\n?```\Z", re.S)
 
 
