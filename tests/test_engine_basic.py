@@ -1,5 +1,7 @@
 """Generation behaviour on a tiny ChatGLM checkpoint: batching, sampling, stops, limits, abort, preemption."""
 
+import logging
+
 import pytest
 
 from checkpoint_fixtures import make_chatglm_dir
@@ -126,3 +128,13 @@ def test_equal_length_prompts_batched_attention_matches_one_by_one(tmp_path, sp_
     assert counts and set(counts) == {4}  # the four 7-token prompts, once per layer
     alone = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
     assert together == alone
+
+
+def test_the_resolved_configuration_is_logged_once(glm_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="glmkit"):
+        llm = LLM(str(glm_dir), kv_cache_memory_gb=0.25)  # dtype, device, format, length: all "auto"
+    lines = [r.getMessage() for r in caplog.records if "max_num_seqs=" in r.getMessage()]
+    assert len(lines) == 1
+    for part in ("device=cpu", "dtype=float32", "chat_format=chatglm3", "quantization=none",
+                 f"max_model_len={llm.engine.max_model_len}", "kv_cache_memory_gb=0.25", f"model={glm_dir}"):
+        assert part in lines[0], (part, lines[0])

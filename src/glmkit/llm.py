@@ -121,13 +121,15 @@ class LLM:
                                            eos_token_ids=mc.eos_token_ids)
         self.chat_serving = ChatServing(self.chat_format)
         eos = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
-        self.engine = self._build_engine(sorted(eos))
+        kv_budget = self._kv_cache_budget()
+        self.engine = self._build_engine(sorted(eos), kv_budget)
         self._engine_thread: AsyncLLMEngine | None = None
         self.resolved_config = replace(
             self.config, model=str(self.model_dir), device=str(self.device), chat_format=self.chat_format.name,
             dtype=str(self.dtype).removeprefix("torch."), max_model_len=self.engine.max_model_len,
             quantization=self.quantization.mode if self.quantization else "none",
-            num_threads=self.config.num_threads or torch.get_num_threads())
+            num_threads=self.config.num_threads or torch.get_num_threads(),
+            kv_cache_memory_gb=float(f"{kv_budget / 2**30:.4g}"))
         log.info("glmkit: %s kv_blocks=%d", self.resolved_config.summary(), self.engine.blocks.num_blocks)
 
     def start_engine_thread(self) -> AsyncLLMEngine:
@@ -136,16 +138,18 @@ class LLM:
             self._engine_thread = AsyncLLMEngine(self.engine)
         return self._engine_thread
 
-    def _build_engine(self, eos_token_ids: list[int]) -> LLMEngine:
+    def _kv_cache_budget(self) -> int:
+        """Bytes for the KV pool: as configured, else 40% of free GPU memory, else 2 GiB on a CPU."""
+        if self.config.kv_cache_memory_gb is not None:
+            return int(self.config.kv_cache_memory_gb * 2**30)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.4)
+        return 2 * 2**30
+
+    def _build_engine(self, eos_token_ids: list[int], budget: int) -> LLMEngine:
         c = self.config
         per_token = kv_bytes_per_token(self.model, self.dtype)
-        if c.kv_cache_memory_gb is not None:
-            budget = int(c.kv_cache_memory_gb * 2**30)
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * 0.4)
-        else:
-            budget = 2 * 2**30
         num_blocks = max(budget // (per_token * c.block_size) - 1, 1)  # the runner adds one scratch block
         model_len = c.max_model_len or self.model_config.max_position_embeddings
         # Never more blocks than max_num_seqs full-length sequences can use (small models on big GPUs).
