@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glmkit.chat import ChatPrompt, ChatServing, get_chat_format
+from glmkit.chat.serving import display_text
 from glmkit.chat.display import MAX_HELD_IDS, TextDecoder
 from glmkit.engine.sampling_params import SamplingParams
 from glmkit.errors import ContextLengthError, InvalidParameterError
@@ -319,8 +320,8 @@ def test_chunking_never_changes_the_display(tokenizers, name, parts, sizes, with
     assert "".join(by_one[:-1]) == "".join(by_chunks[:-1])  # the same shown before the end, too
     assert "".join(by_one) == "".join(by_chunks)
     if tools is None:
-        assert "".join(by_one[:-1]) == f.display_text(ids)
-        assert "".join(by_one) == f.display_text(ids, final=True) == f.parse(ids).content
+        assert "".join(by_one[:-1]) == display_text(f, ids)
+        assert "".join(by_one) == display_text(f, ids, final=True) == f.parse(ids).content
 
 
 @settings(max_examples=40, deadline=None)
@@ -332,14 +333,14 @@ def test_chunking_never_changes_segmented_display(tokenizers, name, segments, si
     ids = answer_ids(f, *("".join(s) for s in segments))
     by_one = feed(ChatServing(f).stream(ChatPrompt([])), ids)
     by_chunks = feed(ChatServing(f).stream(ChatPrompt([])), ids, tuple(sizes))
-    assert "".join(by_one) == "".join(by_chunks) == f.display_text(ids, final=True) == f.parse(ids).content
+    assert "".join(by_one) == "".join(by_chunks) == display_text(f, ids, final=True) == f.parse(ids).content
 
 
 def test_display_text_is_a_fresh_stream(tokenizers, sp):
     f = make_format("chatglm3", tokenizers)
     ids = answer_ids(f, "  我的知识截止到[[训练时间]]。  ")
-    assert f.display_text(ids) == "我的知识截止到2023年。"
-    assert f.display_text(ids[:-3]) == "我的知识截止到"
+    assert display_text(f, ids) == "我的知识截止到2023年。"
+    assert display_text(f, ids[:-3]) == "我的知识截止到"
 
 
 # --- linear work ------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import re
 import pytest
 
 from glmkit.chat import get_chat_format
+from glmkit.chat.serving import display_text
 from glmkit.chat.tool_calls import (ToolCall, format_python_tool_call, parse_hermes_tool_calls,
                                     parse_python_tool_call)
 
@@ -182,7 +183,7 @@ def stream(f, ids: list[int]) -> tuple[str, list[str]]:
     """Feed ids one at a time as LLM.stream_chat does; return the concatenated deltas and every display."""
     shown, displays = "", []
     for k in range(1, len(ids) + 1):
-        display = f.display_text(ids[:k])
+        display = display_text(f, ids[:k])
         displays.append(display)
         assert display.startswith(shown), (shown, display)  # prefix-stable
         shown = display
@@ -203,7 +204,7 @@ def test_display_text_is_prefix_stable_for_plain_answers(name, sp, g4, hf):
         ids = tokenizer.encode(answer)
     shown, displays = stream(f, ids)
     final = f.parse(ids).content
-    assert f.display_text(ids, final=True) == final
+    assert display_text(f, ids, final=True) == final
     assert final.startswith(shown) and final.endswith("end")
     assert not any("\ufffd" in d for d in displays)
     if name in ("chatglm2", "chatglm3"):  # their post-processing rewrites the marker: never show half of it

@@ -3,7 +3,7 @@
 A format turns normalized messages into prompt token ids (`render`) and a finished generation into visible
 text and tool calls (`parse`). What a streaming UI may show is not computed here: a format only declares its
 display rules (`replacements`, `hidden_spans`/`hides_span`, `segment_token`, `call_starts`), which chat/serving.py's
-ChatStream applies incrementally; `display_text` is a thin wrapper over one. Subclasses implement `_render`;
+ChatStream applies incrementally. Subclasses implement `_render`;
 text-only formats inherit `parse`. Knows nothing of the engine, HTTP or sampling.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from ..errors import InvalidParameterError
 from .messages import normalize_messages, normalize_tools, persona_system_prompt, validate_character
-from .serving import ChatPrompt, ChatStream
 from .tool_calls import ParsedOutput, ToolCall
 
 TRAINING_TIME_MARKER = "[[训练时间]]"
@@ -95,12 +94,6 @@ class ChatFormat:
 
     def parse(self, output_ids: list[int], tools=None) -> ParsedOutput:
         return ParsedOutput(content=self.postprocess(self.tokenizer.decode(output_ids)), tool_calls=[])
-
-    def display_text(self, output_ids: list[int], final: bool = False) -> str:
-        """Visible text of a whole output so far, as a fresh ChatStream shows it (no tools declared).
-        `final=True` (the generation has ended) gives parse(...).content. Streaming callers use ChatStream
-        itself: this decodes all ids on every call."""
-        return ChatStream(self, ChatPrompt([])).feed(list(output_ids), finished=final)
 
 
 class SegmentedFormat(ChatFormat):

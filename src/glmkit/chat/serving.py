@@ -236,3 +236,9 @@ class ChatStream:
         # Content that does not extend what was shown (a call segment the parse could not read, now text in
         # the middle) cannot be streamed without retracting text; the caller has it in `result`.
         return content[len(shown):] if content.startswith(shown) else ""
+
+
+def display_text(chat_format, output_ids: list[int], final: bool = False) -> str:
+    """The display of a whole output so far, as a fresh ChatStream shows it (no tools declared); with `final`,
+    parse(...).content. Streaming callers keep one ChatStream instead: this decodes every id on each call."""
+    return ChatStream(chat_format, ChatPrompt([])).feed(list(output_ids), finished=final)
