@@ -1,0 +1,196 @@
+"""One terminal chat session: takes a message, makes the conversation fit the context (dropping the oldest
+turns, with a notice), streams the answer through a backend, marks answers that were cut or stopped, and
+prints the optional stats line. Ctrl-C during an answer stops it (the request is aborted) and the session goes
+on; no context problem ever ends the session.
+
+Knows the backend interface (ui/backends.py), the Conversation and the Console; not prompt_toolkit, the
+slash commands or command-line flags.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .backends import Backend, BackendError, ContextOverflow
+from .console import Console
+from .conversation import Conversation
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    finish_reason: str | None = None   # "stop" | "length" | "stopped" (Ctrl-C) | "error"
+    num_tokens: int = 0
+    first_token_s: float | None = None
+    elapsed_s: float = 0.0
+
+
+class StopRequest:
+    """Set by the first Ctrl-C during an answer; the stream stops at its next chunk."""
+    requested = False
+
+
+@contextmanager
+def stop_on_interrupt(raise_at_once: bool):
+    """During an answer Ctrl-C means "stop this answer". With `raise_at_once` (an HTTP read, safe to break
+    anywhere) it raises KeyboardInterrupt; otherwise the first Ctrl-C asks the stream to stop at the next chunk
+    (an engine step is never cut in half) and only a second one raises."""
+    stop = StopRequest()
+
+    def handler(signum, frame):
+        if raise_at_once or stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class ChatSession:
+    def __init__(self, backend: Backend, console: Console, conversation: Conversation, settings: dict,
+                 show_stats: bool):
+        self.backend, self.console, self.conversation = backend, console, conversation
+        self.settings, self.show_stats = settings, show_stats
+
+    def ask(self, text: str) -> Reply | None:
+        """Answer one user message; None when it could not be sent (a one-line reason was printed)."""
+        before = list(self.conversation.messages)  # what a refused message leaves, whatever was dropped trying
+        self.conversation.add("user", text)
+        if not self._fit_local(before):
+            return None
+        num_dropped = 0
+        while True:
+            try:
+                dropped = f"(dropped {_turns(num_dropped)} to fit the server's context)" if num_dropped else None
+                reply = self._stream_reply(dropped)
+                break
+            except ContextOverflow as e:
+                # A server does not say its context size: learn it from the refusal, one turn at a time.
+                if self.backend.max_model_len is None and self.conversation.drop_oldest_turn():
+                    num_dropped += 1
+                    continue
+                self._refuse(before, f"this message does not fit the model's context: {e}")
+                return None
+            except BackendError as e:
+                self._refuse(before, str(e))
+                return None
+        self.conversation.add("assistant", reply.text.strip())
+        self._after(reply)
+        return reply
+
+    def _refuse(self, before: list[dict], message: str) -> None:
+        self.conversation.messages = before
+        self.console.warn(message)
+
+    def _fit_local(self, before: list[dict]) -> bool:
+        """Drop the oldest turns until the conversation plus room for an answer fits max_model_len. The room is
+        max_tokens, but at most half the context, so a large max_tokens still leaves room to talk (a longer
+        answer is cut by the context and marked so)."""
+        limit = self.backend.max_model_len
+        if limit is None:
+            return True
+        room = min(self.settings["max_tokens"] or limit, limit // 2)
+        num_dropped = 0
+        while (num_tokens := self.backend.count_tokens(self.conversation.rendered())) + room > limit:
+            if not self.conversation.drop_oldest_turn():
+                what = " with the system prompt" if self.conversation.system else ""
+                self._refuse(before, f"this message does not fit the {limit}-token context ({num_tokens} tokens{what}, "
+                             f"plus {room} for the answer); shorten it, /clear, or restart with a larger "
+                             "--max-model-len")
+                return False
+            num_dropped += 1
+        if num_dropped:
+            self.console.notice(f"(dropped {_turns(num_dropped)} to fit the {limit}-token context)")
+        return True
+
+    def _stream_reply(self, notice: str | None = None) -> Reply:
+        """Stream one answer to the screen, `notice` just before it. Errors before the first text propagate
+        (nothing was shown yet, so the caller may try again)."""
+        view = _AnswerView(self.console, self.backend.name, notice)
+        reply, start = Reply(), time.monotonic()
+        stream = self.backend.stream(self.conversation.rendered(), self.settings)
+        try:
+            with stop_on_interrupt(self.backend.interruptible) as stop, self.console.typeahead_hidden():
+                try:
+                    for chunk in stream:
+                        if chunk.num_tokens and reply.first_token_s is None:
+                            reply.first_token_s = time.monotonic() - start
+                        reply.num_tokens = chunk.total_tokens or reply.num_tokens + chunk.num_tokens
+                        reply.text += chunk.text
+                        view.show(chunk.text)
+                        reply.finish_reason = chunk.finish_reason or reply.finish_reason
+                        if stop.requested:
+                            reply.finish_reason = "stopped"
+                            break
+                except KeyboardInterrupt:
+                    reply.finish_reason = "stopped"
+                except BackendError as e:
+                    if not view.started:
+                        raise
+                    reply.finish_reason = "error"
+                    self.console.write("\n")
+                    self.console.warn(str(e))
+        finally:
+            stream.close()
+            view.stop_spinner()
+        view.begin()
+        reply.elapsed_s = time.monotonic() - start
+        return reply
+
+    def _after(self, reply: Reply) -> None:
+        """The marks after an answer, its newline, and the stats line."""
+        console = self.console
+        if reply.finish_reason == "stopped":
+            console.marker("[stopped]")
+        elif reply.finish_reason == "length":
+            by_max_tokens = reply.num_tokens >= (self.settings["max_tokens"] or float("inf"))
+            console.marker("[cut: max tokens reached]" if by_max_tokens else "[cut: context full]")
+        if reply.finish_reason != "error":
+            console.write("\n")
+        if self.show_stats:
+            console.notice(stats_line(reply))
+
+
+def stats_line(reply: Reply) -> str:
+    if reply.first_token_s is None:
+        return f"[no tokens, {reply.elapsed_s:.2f}s]"
+    decode_s = reply.elapsed_s - reply.first_token_s
+    rate = (reply.num_tokens - 1) / decode_s if reply.num_tokens > 1 and decode_s > 0 else 0.0
+    return f"[first token {reply.first_token_s:.2f}s, {reply.num_tokens} tokens, {rate:.1f} tok/s]"
+
+
+def _turns(n: int) -> str:
+    return f"{n} earlier turn{'s' if n != 1 else ''}"
+
+
+class _AnswerView:
+    """An answer on the screen: a spinner until the first text, then the notice (if any), the bot's name and
+    the text as it comes."""
+
+    def __init__(self, console: Console, name: str, notice: str | None):
+        self.console, self.name, self.notice = console, name, notice
+        self.spinner = console.start_spinner()
+        self.started = False
+
+    def show(self, text: str) -> None:
+        if text:
+            self.begin()
+            self.console.write_answer(text)
+
+    def begin(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        self.spinner.stop()
+        if self.notice:
+            self.console.notice(self.notice)
+        self.console.answer_header(self.name)
+
+    def stop_spinner(self) -> None:
+        self.spinner.stop()
