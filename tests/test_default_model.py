@@ -55,12 +55,14 @@ def test_default_model_quantization_follows_the_cpu(llm):
         assert llm.quantization is None and llm.dtype.is_floating_point
 
 
-def test_unwritable_cache_quantizes_in_memory(monkeypatch):
+def test_unwritable_cache_quantizes_in_memory(monkeypatch, tmp_path):
     from glmkit import llm as llm_module
     from glmkit.models import export
 
     if not llm_module.cpu_has_bf16():
         pytest.skip("the default model is not quantized on this CPU")
+    # A cache of its own: in the shared one the int8 copy exists already, and a start loads it before anything else.
+    monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))
 
     def unwritable(*args):
         raise PermissionError(13, "Permission denied", "/read-only/cache")
@@ -114,14 +116,23 @@ def test_stream_chat_deltas_add_up(llm):
 
 
 def test_cli_chat_over_a_pipe():
-    script = "What is 2+3? Reply with just the number.\nclear\n你好\nexit\nthis line is never read\n"
+    # Piped input is one message, whatever its lines say (no line is a command).
+    script = "What is 2+3?\nReply with just the number.\n"
     proc = subprocess.run([sys.executable, "-m", "glmkit.cli", "chat", "--temperature", "0", "--max-tokens", "24"],
                           input=script, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "5"
+    assert "format=jinja" in proc.stderr  # the resolved configuration is printed once at start-up
+
+
+def test_cli_chat_line_mode_over_a_pipe():
+    script = "What is 2+3? Reply with just the number.\nexit\n你好\n"
+    proc = subprocess.run([sys.executable, "-m", "glmkit.cli", "chat", "--temperature", "0", "--max-tokens", "24",
+                           "--line-mode", "--stats"], input=script, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert lines[0].strip() == "5"
-    assert len(lines) >= 2 and "never" not in proc.stdout
-    assert "format=jinja" in proc.stderr  # the resolved configuration is printed once at start-up
+    assert proc.stderr.count("[first token") == 3  # `exit` over a pipe is a message too
 
 
 def test_cli_generate_raw_prompt():
@@ -143,8 +154,8 @@ def test_cli_ctrl_c_stops_the_answer_and_keeps_the_session():
     import threading
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "glmkit.cli", "chat", "--temperature", "0", "--max-tokens", "400"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "glmkit.cli", "chat", "--temperature", "0", "--max-tokens", "400",
+                             "--line-mode"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
     reader.start()
@@ -155,10 +166,10 @@ def test_cli_ctrl_c_stops_the_answer_and_keeps_the_session():
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
-    proc.stdin.write("What is 2+3? Reply with just the number.\nexit\n")
-    proc.stdin.flush()
-    assert proc.wait(120) == 0, proc.stderr.read()
+    proc.stdin.write("What is 2+3? Reply with just the number.\n")
+    proc.stdin.close()
+    assert proc.wait(120) == 0
     reader.join(5)
     text = "".join(out)
-    assert "[stopped]" in text
+    assert "[stopped]" in proc.stderr.read()  # over a pipe, markers go to stderr: stdout holds the answers
     assert text.rstrip().splitlines()[-1].strip() == "5"

@@ -25,21 +25,23 @@ from .engine.outputs import Delta, OutputCollector, RequestOutput
 from .engine.runner import ModelRunner, kv_bytes_per_token
 from .engine.sampling_params import SamplingParams
 from .errors import InvalidParameterError, ModelLoadError
+from .models import default
+from .models.default import CPU_QUANTIZATION as DEFAULT_MODEL_CPU_QUANTIZATION, cpu_has_bf16  # noqa: F401
 from .models.loader import load_model, read_config
-from .models.quant import QuantPlan, plan_for
+from .models.quant import QuantPlan, bits_of, plan_for
 from .tokenizers import load_tokenizer
 
 log = logging.getLogger("glmkit")
+steps = logging.getLogger("glmkit.steps")  # one line before each long step (models/gguf.py says why)
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    """A directory with config.json: as given, converted from a GGUF file, or the embedded default model."""
+    """A directory with config.json: as given, converted from a GGUF file, or the embedded default model's
+    float32 conversion."""
     from .models.gguf import ensure_converted
 
     if model is None:
-        from .models.default import default_gguf_path
-
-        return ensure_converted(default_gguf_path())
+        return default.ensure_float_dir()
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {model!r} does not exist; pass a local model directory or .gguf file "
@@ -54,18 +56,36 @@ def resolve_model_dir(model: str | None) -> Path:
     return path
 
 
-# The embedded default model's mode on a CPU with bf16 instructions: the fastest at equal quality in
-# benchmarks/cpu_decode.py and benchmarks/perplexity.py (README, "Quantization").
-DEFAULT_MODEL_CPU_QUANTIZATION = "int8"
+def default_model_dir(requested: str | None) -> Path:
+    """The embedded model's directory for a start that asks for `requested` quantization (None: float).
 
+    A quantized copy is looked for first, without converting anything, so once it exists a start loads it
+    directly. The start that makes it keeps the float32 conversion it was made from only while a start with no
+    flags still needs that: where that start loads float32 (a GPU; a CPU without bf16 instructions, where this
+    copy exists because a flag asked for it), or its own copy is not made yet. Otherwise the 2.4 GB would sit
+    in the cache unused: a later conversion can be made again from the installed parts.
+    """
+    from .models.gguf import remove_orphans
 
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: where bf16 activations (and so the int8/int4 kernels) are fast."""
+    remove_orphans()
+    if requested is None:
+        return default.ensure_float_dir()
+    plan = QuantPlan.fresh(bits_of(requested))
+    copy = default.quantized_dir(plan.tag)
+    if default.is_built(copy):
+        return copy
+    source = default.ensure_float_dir()
+    from .models.export import cached_quantized_copy
+
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        copy = cached_quantized_copy(source, plan)
+    except OSError as e:  # a read-only or full cache: quantize in memory on every start instead
+        log.warning("glmkit: cannot keep a quantized copy of the default model (%s); quantizing in memory", e)
+        return source
+    start_dir = default.default_start_dir()
+    if start_dir != source and default.is_built(start_dir):
+        default.drop_float_dir(start_dir)
+    return copy
 
 
 def _device(config: EngineConfig) -> torch.device:
@@ -80,8 +100,8 @@ def _device(config: EngineConfig) -> torch.device:
 def _requested_quantization(config: EngineConfig, device: torch.device) -> str | None:
     if config.quantization != "auto":
         return None if config.quantization == "none" else config.quantization
-    if config.model is None and device.type == "cpu" and DTYPES[config.dtype] is None and cpu_has_bf16():
-        return DEFAULT_MODEL_CPU_QUANTIZATION
+    if config.model is None and DTYPES[config.dtype] is None:
+        return default.start_quantization(device.type)
     return None
 
 
@@ -93,27 +113,34 @@ def _dtype(config: EngineConfig, device: torch.device, plan: QuantPlan | None) -
     return getattr(torch, name)
 
 
+def default_kv_budget(device: torch.device) -> int:
+    """Bytes for the KV pool when --kv-cache-memory is not given: 40% of free GPU memory, else 2 GiB on a CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.4)
+    return 2 * 2**30
+
+
+def kv_cache_blocks(budget: int, bytes_per_token: int, block_size: int, model_len: int, max_num_seqs: int) -> int:
+    """How many KV blocks a budget buys, never more than max_num_seqs full-length sequences can use (small models
+    on big GPUs). Pure arithmetic, so `glmkit info` can report a pool it does not allocate."""
+    num_blocks = max(budget // (bytes_per_token * block_size) - 1, 1)  # the runner adds one scratch block
+    return min(num_blocks, max_num_seqs * -(-model_len // block_size))
+
+
 class LLM:
     def __init__(self, model: str | None = None, **kwargs):
         self.config = EngineConfig(model=model, **kwargs)
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        self.model_dir = resolve_model_dir(model)
-        self.device = _device(self.config)
+        self.device = _device(self.config)  # first: a missing GPU is reported before a conversion, not after
+        requested = _requested_quantization(self.config, self.device)
+        self.model_dir = default_model_dir(requested) if model is None else resolve_model_dir(model)
         raw_config, self.model_config = read_config(self.model_dir)
-        self.quantization = plan_for(raw_config, _requested_quantization(self.config, self.device))
-        if model is None and self.quantization is not None and self.quantization.source == "fresh":
-            # The embedded model is quantized once and kept next to its conversion: later starts load the copy.
-            from .models.export import cached_quantized_copy
-
-            try:
-                self.model_dir = cached_quantized_copy(self.model_dir, self.quantization)
-                raw_config, self.model_config = read_config(self.model_dir)
-                self.quantization = plan_for(raw_config, None)
-            except OSError as e:  # a read-only or full cache: quantize in memory on every start instead
-                log.warning("glmkit: cannot keep a quantized copy of the default model (%s); quantizing in memory", e)
+        self.quantization = plan_for(raw_config, requested)
         self.dtype = _dtype(self.config, self.device, self.quantization)
         self.tokenizer = load_tokenizer(self.model_dir)
+        steps.info("glmkit: loading %s", self.model_dir)
         self.model = load_model(self.model_dir, self.model_config, self.dtype, self.device, self.quantization)
         mc = self.model_config
         self.chat_format = get_chat_format(self.config.chat_format, tokenizer=self.tokenizer,
@@ -139,21 +166,16 @@ class LLM:
         return self._engine_thread
 
     def _kv_cache_budget(self) -> int:
-        """Bytes for the KV pool: as configured, else 40% of free GPU memory, else 2 GiB on a CPU."""
+        """Bytes for the KV pool: as configured, else the device's default."""
         if self.config.kv_cache_memory_gb is not None:
             return int(self.config.kv_cache_memory_gb * 2**30)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.4)
-        return 2 * 2**30
+        return default_kv_budget(self.device)
 
     def _build_engine(self, eos_token_ids: list[int], budget: int) -> LLMEngine:
         c = self.config
         per_token = kv_bytes_per_token(self.model, self.dtype)
-        num_blocks = max(budget // (per_token * c.block_size) - 1, 1)  # the runner adds one scratch block
         model_len = c.max_model_len or self.model_config.max_position_embeddings
-        # Never more blocks than max_num_seqs full-length sequences can use (small models on big GPUs).
-        num_blocks = min(num_blocks, c.max_num_seqs * -(-model_len // c.block_size))
+        num_blocks = kv_cache_blocks(budget, per_token, c.block_size, model_len, c.max_num_seqs)
         capacity = num_blocks * c.block_size
         max_len = min(model_len, capacity)
         if c.max_model_len and c.max_model_len > capacity:
@@ -230,6 +252,16 @@ class LLM:
                 parsed = serving.parse(prompt, choice.token_ids)
                 choice.text, choice.tool_calls = parsed.content, parsed.tool_calls
         return outputs
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[tuple[str, Delta]]:
+        """Yield (text delta, engine delta) for one raw prompt (no chat format) as the engine produces them; the
+        texts add up to `generate(prompt)`'s text. Closing the iterator aborts the request."""
+        deltas = self._deltas([(self.encode_prompt(prompt), params or SamplingParams(), uuid.uuid4().hex)])
+        try:
+            for d in deltas:
+                yield d.text, d
+        finally:
+            deltas.close()
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
                     tools: list[dict] | None = None, character: dict | None = None) -> Iterator[tuple[str, Delta]]:

@@ -1,36 +1,149 @@
-"""Command-line arguments shared by the commands and the terminal chat: the model and sampling flags, and what
-they become (LLM keyword arguments, SamplingParams). Knows argparse and the LLM API; not the command table."""
+"""Command-line arguments shared by the commands and the terminal chat: the model and sampling flags, the checks
+that run while argparse reads them, and what they become (LLM keyword arguments, SamplingParams).
+
+Every flag is checked here, before torch is imported or anything is loaded, so `--max-tokens 0` fails at once
+and the message names the flag as the user typed it (`--threads`, not `num_threads`), the value, the limit and
+the fix. Knows argparse and the LLM API; not the command table, and nothing of torch (imported lazily).
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
+from typing import Callable
+
+from ..config import DTYPES
+from ..errors import InvalidParameterError
+
+
+def _flag_error(flag: str, text: str, message: str) -> argparse.ArgumentTypeError:
+    # The same `flag=value: message` shape as InvalidParameterError, so every user mistake reads alike.
+    return argparse.ArgumentTypeError(str(InvalidParameterError(flag, _Shown(text), message)))
+
+
+class _Shown(str):
+    """The value as typed, shown bare when it is a number (`--port=0`) and quoted otherwise (`--port='x'`)."""
+
+    def __repr__(self) -> str:
+        text = str(self)
+        try:
+            float(text)
+            return text
+        except ValueError:
+            return repr(text)
+
+
+def integer(flag: str, low: int, high: int | None = None, fix: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high]."""
+    limit = f"must be a whole number from {low} to {high}" if high is not None else f"must be a whole number >= {low}"
+    suffix = f"; {fix}" if fix else ""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise _flag_error(flag, text, limit + suffix) from None
+        if value < low or (high is not None and value > high):
+            raise _flag_error(flag, text, limit + suffix)
+        return value
+
+    return parse
+
+
+def number(flag: str, low: float, high: float | None = None, *, low_open: bool = False,
+           fix: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high], or (low, high] when low_open."""
+    if high is None:
+        limit = f"must be a number {'>' if low_open else '>='} {low:g}"
+    else:
+        limit = f"must be in {'(' if low_open else '['}{low:g}, {high:g}]"
+    suffix = f"; {fix}" if fix else ""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise _flag_error(flag, text, limit + suffix) from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            raise _flag_error(flag, text, limit + suffix)
+        return value
+
+    return parse
+
+
+def one_of(flag: str, names, fix: str = "") -> Callable[[str], str]:
+    """An argparse type: one of `names` (shown in the message, so the user sees every choice)."""
+    def parse(text: str) -> str:
+        if text not in names:
+            raise _flag_error(flag, text, f"must be one of {', '.join(names)}" + (f"; {fix}" if fix else ""))
+        return text
+
+    return parse
+
+
+def existing_path(flag: str, what: str) -> Callable[[str], str]:
+    """An argparse type: a path that exists (only checked; the command opens it later)."""
+    def parse(text: str) -> str:
+        if not Path(text).expanduser().exists():
+            raise _flag_error(flag, text, f"does not exist; {what}")
+        return text
+
+    return parse
+
+
+def _device(text: str) -> str:
+    index = text.removeprefix("cuda:")
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and index.isdigit()):
+        return text
+    raise _flag_error("--device", text, "must be auto, cpu, cuda or cuda:N (N: the GPU's index)")
+
+
+def _chat_format(text: str) -> str:
+    from ..chat import FORMATS  # jinja2, not torch: imported only when the flag is given
+
+    return one_of("--chat-format", FORMATS, "omit it to use the checkpoint's own format")(text)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="local model directory or .gguf file (default: embedded "
-                   "Qwen2.5-Coder-0.5B-Instruct)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--chat-format", default=None,
+                   "Qwen2.5-Coder-0.5B-Instruct)", type=existing_path(
+                       "--model", "pass a local model directory or .gguf file (glmkit never downloads weights), "
+                       "or omit --model for the embedded default model"))
+    g.add_argument("--dtype", default="auto", type=one_of("--dtype", list(DTYPES)),
+                   help="auto (bfloat16 on GPU and for int8/int4 weights; float32 otherwise), float32, bfloat16, "
+                   "float16")
+    g.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--chat-format", default=None, type=_chat_format,
                    help="chatglm2, chatglm3, characterglm, glm4 or jinja (default: from the checkpoint)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens")
-    g.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache budget in GiB")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--max-model-len", default=None, help="context limit in tokens",
+                   type=integer("--max-model-len", 1, fix="omit it to use the model's own limit"))
+    g.add_argument("--kv-cache-memory", default=None, metavar="GIB", help="KV cache budget in GiB",
+                   type=number("--kv-cache-memory", 0, low_open=True, fix="e.g. --kv-cache-memory 1 (GiB)"))
+    g.add_argument("--threads", default=None, help="CPU threads (default: all cores)",
+                   type=integer("--threads", 1, fix="omit it to use the default"))
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: run the decode step without CUDA graphs")
-    g.add_argument("--quantization", default="auto", choices=("auto", "none", "int8", "int4"),
-                   help="weight-only quantization of the linear layers (auto: as the checkpoint is stored; "
-                   "int8 for the embedded model on a CPU with bf16 instructions)")
+    g.add_argument("--quantization", default="auto", type=one_of("--quantization", ("auto", "none", "int8", "int4")),
+                   help="weight-only quantization of the linear layers: auto, none, int8, int4 (auto: as the "
+                   "checkpoint is stored; int8 for the embedded model on a CPU with bf16 instructions)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
-    g.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens per answer (default {max_tokens})")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--temperature", default=temperature, help=f"0 = greedy (default {temperature})",
+                   type=number("--temperature", 0, 100, fix="0 is greedy, 0.2-1 is usual"))
+    g.add_argument("--top-p", default=top_p, help=f"nucleus sampling mass (default {top_p})",
+                   type=number("--top-p", 0, 1, low_open=True, fix="1 turns nucleus sampling off"))
+    g.add_argument("--top-k", default=0, help="keep the k most likely tokens (0 = off)",
+                   type=integer("--top-k", 0, fix="0 turns top-k off"))
+    g.add_argument("--repetition-penalty", default=1.0, help="> 1 discourages repeats (default 1.0 = off)",
+                   type=number("--repetition-penalty", 0, 10, low_open=True, fix="1 turns it off"))
+    g.add_argument("--max-tokens", default=max_tokens, help=f"tokens per answer (default {max_tokens})",
+                   type=integer("--max-tokens", 1, fix=f"e.g. --max-tokens {max_tokens}"))
+    g.add_argument("--seed", default=None, help="sampling seed, for repeatable answers",
+                   type=integer("--seed", 0, 2**63 - 1, fix="omit it for a random seed"))
 
 
 def engine_kwargs(args) -> dict:

@@ -1,29 +1,46 @@
-"""`glmkit serve`: the OpenAI-compatible API, the legacy ChatGLM `POST /` and embeddings, in one process."""
+"""`glmkit serve`: the OpenAI-compatible API, the legacy ChatGLM `POST /` and embeddings, in one process.
+
+The listening socket is bound before the model loads and handed to uvicorn: a port in use is one line at once
+(not a uvicorn traceback after the load), and nothing can take the port while the model loads. Knows the
+command-line flags and uvicorn; the routes live in server/.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from pathlib import Path
 
 from ..errors import InvalidParameterError
-from .args import add_model_arguments, engine_kwargs
+from .args import add_model_arguments, engine_kwargs, existing_path, integer
 
 log = logging.getLogger("glmkit")
+
+
+def _embedding_model(text: str) -> str:
+    if text in ("default", "none"):
+        return text
+    return existing_path("--embedding-model", "pass a sentence-embedding model directory, 'default' or 'none'")(text)
 
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", default=8000, help="TCP port (default 8000)",
+                   type=integer("--port", 1, 65535, fix="e.g. --port 8000"))
     g.add_argument("--served-model-name", action="append", default=[], help="name(s) clients use (repeatable)")
     g.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable)")
-    g.add_argument("--api-key-file", default=None, help="file with one accepted key per line")
+    g.add_argument("--api-key-file", default=None, help="file with one accepted key per line",
+                   type=existing_path("--api-key-file", "pass a file with one key per line"))
     g.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin (repeatable; '*' for any)")
-    g.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
-    g.add_argument("--embedding-model", default="default",
+    g.add_argument("--max-queue", default=256, help="requests in flight before answering 429 (default 256)",
+                   type=integer("--max-queue", 1, fix="e.g. --max-queue 256"))
+    g.add_argument("--embedding-model", default="default", type=_embedding_model,
                    help="sentence-embedding model directory, 'default' (all-MiniLM-L6-v2) or 'none'")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
+    g.add_argument("--max-num-seqs", default=64, help="requests decoded together (default 64)",
+                   type=integer("--max-num-seqs", 1, fix="e.g. --max-num-seqs 64"))
 
 
 def api_keys(args) -> list[str]:
@@ -31,24 +48,58 @@ def api_keys(args) -> list[str]:
     if args.api_key_file:
         try:
             keys += [line.strip() for line in Path(args.api_key_file).read_text().splitlines() if line.strip()]
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise InvalidParameterError("--api-key-file", args.api_key_file, f"cannot be read ({e})")
     return keys
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (not yet listening), or an error that says which flag to change."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise InvalidParameterError("--host", host, f"cannot be resolved ({e.strerror}); use an address of this "
+                                    "machine, e.g. --host 127.0.0.1 or --host 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    # As uvicorn does: a port left in TIME_WAIT by a server that just stopped is free to reuse.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        other = port + 1 if port < 65535 else 8000
+        if e.errno == errno.EADDRINUSE:
+            message = f"{host}:{port} is already in use; stop the other server or pick another port, e.g. " \
+                      f"--port {other}"
+        elif e.errno == errno.EACCES:
+            message = f"binding {host}:{port} is not permitted (ports below 1024 need administrator rights); " \
+                      f"pick another port, e.g. --port 8000"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            raise InvalidParameterError("--host", host, "is not an address of this machine; use e.g. --host "
+                                        "127.0.0.1 (this machine only) or --host 0.0.0.0 (every interface)") from None
+        else:
+            message = f"cannot listen on {host}:{port} ({e.strerror}); pick another port, e.g. --port {other}"
+        raise InvalidParameterError("--port", port, message) from None
+    return sock
+
+
 def main(args) -> int:
+    sock = bind(args.host, args.port)  # first: before minutes of loading
     import uvicorn
 
     from ..server.app import create_app
     from ..server.state import ServerSettings
 
-    if args.max_queue < 1:
-        raise InvalidParameterError("--max-queue", args.max_queue, "must be at least 1")
     settings = ServerSettings(
         model=args.model, served_model_names=args.served_model_name, api_keys=api_keys(args),
         cors_origins=args.cors_origin, max_queue=args.max_queue,
         embedding_model=None if args.embedding_model == "none" else args.embedding_model,
         engine_kwargs=engine_kwargs(args) | dict(max_num_seqs=args.max_num_seqs))
     log.info("glmkit serve: http://%s:%d (auth %s)", args.host, args.port, "on" if settings.api_keys else "off")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    with sock:
+        server.run(sockets=[sock])
+    if not server.started:  # uvicorn logged why (e.g. the app's start-up failed)
+        return 1
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidParameterError
-from .gguf import build_once
+from .gguf import build_once, quantized_copy_dir, steps
 from .loader import load_state_dict, read_config, settle_head
 from .quant import QuantPlan
 
@@ -44,6 +44,8 @@ def save_quantized(model_dir: Path, plan: QuantPlan, out_dir: Path, dtype: torch
         "quantization_config": saved.to_config(), "tie_word_embeddings": config.tie_word_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch.")}
     tmp = out_dir / "model.safetensors.partial"
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    steps.info("glmkit: writing the %s weights (%.1f GB)", plan.mode, size / 1e9)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
     tmp.rename(out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -52,5 +54,5 @@ def save_quantized(model_dir: Path, plan: QuantPlan, out_dir: Path, dtype: torch
 
 def cached_quantized_copy(model_dir: Path, plan: QuantPlan) -> Path:
     """A quantized copy beside `model_dir` (made once, atomically; reused afterwards)."""
-    out = model_dir.with_name(f"{model_dir.name}-{plan.tag}")
+    out = quantized_copy_dir(model_dir, plan.tag)
     return build_once(out, lambda tmp: save_quantized(model_dir, plan, tmp), "config.json")
