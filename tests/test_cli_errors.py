@@ -213,3 +213,13 @@ def _env() -> dict:
     import os
 
     return dict(os.environ)
+
+
+@pytest.mark.parametrize("flag, expected", [((), None), (("--threads", "3"), 3)])
+def test_single_stream_commands_leave_one_core_free(glm_dir, flag, expected):
+    import os
+
+    proc = glmkit("generate", "--model", str(glm_dir), "--prompt", "hi", "--max-tokens", "2", *flag)
+    assert proc.returncode == 0, proc.stderr
+    expected = expected or max(1, len(os.sched_getaffinity(0)) - 1)
+    assert f"num_threads={expected} " in proc.stderr.decode()  # the resolved configuration line

@@ -43,6 +43,7 @@ def test_default_model_is_the_verified_gguf(llm):
     assert digest.hexdigest() == default.SHA256
     assert llm.model_config.model_type == "qwen2" and llm.chat_format.name == "jinja"
     assert llm.model_config.num_layers == 24
+    assert llm.model_config.name == "Qwen2.5-Coder-0.5B-Instruct"  # not the GGUF's own "... AWQ" field
 
 
 def test_default_model_quantization_follows_the_cpu(llm):

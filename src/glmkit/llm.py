@@ -137,6 +137,8 @@ class LLM:
         requested = _requested_quantization(self.config, self.device)
         self.model_dir = default_model_dir(requested) if model is None else resolve_model_dir(model)
         raw_config, self.model_config = read_config(self.model_dir)
+        if model is None:  # the GGUF's own name field says "... AWQ", which this Q4_K_M file is not
+            self.model_config = replace(self.model_config, name=default.NAME)
         self.quantization = plan_for(raw_config, requested)
         self.dtype = _dtype(self.config, self.device, self.quantization)
         self.tokenizer = load_tokenizer(self.model_dir)

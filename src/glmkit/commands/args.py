@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -122,7 +123,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    type=integer("--max-model-len", 1, fix="omit it to use the model's own limit"))
     g.add_argument("--kv-cache-memory", default=None, metavar="GIB", help="KV cache budget in GiB",
                    type=number("--kv-cache-memory", 0, low_open=True, fix="e.g. --kv-cache-memory 1 (GiB)"))
-    g.add_argument("--threads", default=None, help="CPU threads (default: all cores)",
+    g.add_argument("--threads", default=None, help="CPU threads (default: chat and generate leave one core "
+                   "free, serve uses every core)",
                    type=integer("--threads", 1, fix="omit it to use the default"))
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: run the decode step without CUDA graphs")
     g.add_argument("--quantization", default="auto", type=one_of("--quantization", ("auto", "none", "int8", "int4")),
@@ -152,11 +154,23 @@ def engine_kwargs(args) -> dict:
                 enforce_eager=args.enforce_eager)
 
 
+def one_core_free() -> int:
+    """CPU threads for one conversation: every core this process may use but one. With all of them, anything
+    else on the machine stalls PyTorch's threads at their barriers: on the project's 2-core machine, two threads
+    decoded 2.5 tok/s beside one busy process (4.6 alone), one thread 4.3 (4.9 alone): as fast alone, and it
+    does not collapse (benchmarks/threads.py; README, Terminal chat)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable - 1)
+
+
 def load_llm(args, **overrides):
+    """The LLM for a single-stream command (chat, generate, info); `serve` builds its own with every core."""
     # Imported here: LLM pulls in torch, and `glmkit --help` should not wait for it.
     from ..llm import LLM
 
-    return LLM(args.model, **(engine_kwargs(args) | overrides))
+    kwargs = engine_kwargs(args) | overrides
+    kwargs["num_threads"] = kwargs["num_threads"] or one_core_free()
+    return LLM(args.model, **kwargs)
 
 
 def sampling_params(args):
