@@ -18,7 +18,8 @@ import re
 import sys
 
 COMMANDS = {
-    "chat": ("glmkit.ui.terminal", "chat in the terminal with a local model (default: the embedded model)"),
+    "chat": ("glmkit.ui.terminal", "chat in the terminal with a local model (default: the embedded one) or a "
+             "server (--url)"),
     "generate": ("glmkit.commands.generate", "complete one prompt and stream it to standard output"),
     "serve": ("glmkit.commands.serve", "serve the OpenAI-compatible and ChatGLM APIs over HTTP"),
     "info": ("glmkit.commands.info", "show the resolved model, chat format and limits"),
