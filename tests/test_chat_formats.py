@@ -217,7 +217,7 @@ def test_glm4_tools_calls_and_observation(g4):
                 {"role": "assistant", "content": None, "tool_calls": [
                     {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]},
                 {"role": "tool", "content": "晴"}, {"role": "assistant", "content": ""}]
-    system = ("\n" + GLM4_TOOL_PROMPT + "\n\n# 可用工具\n\n## get_weather\n\n"
+    system = ("\n" + GLM4_TOOL_PROMPT + "\n\n# 可用工具\n## get_weather\n\n"
               + json.dumps(WEATHER_TOOLS[0]["function"], ensure_ascii=False, indent=4)
               + "\n在调用上述函数时，请使用 Json 格式表示调用的参数。")
     expected = ([s("[gMASK]"), s("<sop>"), s("<|system|>")] + e(system) + [s("<|user|>")] + e("\n北京天气")
@@ -226,6 +226,34 @@ def test_glm4_tools_calls_and_observation(g4):
     ids = fmt("glm4", g4).render(messages, tools=WEATHER_TOOLS)
     assert ids == expected  # the empty assistant message is skipped, as the template does
     check_golden("glm4_tools.txt", g4.decode(ids, skip_special_tokens=False))
+
+
+# The glm-4-9b-chat checkpoint's chat_template (tokenizer_config.json), its `function` branch; the python,
+# simple_browser and cogview branches, which glmkit does not offer, are left out.
+GLM4_TEMPLATE = (
+    "[gMASK]<sop>{% for item in messages %}{% if item['tools'] is defined %}<|system|>\n" + GLM4_TOOL_PROMPT
+    + "\n\n# 可用工具{% set tools = item['tools'] %}{% for tool in tools %}{% if tool['type'] == 'function' %}\n\n"
+    "## {{ tool['function']['name'] }}\n\n{{ tool['function'] | tojson(indent=4) }}\n在调用上述函数时，请使用 Json 格式"
+    "表示调用的参数。{% endif %}{% endfor %}{% endif %}{% if item['content'] %}<|{{ item['role'] }}|>"
+    "{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>"
+    "{% endif %}")
+
+
+def test_glm4_tools_prompt_is_the_templates_as_transformers_renders_it(g4):
+    import jinja2
+
+    # transformers' apply_chat_template: trim_blocks and lstrip_blocks; tojson keeps key order and non-ASCII text
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    tools = WEATHER_TOOLS + [{"type": "function", "function": {
+        "name": "search", "description": "网页搜索", "parameters": {"type": "object", "properties": {
+            "query": {"type": "string"}}, "required": ["query"]}}}]
+    text = env.from_string(GLM4_TEMPLATE).render(
+        messages=[{"role": "system", "content": None, "tools": tools},
+                  {"role": "user", "content": "北京天气", "metadata": ""}], add_generation_prompt=True)
+    assert "# 可用工具\n## get_weather\n\n{" in text
+    ids = fmt("glm4", g4).render([{"role": "user", "content": "北京天气"}], tools=tools)
+    assert g4.decode(ids, skip_special_tokens=False) == text
 
 
 def test_glm4_injection(g4):

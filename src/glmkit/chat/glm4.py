@@ -23,11 +23,13 @@ FUNCTION_FOOTER = "\n在调用上述函数时，请使用 Json 格式表示调�
 
 
 def tools_block(tools: list[dict]) -> str:
-    """The text after `<|system|>` for a tools list, as the template's tojson(indent=4) writes it."""
+    """The text after `<|system|>` for a tools list, as transformers renders the checkpoint's template: its
+    `tojson(indent=4)` (no key sorting, no ASCII escaping), and `trim_blocks`, which drops the first of the two
+    newlines that follow `{% if tool['type'] == 'function' %}`, so each heading is `\n## name`."""
     text = "\n" + TOOLS_SYSTEM_PROMPT + TOOLS_HEADER
     for tool in tools:
         function = tool["function"]
-        text += f"\n\n## {function['name']}\n\n{json.dumps(function, ensure_ascii=False, indent=4)}{FUNCTION_FOOTER}"
+        text += f"\n## {function['name']}\n\n{json.dumps(function, ensure_ascii=False, indent=4)}{FUNCTION_FOOTER}"
     return text
 
 
