@@ -277,3 +277,28 @@ def test_client_gone_before_the_stream_starts_releases_its_slot(tiny_dir):
         gc.collect()
         assert wait_until(lambda: state_of(app).in_flight == 0, 2), f"in_flight={state_of(app).in_flight}"
         assert c.post(CHAT, json=chat_body(max_tokens=2)).status_code == 200
+
+
+def test_a_model_by_id(client):
+    r = client.get("/v1/models/tiny")
+    assert r.status_code == 200 and r.json()["id"] == "tiny" and r.json()["object"] == "model"
+    assert_openai_error(client.get("/v1/models/no-such-model"), 404, param="model", code="model_not_found",
+                        contains=("tiny",))
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(client):
+    assert_openai_error(client.get("/v1/no-such-route"), 404, param=None, code="not_found",
+                        contains=("/v1/no-such-route",))
+    assert_openai_error(client.get(CHAT), 405, param=None, code="method_not_allowed")
+
+
+def test_default_max_tokens_bounds_a_request_that_sets_none(tiny_dir):
+    app = make_app(tiny_dir, default_max_tokens=5)
+    with TestClient(app) as c:
+        state_of(app).llm.chat_format.stop_token_ids = []  # this app's own: only the length can end the answer
+        body = chat_body(ignore_eos=True)
+        del body["max_tokens"]
+        r = c.post(CHAT, json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 5 and r.json()["choices"][0]["finish_reason"] == "length"
+        assert c.post(CHAT, json=chat_body(ignore_eos=True, max_tokens=7)).json()["usage"]["completion_tokens"] == 7

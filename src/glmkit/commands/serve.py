@@ -39,6 +39,10 @@ def add_arguments(p) -> None:
                    type=integer("--max-queue", 1, fix="e.g. --max-queue 256"))
     g.add_argument("--embedding-model", default="default", type=_embedding_model,
                    help="sentence-embedding model directory, 'default' (all-MiniLM-L6-v2) or 'none'")
+    g.add_argument("--default-max-tokens", default=4096, type=integer("--default-max-tokens", 0, fix="0 lets an "
+                   "answer run until the context is full"), help="answer length for chat requests that set no "
+                   "max_tokens, so a model stuck in a loop cannot hold a slot for the whole context (default 4096; "
+                   "0: until the context is full)")
     g.add_argument("--max-num-seqs", default=64, help="requests decoded together (default 64)",
                    type=integer("--max-num-seqs", 1, fix="e.g. --max-num-seqs 64"))
 
@@ -93,7 +97,7 @@ def main(args) -> int:
 
     settings = ServerSettings(
         model=args.model, served_model_names=args.served_model_name, api_keys=api_keys(args),
-        cors_origins=args.cors_origin, max_queue=args.max_queue,
+        cors_origins=args.cors_origin, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens or None,
         embedding_model=None if args.embedding_model == "none" else args.embedding_model,
         engine_kwargs=engine_kwargs(args) | dict(max_num_seqs=args.max_num_seqs))
     log.info("glmkit serve: http://%s:%d (auth %s)", args.host, args.port, "on" if settings.api_keys else "off")

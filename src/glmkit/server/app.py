@@ -17,12 +17,13 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GlmkitError
 from . import chat_routes, completion_routes, legacy
 from .embeddings import encode_vector
-from .errors import (APIError, api_error_handler, error_body, glmkit_error_handler, unexpected_handler,
-                     validation_handler)
+from .errors import (APIError, api_error_handler, error_body, glmkit_error_handler, http_error_handler,
+                     unexpected_handler, validation_handler)
 from .metrics import render_metrics
 from .protocol import EmbeddingRequest
 from .state import ServerSettings, ServerState
@@ -48,6 +49,7 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     app.state.glmkit = state
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(GlmkitError, glmkit_error_handler)
     app.add_exception_handler(Exception, unexpected_handler)
 
@@ -79,6 +81,16 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
         created = int(state.started)
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "glmkit"}
                                            for n in names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        state.require_model()
+        listed = (await models())["data"]
+        found = [m for m in listed if m["id"] == model_id]
+        if not found:
+            raise APIError(404, f"model={model_id!r} is not served here; served models: "
+                           f"{', '.join(m['id'] for m in listed)}", "not_found_error", "model", "model_not_found")
+        return found[0]
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest):

@@ -68,9 +68,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     try:
         prompt = client.chat.render(_messages(req), tools, character, choice, choice_field=choice_field)
-        params = client.chat.sampling_params(request_params(req, req.max_completion_tokens or req.max_tokens,
-                                                            logprobs),
-                                             len(prompt.prompt_ids), client.max_model_len)
+        max_tokens = req.max_completion_tokens or req.max_tokens or state.settings.default_max_tokens
+        params = client.chat.sampling_params(request_params(req, max_tokens, logprobs), len(prompt.prompt_ids),
+                                             client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e, "messages")
     state.admit()

@@ -73,6 +73,20 @@ async def glmkit_error_handler(request: Request, exc: GlmkitError) -> JSONRespon
     return await api_error_handler(request, from_glmkit(exc))
 
 
+async def http_error_handler(request: Request, exc) -> JSONResponse:
+    """Routing failures (an unknown path, a wrong method) in OpenAI's shape instead of FastAPI's {"detail"}."""
+    if exc.status_code == 404:
+        message, type_, code = (f"no route {request.method} {request.url.path}; the API is described at "
+                                "/openapi.json"), "not_found_error", "not_found"
+    elif exc.status_code == 405:
+        message, type_, code = (f"{request.method} is not allowed on {request.url.path}", "invalid_request_error",
+                                "method_not_allowed")
+    else:
+        message, type_, code = str(exc.detail), "invalid_request_error", None
+    return JSONResponse(error_body(message, type_, None, code), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
 async def unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("internal error on %s %s", request.method, request.url.path)
     return JSONResponse(error_body("internal server error; see the server log", "server_error", None,

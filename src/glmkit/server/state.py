@@ -23,6 +23,7 @@ class ServerSettings:
     api_keys: list[str] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)
     max_queue: int = 256
+    default_max_tokens: int | None = 4096                # chat requests without max_tokens (None: the context)
     embedding_model: str | None = "default"             # "default", a path, or None (no embeddings)
 
 
