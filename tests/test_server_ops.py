@@ -1,6 +1,7 @@
 """Server API: /metrics, client disconnects on a real uvicorn server, and a schemathesis fuzz of every POST route."""
 
 import json
+import logging
 import re
 import threading
 import time
@@ -226,3 +227,24 @@ def test_fuzz_post_routes_never_5xx(fuzz_env, path, mode, examples):
     run()
     state = state_of(app)
     assert wait_until(lambda: state.in_flight == 0 and state.llm.engine.counters()["kv_blocks_used"] == 0, 5)
+
+
+def test_a_client_leaving_a_non_streamed_request_is_one_quiet_line(live_server, monkeypatch, caplog):
+    url, state = live_server
+    engine = state.llm.engine
+    step = engine.step
+
+    def slow_step():  # the answer cannot be ready before the client gives up
+        time.sleep(0.01)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # where a traceback would go; it does not reach the root
+    uvicorn_log.addHandler(caplog.handler)
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + CHAT, json=chat_body(max_tokens=400, ignore_eos=True), timeout=0.5)
+        assert wait_until(lambda: any("left; its request was aborted" in r.getMessage() for r in caplog.records), 10)
+        assert wait_until(lambda: state.llm.engine.counters()["kv_blocks_used"] == 0, 10)
+    uvicorn_log.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.exc_info], "a client that left logged a traceback"

@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import GlmkitError
 from . import chat_routes, completion_routes, legacy
 from .embeddings import encode_vector
-from .errors import (APIError, api_error_handler, error_body, glmkit_error_handler, http_error_handler,
-                     unexpected_handler, validation_handler)
+from .errors import (APIError, api_error_handler, disconnected_handler, error_body, glmkit_error_handler,
+                     http_error_handler, unexpected_handler, validation_handler)
+from .generation import ClientDisconnected
 from .metrics import render_metrics
 from .protocol import EmbeddingRequest
 from .state import ServerSettings, ServerState
@@ -50,6 +51,7 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(ClientDisconnected, disconnected_handler)
     app.add_exception_handler(GlmkitError, glmkit_error_handler)
     app.add_exception_handler(Exception, unexpected_handler)
 

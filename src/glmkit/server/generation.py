@@ -17,6 +17,10 @@ from .engine_client import EngineClient
 from .errors import from_glmkit
 
 
+class ClientDisconnected(Exception):
+    """The client left before its (non-streamed) answer was ready; the request has been aborted."""
+
+
 class EngineStream(StreamingResponse):
     """An SSE response that, however it ends (done, client gone, error), closes its generator (which aborts
     the engine request) and frees the request's queue slot."""
@@ -84,6 +88,6 @@ async def collect(client: EngineClient, prompt_ids: list[int], params: SamplingP
             await task
         except asyncio.CancelledError:
             pass
-        raise asyncio.CancelledError()
+        raise ClientDisconnected()
     task.result()
     return collector.result()
