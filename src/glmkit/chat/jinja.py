@@ -215,7 +215,9 @@ class JinjaFormat(ChatFormat):
     def forced_call_prefix(self, name: str | None) -> list[int] | None:
         if "<tool_call>" not in (self.template_source or ""):
             return None
-        text = "<tool_call>\n" if name is None else f'<tool_call>\n{{"name": "{name}", "arguments": '
+        # No space after "arguments": a trailing space tokenizes alone, while the model's own next token there is
+        # ` {"` (space and brace together); forced onto a lone space it continued with numbers, not an object.
+        text = "<tool_call>\n" if name is None else f'<tool_call>\n{{"name": "{name}", "arguments":'
         return self.tokenizer.encode_with_special_tokens(text)
 
     def parse(self, output_ids: list[int], tools=None) -> ParsedOutput:
