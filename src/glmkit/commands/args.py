@@ -35,21 +35,27 @@ class _Shown(str):
             return repr(text)
 
 
-def integer(flag: str, low: int, high: int | None = None, fix: str = "") -> Callable[[str], int]:
-    """An argparse type: a whole number in [low, high]."""
-    limit = f"must be a whole number from {low} to {high}" if high is not None else f"must be a whole number >= {low}"
+def _checked(flag: str, convert: Callable[[str], float], ok: Callable[[float], bool], limit: str,
+             fix: str) -> Callable[[str], float]:
+    """An argparse type: convert(text), refused with one line naming the flag unless ok(value)."""
     suffix = f"; {fix}" if fix else ""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
             raise _flag_error(flag, text, limit + suffix) from None
-        if value < low or (high is not None and value > high):
+        if not ok(value):
             raise _flag_error(flag, text, limit + suffix)
         return value
 
     return parse
+
+
+def integer(flag: str, low: int, high: int | None = None, fix: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high]."""
+    limit = f"must be a whole number from {low} to {high}" if high is not None else f"must be a whole number >= {low}"
+    return _checked(flag, int, lambda v: low <= v and (high is None or v <= high), limit, fix)
 
 
 def number(flag: str, low: float, high: float | None = None, *, low_open: bool = False,
@@ -59,19 +65,12 @@ def number(flag: str, low: float, high: float | None = None, *, low_open: bool =
         limit = f"must be a number {'>' if low_open else '>='} {low:g}"
     else:
         limit = f"must be in {'(' if low_open else '['}{low:g}, {high:g}]"
-    suffix = f"; {fix}" if fix else ""
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise _flag_error(flag, text, limit + suffix) from None
-        too_low = value <= low if low_open else value < low
-        if not math.isfinite(value) or too_low or (high is not None and value > high):
-            raise _flag_error(flag, text, limit + suffix)
-        return value
+    def ok(v: float) -> bool:
+        above = v > low if low_open else v >= low
+        return math.isfinite(v) and above and (high is None or v <= high)
 
-    return parse
+    return _checked(flag, float, ok, limit, fix)
 
 
 def one_of(flag: str, names, fix: str = "") -> Callable[[str], str]:
