@@ -76,43 +76,30 @@ def test_render_without_tools_and_with_auto_or_none(tokenizers):
     f = make_format("chatglm3", tokenizers)
     serving = ChatServing(f)
     plain = serving.render(MESSAGES)
-    assert plain == ChatPrompt(f.render(MESSAGES), [], None)
+    assert plain == ChatPrompt(f.render(MESSAGES), None, None)
     assert serving.stop_token_ids == f.stop_token_ids
     for choice in (None, "auto"):
         prompt = serving.render(MESSAGES, TOOLS, tool_choice=choice)
-        assert prompt.prompt_ids == f.render(MESSAGES, tools=TOOLS) and prompt.prefix_ids == []
+        assert prompt.prompt_ids == f.render(MESSAGES, tools=TOOLS) and prompt.structured is None
         assert prompt.tools == TOOLS
     none = serving.render(MESSAGES, TOOLS, tool_choice="none")  # the model is not shown the tools at all
-    assert none == ChatPrompt(f.render(MESSAGES), [], None)
+    assert none == ChatPrompt(f.render(MESSAGES), None, None)
     assert serving.render(MESSAGES, [], tool_choice="none").tools is None
 
 
-def test_render_forces_a_named_function(tokenizers, sp):
+def test_render_forces_a_call_by_grammar_not_by_prompt(tokenizers):
     f = make_format("chatglm3", tokenizers)
     serving = ChatServing(f)
     prompt = serving.render(MESSAGES, TOOLS, tool_choice={"type": "function", "function": {"name": "search"}})
     assert prompt.tools == [TOOLS[1]]
-    assert prompt.prefix_ids == sp.encode("search\n")
-    assert prompt.prompt_ids == f.render(MESSAGES, tools=[TOOLS[1]]) + prompt.prefix_ids
-    # "required" with one tool forces that one; with several, ChatGLM3 cannot force "any" (no prefix).
-    assert serving.render(MESSAGES, TOOLS[:1], tool_choice="required").prefix_ids == sp.encode("get_weather\n")
+    assert prompt.prompt_ids == f.render(MESSAGES, tools=[TOOLS[1]])  # nothing appended: the model writes it
+    assert '"search\\n"' in prompt.structured.grammar and "get_weather" not in prompt.structured.grammar
+    assert prompt.structured.source == "tool_choice"
     several = serving.render(MESSAGES, TOOLS, tool_choice="required")
-    assert several.prefix_ids == [] and several.tools == TOOLS
-
-
-def test_render_required_in_a_hermes_template(hf):
-    f = get_chat_format("jinja", tokenizer=hf, model_type="test",
-                        template=QWEN_TEMPLATE + "{#- calls are written as <tool_call> blocks -#}")
-    serving = ChatServing(f)
-    prompt = serving.render(MESSAGES, TOOLS, tool_choice="required")
-    assert prompt.prefix_ids == hf.encode_with_special_tokens("<tool_call>\n")
-    forced = serving.render(MESSAGES, TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert hf.decode(forced.prefix_ids) == '<tool_call>\n{"name": "get_weather", "arguments":'
-    assert hf.decode(forced.prefix_ids[-1:]).strip()  # never a lone space token for the model to continue from
-    # The output continues after the prefix; parse sees prefix + output.
-    out = hf.encode('{"city": "北京"}}\n</tool_call>')
-    parsed = serving.parse(forced, out)
-    assert parsed.content == "" and json.loads(parsed.tool_calls[0].arguments) == {"city": "北京"}
+    assert several.tools == TOOLS and "get_weather" in several.structured.grammar
+    assert "search" in several.structured.grammar
+    legacy = serving.render(MESSAGES, TOOLS, tool_choice="required", choice_field="function_call")
+    assert legacy.structured.source == "function_call"
 
 
 @pytest.mark.parametrize("tools, choice, field, words", [
@@ -155,20 +142,22 @@ def test_sampling_params_clamp_and_stop_ids(tokenizers):
     f = make_format("glm4", tokenizers)
     serving = ChatServing(f)
     params = SamplingParams(temperature=0.3, max_tokens=None, extra_stop_token_ids=[7])
-    out = serving.sampling_params(params, num_prompt_tokens=100, max_model_len=1000)
+    out = serving.sampling_params(params, ChatPrompt([1] * 100), max_model_len=1000)
     assert out.max_tokens == 900 and out.temperature == 0.3 and not out.skip_special_tokens
     assert out.extra_stop_token_ids == f.stop_token_ids + [7]
     assert params.max_tokens is None and params.skip_special_tokens  # a copy
-    assert serving.sampling_params(SamplingParams(max_tokens=50), 100, 1000).max_tokens == 50
-    assert serving.sampling_params(SamplingParams(max_tokens=5000), 100, 1000).max_tokens == 900
-    assert serving.sampling_params(SamplingParams(), 999, 1000).max_tokens == 1
+    assert serving.sampling_params(SamplingParams(max_tokens=50), ChatPrompt([1] * 100), 1000).max_tokens == 50
+    assert serving.sampling_params(SamplingParams(max_tokens=5000), ChatPrompt([1] * 100), 1000).max_tokens == 900
+    assert serving.sampling_params(SamplingParams(), ChatPrompt([1] * 999), 1000).max_tokens == 1
+    json_prompt = serving.render(MESSAGES, response_format={"type": "json_object"})
+    assert serving.sampling_params(SamplingParams(), json_prompt, 1000).structured == json_prompt.structured
 
 
 @pytest.mark.parametrize("num_prompt_tokens", [1000, 1200])
 def test_sampling_params_without_room(tokenizers, num_prompt_tokens):
     serving = ChatServing(make_format("chatglm3", tokenizers))
     with pytest.raises(ContextLengthError) as e:
-        serving.sampling_params(SamplingParams(max_tokens=10), num_prompt_tokens, 1000)
+        serving.sampling_params(SamplingParams(max_tokens=10), ChatPrompt([1] * num_prompt_tokens), 1000)
     assert f"prompt has {num_prompt_tokens} tokens but the model accepts 1000 (max_model_len)" in str(e.value)
 
 
@@ -229,8 +218,8 @@ def test_a_segment_without_its_metadata_line_stalls_until_the_end(tokenizers, sp
 
 # --- streaming: tool calls never show --------------------------------------------------------------------
 
-def tool_stream(f, ids, tools=TOOLS, prefix=()):
-    stream = ChatServing(f).stream(ChatPrompt([], list(prefix), tools))
+def tool_stream(f, ids, tools=TOOLS):
+    stream = ChatServing(f).stream(ChatPrompt([], tools))
     return stream, feed(stream, ids)
 
 
@@ -295,7 +284,7 @@ def test_a_forced_call_shows_nothing(tokenizers, sp):
     serving = ChatServing(f)
     prompt = serving.render(MESSAGES, TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
     stream = serving.stream(prompt)
-    deltas = feed(stream, sp.encode("```python\ntool_call(location='北京')\n```"))
+    deltas = feed(stream, answer_ids(f, "```python\ntool_call(location='北京')\n```", metadata=("get_weather",)))
     assert deltas == [""] * len(deltas)
     [call] = stream.result.tool_calls
     assert call.name == "get_weather" and json.loads(call.arguments) == {"location": "北京"}

@@ -241,12 +241,16 @@ class LLM:
         return self._run(encoded, self._params_list(params, len(encoded)))
 
     def chat(self, messages, params: SamplingParams | None = None, *, tools: list[dict] | None = None,
-             character: dict | None = None) -> list[RequestOutput]:
-        """One conversation (a list of message dicts) or a list of conversations."""
+             character: dict | None = None, tool_choice=None, response_format: dict | None = None,
+             parallel_tool_calls: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of message dicts) or a list of conversations. `tool_choice` and
+        `response_format` take the OpenAI chat API's values; a forced call or a JSON answer is held to its
+        grammar (choice.text then parses with json.loads; choice.tool_calls has the call)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         serving, limit = self.chat_serving, self.engine.max_model_len
-        prompts = [serving.render(conv, tools, character) for conv in conversations]
-        params = [serving.sampling_params(p, len(prompt.prompt_ids), limit)
+        prompts = [serving.render(conv, tools, character, tool_choice, response_format=response_format,
+                                  parallel_tool_calls=parallel_tool_calls) for conv in conversations]
+        params = [serving.sampling_params(p, prompt, limit)
                   for p, prompt in zip(self._params_list(params, len(prompts)), prompts)]
         outputs = self._run([prompt.prompt_ids for prompt in prompts], params)
         for prompt, out in zip(prompts, outputs):
@@ -266,11 +270,11 @@ class LLM:
             deltas.close()
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
-                    tools: list[dict] | None = None, character: dict | None = None) -> Iterator[tuple[str, Delta]]:
+                    tools: list[dict] | None = None, character: dict | None = None, tool_choice=None,
+                    response_format: dict | None = None) -> Iterator[tuple[str, Delta]]:
         """Yield (display text delta, engine delta) for one conversation; closing the iterator aborts it."""
-        prompt = self.chat_serving.render(messages, tools, character)
-        params = self.chat_serving.sampling_params(params or SamplingParams(), len(prompt.prompt_ids),
-                                                   self.engine.max_model_len)
+        prompt = self.chat_serving.render(messages, tools, character, tool_choice, response_format=response_format)
+        params = self.chat_serving.sampling_params(params or SamplingParams(), prompt, self.engine.max_model_len)
         streams = [self.chat_serving.stream(prompt) for _ in range(params.n)]
         deltas = self._deltas([(prompt.prompt_ids, params, uuid.uuid4().hex)])
         try:

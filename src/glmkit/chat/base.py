@@ -70,11 +70,14 @@ class ChatFormat:
                 add_generation_prompt: bool) -> list[int]:
         raise NotImplementedError
 
-    def forced_call_prefix(self, name: str | None) -> list[int] | None:
-        """Ids that, appended to the generation prompt, make the model answer with a tool call (to `name`, or
-        to any tool when None). Callers prepend the same ids to the output before `parse`. None: this format
-        cannot force a call that way."""
+    def call_grammar(self, tools: list[dict], parallel: bool) -> str | None:
+        """Lark rules defining `calls`: an output that is a call to one of `tools` (several with `parallel`)
+        in this format's syntax (chat/grammars.py). None: this format has no tool-call syntax."""
         return None
+
+    def answer_grammar(self, body: str) -> str:
+        """The Lark expression of a plain answer whose text matches `body`."""
+        return body
 
     # -- output ------------------------------------------------------------------------------------------
     def postprocess(self, text: str) -> str:
@@ -118,10 +121,9 @@ class SegmentedFormat(ChatFormat):
     def _parse_call(self, metadata: str, body: str, tools) -> ToolCall | None:
         raise NotImplementedError
 
-    def forced_call_prefix(self, name: str | None) -> list[int] | None:
-        # The model writes the tool name as the metadata line after <|assistant|>; a call to "any" tool has
-        # no such line to write for it.
-        return None if name is None else self.tokenizer.encode(f"{name}\n")
+    def answer_grammar(self, body: str) -> str:
+        # A text segment: an empty metadata line, then the body (a SentencePiece piece may start with a space).
+        return '" "? "\\n" " "? ' + body
 
     def parse(self, output_ids: list[int], tools=None) -> ParsedOutput:
         texts, calls = [], []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 from .base import CHATGLM_REPLACEMENTS, SegmentedFormat
+from .grammars import chatglm3_calls
 from .tool_calls import ToolCall, dump_arguments, fenced_body, format_python_tool_call, parse_python_tool_call
 
 TOOLS_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
@@ -74,6 +75,9 @@ class ChatGLM3Format(SegmentedFormat):
         if add_generation_prompt:
             ids.append(self.special("<|assistant|>"))
         return ids
+
+    def call_grammar(self, tools: list[dict], parallel: bool) -> str:
+        return chatglm3_calls(tools, parallel, self.special(self.segment_token), INTERPRETER)
 
     def _parse_call(self, metadata: str, body: str, tools) -> ToolCall | None:
         if not metadata:

@@ -13,6 +13,7 @@ import json
 
 from .base import SegmentedFormat
 from .chatglm3 import ROLE_TOKENS, call_turns
+from .grammars import glm4_calls
 from .messages import normalize_tools
 from .tool_calls import ToolCall, declared_tool_names, parse_json_tool_call
 
@@ -61,6 +62,9 @@ class GLM4Format(SegmentedFormat):
         if add_generation_prompt:
             ids.append(self.special("<|assistant|>"))
         return ids
+
+    def call_grammar(self, tools: list[dict], parallel: bool) -> str:
+        return glm4_calls(tools, parallel, self.special(self.segment_token))
 
     def _parse_call(self, metadata: str, body: str, tools) -> ToolCall | None:
         names = declared_tool_names(tools)

@@ -26,6 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import InvalidParameterError, ModelLoadError
 from .base import ChatFormat
+from .grammars import bare_json_calls, hermes_calls
 from .messages import normalize_messages, normalize_tools
 from .tool_calls import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ParsedOutput, declared_tool_names,
                          parse_bare_json_tool_calls, parse_hermes_tool_calls)
@@ -212,13 +213,13 @@ class JinjaFormat(ChatFormat):
         return ids + (self.tokenizer.encode(run) if run else [])
 
     # -- output ------------------------------------------------------------------------------------------
-    def forced_call_prefix(self, name: str | None) -> list[int] | None:
-        if "<tool_call>" not in (self.template_source or ""):
-            return None
-        # No space after "arguments": a trailing space tokenizes alone, while the model's own next token there is
-        # ` {"` (space and brace together); forced onto a lone space it continued with numbers, not an object.
-        text = "<tool_call>\n" if name is None else f'<tool_call>\n{{"name": "{name}", "arguments":'
-        return self.tokenizer.encode_with_special_tokens(text)
+    def call_grammar(self, tools: list[dict], parallel: bool) -> str | None:
+        source = self.template_source or ""
+        if "<tool_call>" in source:
+            return hermes_calls(tools, parallel)
+        if "tools" in source:  # a template that shows tools but has no call tags: calls are bare JSON objects
+            return bare_json_calls(tools)
+        return None
 
     def parse(self, output_ids: list[int], tools=None) -> ParsedOutput:
         text = self.tokenizer.decode(output_ids)

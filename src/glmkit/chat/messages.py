@@ -90,7 +90,9 @@ def _normalize_one(i: int, message) -> dict:
     if message.get("tools") is not None:
         out["tools"] = message["tools"]  # ChatGLM3 system message: rendered verbatim by that format
     calls = list(message.get("tool_calls") or [])
-    if message.get("function_call") is not None:  # the older OpenAI single-call shape
+    # The older OpenAI single-call shape; a client echoing a reply that carried both (glmkit mirrors the first
+    # tool call as `function_call` for ChatGLM3's demo clients) sends the same call twice: tool_calls win.
+    if message.get("function_call") is not None and not calls:
         calls.append({"type": "function", "function": message["function_call"]})
     if calls:
         if role != "assistant":
@@ -121,6 +123,8 @@ def normalize_tools(tools, field: str = "tools") -> list[dict] | None:
     """
     if tools is None:
         return None
+    if isinstance(tools, Mapping):  # the ChatGLM3 demo server also takes a dict
+        tools = demo_tools(tools)
     if not isinstance(tools, (list, tuple)):
         raise InvalidParameterError(field, tools, 'must be a list of {"type": "function", "function": {...}}')
     out = []
@@ -136,6 +140,38 @@ def normalize_tools(tools, field: str = "tools") -> list[dict] | None:
                                         'must be {"name": str, "description": str, "parameters": {...}}')
         out.append(tool if isinstance(tool, dict) else dict(tool))
     return out or None
+
+
+_DEMO_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",
+               "dict": "object"}
+
+
+def demo_tools(tools: Mapping) -> list:
+    """A tools dict as ChatGLM3's demos send it -> a list: one tool (OpenAI or bare function shape), or the
+    composite demo's {name: {"name", "description", "params": [{"name", "description", "type", "required"}]}},
+    whose params become a JSON schema."""
+    if "function" in tools or isinstance(tools.get("name"), str):
+        return [tools]
+    out = []
+    for name, definition in tools.items():
+        if not isinstance(definition, Mapping):
+            return [tools]  # not that shape: reported by the caller's checks
+        function = {k: v for k, v in definition.items() if k != "params"}
+        function.setdefault("name", name)
+        if isinstance(definition.get("params"), list) and "parameters" not in definition:
+            props, required = {}, []
+            for param in definition["params"]:
+                if not isinstance(param, Mapping) or not isinstance(param.get("name"), str):
+                    continue
+                prop = {"description": param.get("description", "")}
+                if param.get("type") in _DEMO_TYPES:
+                    prop["type"] = _DEMO_TYPES[param["type"]]
+                props[param["name"]] = prop
+                if param.get("required"):
+                    required.append(param["name"])
+            function["parameters"] = {"type": "object", "properties": props, "required": required}
+        out.append({"type": "function", "function": function})
+    return out
 
 
 def validate_character(character) -> dict:

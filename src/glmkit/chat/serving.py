@@ -6,8 +6,13 @@ the display and tool-call rules exist once.
 Streaming is linear: a `ChatStream` decodes only a small window per step and keeps only a bounded unsettled
 tail of text (chat/display.py), so each id costs O(1) amortized however long the answer already is.
 
-Knows the ChatFormat contract (render, parse, forced_call_prefix, stop_token_ids, and the display hooks
-`replacements`, `hidden_spans`, `segment_token`, `call_starts`), SamplingParams and the typed errors. Knows
+Structured output: a forced tool call (`tool_choice` "required" or a named function) and a JSON
+`response_format` become a grammar the engine holds the output to (chat/grammars.py, in the format's own call
+syntax), carried by the ChatPrompt into the SamplingParams. The output is generated, never appended to the
+prompt, so streams show what the model wrote and the parse always finds the call.
+
+Knows the ChatFormat contract (render, parse, call_grammar, answer_grammar, stop_token_ids, and the display
+hooks `replacements`, `hidden_spans`, `segment_token`, `call_starts`), SamplingParams and the typed errors. Knows
 nothing of HTTP, pydantic, the engine's scheduling, or OpenAI's older `functions`/`function_call` fields (the
 route translates those into tools and a tool choice before calling `render`).
 """
@@ -15,11 +20,13 @@ route translates those into tools and a tool choice before calling `render`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ..engine.sampling_params import SamplingParams
+from ..engine.structured import StructuredOutput
 from ..errors import ContextLengthError, InvalidParameterError
 from .display import CallGate, EdgeTrim, SpanFilter, TextDecoder
+from .grammars import answer_body, grammar
 from .messages import normalize_tools
 from .tool_calls import ParsedOutput
 
@@ -32,9 +39,9 @@ TOOL_CHOICES = ("none", "auto", "required")
 @dataclass
 class ChatPrompt:
     """A rendered conversation: what `render` returns and `stream`/`parse` take back."""
-    prompt_ids: list[int]                                   # the conversation plus any forced tool-call prefix
-    prefix_ids: list[int] = field(default_factory=list)     # that prefix: the output's first ids when parsing
-    tools: list[dict] | None = None                         # the tools shown to the model; None: none declared
+    prompt_ids: list[int]
+    tools: list[dict] | None = None                 # the tools shown to the model; None: none declared
+    structured: StructuredOutput | None = None      # what the output is held to (a forced call, a JSON answer)
 
 
 def check_tool_choice(choice, choice_field: str) -> None:
@@ -56,25 +63,34 @@ class ChatServing:
     def stop_token_ids(self) -> list[int]:
         return self.chat_format.stop_token_ids
 
-    def render(self, messages, tools=None, character=None, tool_choice=None, *,
-               choice_field: str = "tool_choice") -> ChatPrompt:
-        """Messages -> prompt ids. `tool_choice`: None | "auto" | "none" | "required" |
-        {"type": "function", "function": {"name": ...}}; errors about it name `choice_field` (a route
-        translating OpenAI's older `function_call` passes that name)."""
-        shown_tools, prefix = self._tool_plan(normalize_tools(tools), tool_choice, choice_field)
+    def render(self, messages, tools=None, character=None, tool_choice=None, *, response_format=None,
+               parallel_tool_calls: bool = True, choice_field: str = "tool_choice") -> ChatPrompt:
+        """Messages -> prompt ids, and the grammar of the output when the request constrains it.
+        `tool_choice`: None | "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}};
+        errors about it name `choice_field` (a route translating OpenAI's older `function_call` passes that
+        name). `response_format`: None | {"type": "text"} | {"type": "json_object"} |
+        {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}."""
+        answer = answer_body(response_format)
+        shown_tools, forced = self._tool_plan(normalize_tools(tools), tool_choice, choice_field)
         ids = self.chat_format.render(messages, tools=shown_tools, character=character)
-        return ChatPrompt(ids + prefix, prefix, shown_tools)
+        calls = self.chat_format.call_grammar(shown_tools, parallel_tool_calls) if shown_tools else None
+        if forced and calls is not None:  # the answer is a call: the response format does not apply to it
+            structured = StructuredOutput(grammar(calls, None), choice_field)
+        else:
+            text = grammar(calls, self.chat_format.answer_grammar(answer)) if answer is not None else None
+            structured = StructuredOutput(text, "response_format") if text else None
+        return ChatPrompt(ids, shown_tools, structured)
 
-    def _tool_plan(self, tools: list[dict] | None, choice, choice_field: str) -> tuple[list[dict] | None, list[int]]:
-        """-> (the tools shown to the model, the ids that force a call), as the tool choice asks."""
+    def _tool_plan(self, tools: list[dict] | None, choice, choice_field: str) -> tuple[list[dict] | None, bool]:
+        """-> (the tools shown to the model, whether a call is forced), as the tool choice asks."""
         check_tool_choice(choice, choice_field)
         if not tools:
             if choice not in (None, "none", "auto"):
                 raise InvalidParameterError(choice_field, choice, "asks for a tool call but the request has no "
                                             f"tools; add `tools` or drop {choice_field}")
-            return None, []
+            return None, False
         if choice == "none":  # the model is not told about the tools at all
-            return None, []
+            return None, False
         names = [t["function"]["name"] for t in tools]
         if isinstance(choice, Mapping):
             forced = choice["function"]["name"]
@@ -82,22 +98,21 @@ class ChatServing:
                 raise InvalidParameterError(choice_field, choice, f"names the function {forced!r}, which is not "
                                             f"in tools ({', '.join(names)})")
             tools = [t for t in tools if t["function"]["name"] == forced]
-        elif choice == "required":
-            forced = names[0] if len(names) == 1 else None  # None: a call to any of them
-        else:
-            return tools, []
-        # A format that cannot force a call this way leaves it to the model (and the tools it was shown).
-        return tools, list(self.chat_format.forced_call_prefix(forced) or [])
+        # "required" (or a name): a format without call syntax leaves it to the model and the tools it was shown
+        return tools, choice == "required" or isinstance(choice, Mapping)
 
-    def sampling_params(self, params: SamplingParams, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    def sampling_params(self, params: SamplingParams, prompt: ChatPrompt, max_model_len: int) -> SamplingParams:
         """A copy of params for a chat request: the format's stop ids, special tokens kept in the text (the
-        parse needs them), and max_tokens clamped to the room left in the context (None: all of it)."""
+        parse needs them), max_tokens clamped to the room left in the context (None: all of it), and the
+        prompt's output grammar (unless params bring their own)."""
+        num_prompt_tokens = len(prompt.prompt_ids)
         room = max_model_len - num_prompt_tokens
         if room <= 0:
             raise ContextLengthError(num_prompt_tokens, max_model_len)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         stop_ids = list(dict.fromkeys(self.stop_token_ids + list(params.extra_stop_token_ids)))
-        return replace(params, max_tokens=max_tokens, extra_stop_token_ids=stop_ids, skip_special_tokens=False)
+        return replace(params, max_tokens=max_tokens, extra_stop_token_ids=stop_ids, skip_special_tokens=False,
+                       structured=params.structured or prompt.structured)
 
     def stream(self, prompt: ChatPrompt) -> ChatStream:
         """The display of one generation (one per choice)."""
@@ -105,7 +120,7 @@ class ChatServing:
 
     def parse(self, prompt: ChatPrompt, output_ids: list[int]) -> ParsedOutput:
         """The final output's content and tool calls (for a request that was not streamed)."""
-        return self.chat_format.parse(prompt.prefix_ids + list(output_ids), prompt.tools)
+        return self.chat_format.parse(list(output_ids), prompt.tools)
 
 
 class _Run:
@@ -154,7 +169,7 @@ class _Run:
 class ChatStream:
     """The display text of one generation as its ids arrive; `feed` returns what a UI appends.
 
-    Rules: a forced call (prompt with a prefix) shows nothing. Tool-call segments (ChatGLM3/GLM-4 metadata
+    Rules: tool-call segments (ChatGLM3/GLM-4 metadata
     lines) never show; segments are split on the <|assistant|> id (not on text) and their texts joined by
     "\\n". Hidden spans (Qwen <tool_call> blocks) show only if, once closed, they are not a readable call.
     Partial UTF-8 and partial markers are held; the format's post-processing (markers, strip) applies. With
@@ -168,7 +183,6 @@ class ChatStream:
         self._format, self._prompt = chat_format, prompt
         self._output_ids: list[int] = []
         self._shown: list[str] = []
-        self._silent = bool(prompt.prefix_ids)  # a forced call: nothing of it is text
         self._stalled = False  # a finished segment without a metadata line: nothing more shows until the end
         self._gate = CallGate(CALL_STARTS + tuple(chat_format.call_starts(prompt.tools))) if prompt.tools else None
         token = chat_format.segment_token
@@ -192,7 +206,7 @@ class ChatStream:
         self._output_ids.extend(token_ids)
         if finished:
             return self._finish()
-        if self._silent or self._stalled:
+        if self._stalled:
             return ""
         text = self._segments(token_ids)
         if self._gate is not None:
@@ -229,9 +243,7 @@ class ChatStream:
         return text
 
     def _finish(self) -> str:
-        self.result = self._format.parse(self._prompt.prefix_ids + self._output_ids, self._prompt.tools)
-        if self._silent:
-            return ""
+        self.result = self._format.parse(self._output_ids, self._prompt.tools)
         shown, content = "".join(self._shown), self.result.content
         # Content that does not extend what was shown (a call segment the parse could not read, now text in
         # the middle) cannot be streamed without retracting text; the caller has it in `result`.

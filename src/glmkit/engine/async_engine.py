@@ -58,6 +58,8 @@ class AsyncLLMEngine:
                        request_id: str | None = None) -> AsyncIterator[Delta]:
         """Yield the request's deltas until every choice has finished. Bad input raises before anything runs."""
         request_id = request_id or uuid.uuid4().hex
+        if params.structured is not None:  # compile a new grammar on a worker thread, not on the event loop
+            await asyncio.to_thread(self.engine.grammars.check, params.structured)
         loop, stream = asyncio.get_running_loop(), asyncio.Queue()
         self.add(prompt_ids, params, request_id, lambda item: loop.call_soon_threadsafe(stream.put_nowait, item))
         remaining = params.n

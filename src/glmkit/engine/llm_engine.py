@@ -24,17 +24,20 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .step import Step, StepRow
+from .structured import Grammars
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, num_blocks: int, block_size: int,
                  max_model_len: int, max_num_seqs: int = 64, max_num_batched_tokens: int = 4096,
-                 eos_token_ids: list[int] | None = None, enable_prefix_caching: bool = True):
+                 eos_token_ids: list[int] | None = None, enable_prefix_caching: bool = True,
+                 grammars: Grammars | None = None):
         self.runner, self.tokenizer = runner, tokenizer
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.max_model_len = max_model_len
         self.vocab_size = runner.vocab_size
         self.eos_token_ids = set(eos_token_ids or [])
+        self.grammars = grammars or Grammars(tokenizer, self.vocab_size)
         self.seqs: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
         self._released: list[int] = []  # seq_ids finished since the last step, for the runner to forget
@@ -50,6 +53,8 @@ class LLMEngine:
             raise ContextLengthError(len(prompt_ids), self.max_model_len)
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError("params", type(params).__name__, "must be a SamplingParams")
+        if params.structured is not None:
+            self.grammars.check(params.structured)  # compiled once; a bad grammar is the request's error
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> None:
         if request_id in self.seqs:
@@ -63,6 +68,8 @@ class LLMEngine:
                 stop_ids |= self.eos_token_ids
             seq = Sequence(request_id, prompt_ids, p, index, stop_ids,
                            IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens))
+            if p.structured is not None:
+                seq.matcher = self.grammars.matcher(p.structured)
             seqs.append(seq)
             self.scheduler.add(seq)
         self.seqs[request_id] = seqs
@@ -85,7 +92,9 @@ class LLMEngine:
                                             for s in seqs)
         sampling = [s for s in seqs if s.num_cached + s.num_scheduled == len(s)]
         run_ahead = self._reserve_next(sampling)  # before the rows: their block tables then include it
-        step = Step([self._row(s) for s in seqs], run_ahead, self._released)
+        rows = [self._row(s) for s in seqs]
+        self._constrain(seqs, rows)
+        step = Step(rows, run_ahead, self._released)
         self._released = []
         samples = self.runner.run(step)
         for seq in seqs:
@@ -95,6 +104,8 @@ class LLMEngine:
         now = time.monotonic()
         deltas = []
         for seq, sample in zip(sampling, samples):
+            if seq.matcher is not None and sample.token_id not in seq.stop_ids:
+                seq.matcher.consume_token(sample.token_id)
             seq.output_ids.append(sample.token_id)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -110,6 +121,16 @@ class LLMEngine:
         return StepRow(seq.seq_id, seq.token_ids(start, end), start, seq.block_table, end == len(seq), p,
                        len(seq.output_ids), seq.stop_ids, seq.prompt_ids if penalties else None,
                        seq.output_ids if penalties else None, seq.num_resets, seq.adapter_id)
+
+    def _constrain(self, seqs: list[Sequence], rows: list[StepRow]) -> None:
+        """Give each sampling row of a constrained sequence the bitmask of the tokens its grammar allows next
+        (filled for all of them at once, in parallel)."""
+        picked = [(seq, row) for seq, row in zip(seqs, rows) if row.sample and seq.matcher is not None]
+        if not picked:
+            return
+        masks = self.grammars.fill([seq.matcher for seq, _ in picked], [seq.stop_ids for seq, _ in picked])
+        for (_, row), mask in zip(picked, masks):
+            row.allowed = mask
 
     def _reserve_next(self, sampling: list[Sequence]) -> bool:
         """For a runner that launches the next decode step ahead: give each sampling sequence the block of the
@@ -160,6 +181,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.stop_reason = stop_reason
+        seq.matcher = None
         self.scheduler.finish(seq, reason)
         self._released.append(seq.seq_id)
         self.stats.num_requests_finished += 1

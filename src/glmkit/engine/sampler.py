@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .step import StepRow
+from .structured import unpack_mask
 
 
 @dataclass
@@ -82,8 +83,26 @@ class Sampler:
     def forget(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
 
+    @staticmethod
+    def constrain(logits: torch.Tensor, rows: list[StepRow]) -> torch.Tensor:
+        """Tokens outside a constrained row's allowed set get the lowest finite logit (before penalties,
+        temperature and cuts; finite, so ChatGLM's non-finite-logits rule still sees only the model's own
+        values). A row whose set is empty (never expected) is left as it is."""
+        where = [i for i, row in enumerate(rows) if row.allowed is not None]
+        if not where:
+            return logits
+        words = torch.stack([rows[i].allowed for i in where])
+        words = words.pin_memory().to(logits.device, non_blocking=True) if logits.device.type == "cuda" else words
+        allowed = unpack_mask(words, logits.shape[-1])
+        allowed |= ~allowed.any(-1, keepdim=True)
+        index = to_device(where, torch.long, logits.device)
+        logits = logits.clone()
+        logits[index] = logits[index].masked_fill(~allowed, torch.finfo(logits.dtype).min)
+        return logits
+
     def __call__(self, logits: torch.Tensor, rows: list[StepRow]) -> list[Sample]:
         """One host synchronisation for the rows that need no per-row work (reading their ids once)."""
+        logits = self.constrain(logits, rows)
         out: list[Sample | None] = [None] * len(rows)
         fast = []
         for i, row in enumerate(rows):
@@ -94,7 +113,7 @@ class Sampler:
         if fast:
             picked = logits if len(fast) == len(rows) else logits.index_select(0, to_device(fast, torch.long,
                                                                                             logits.device))
-            for i, token in zip(fast, self.sample_ids(picked, [rows[i] for i in fast]).tolist()):
+            for i, token in zip(fast, self._draw(picked, [rows[i] for i in fast]).tolist()):
                 out[i] = Sample(token)
         return out
 
@@ -102,6 +121,8 @@ class Sampler:
     def _is_fast(row: StepRow, ahead: int = 0) -> bool:
         """Whether the row can go through the batched pass (`ahead` tokens from now)."""
         p = row.params
+        if ahead and p.structured is not None:  # the next token's allowed set depends on this one
+            return False
         return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
                 and p.seed is None and p.logprobs is None
                 and not (row.num_output + ahead < p.min_tokens and row.stop_ids))
@@ -113,6 +134,9 @@ class Sampler:
     def sample_ids(self, logits: torch.Tensor, rows: list[StepRow]) -> torch.Tensor:
         """logits [R, vocab] of rows without penalties, seeds, logprobs or min_tokens -> R token ids, on the
         logits' device (nothing is read back: the caller decides when)."""
+        return self._draw(self.constrain(logits, rows), rows)
+
+    def _draw(self, logits: torch.Tensor, rows: list[StepRow]) -> torch.Tensor:
         dev, vocab = logits.device, logits.shape[-1]
         if self.invalid_score_token is not None:
             forced = torch.zeros(1, vocab, dtype=logits.dtype, device=dev)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import InvalidParameterError
+from .structured import StructuredOutput
 
 
 @dataclass
@@ -26,6 +27,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # the output is held to this grammar (constrained decoding)
     extra_stop_token_ids: list[int] = field(default_factory=list, repr=False)  # set by chat formats
 
     def __post_init__(self):
@@ -50,6 +52,8 @@ class SamplingParams:
             ("stop", self.stop, all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
              "must be up to 16 non-empty strings"),
             ("seed", self.seed, self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("structured", self.structured, self.structured is None or isinstance(self.structured, StructuredOutput),
+             "must be a StructuredOutput (e.g. StructuredOutput.json_schema(schema))"),
         ]
         for name, value, ok, message in checks:
             if not ok:

@@ -43,6 +43,7 @@ class Sequence:
         self.adapter_id = adapter_id  # None: the base model; salts the prefix-cache hashes of its blocks
         self.text = ""                # detokenized output so far
         self.num_sent = 0             # how much of `text` was handed out (the rest may start a stop string)
+        self.matcher = None           # constrained decoding: the grammar state (engine/structured.py)
 
     @property
     def all_ids(self) -> list[int]:

@@ -1,4 +1,5 @@
-"""The step description the engine hands the model runner: plain values only (ints, lists, SamplingParams).
+"""The step description the engine hands the model runner: plain values only (ints, lists, SamplingParams, and
+a constrained row's allowed-token bitmask).
 
 No Sequence, no BlockManager and no tokenizer cross into the runner, so a step pickles cheaply and a runner can
 live in another process (one per GPU for tensor parallelism). The engine owns every piece of cache bookkeeping
@@ -9,6 +10,10 @@ a Step into tensors, runs the model and samples. Knows nothing of text, chat for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from .sampling_params import SamplingParams
 
@@ -29,6 +34,9 @@ class StepRow:
     output_ids: list[int] | None = None
     num_resets: int = 0           # times the sequence's blocks were taken back: a step run ahead before is stale
     adapter_id: int | None = None  # None: the base model (adapters are served by a later issue)
+    # Constrained decoding: the tokens the sampled one may be, as int32 words on the CPU (bit b of word w is
+    # id 32*w + b); None: any token. Filled by the engine for this step only: such a row cannot run ahead.
+    allowed: torch.Tensor | None = None
 
     @property
     def end(self) -> int:

@@ -19,6 +19,8 @@ router = APIRouter()
 def _tool_request(req: ChatCompletionRequest):
     """(tools, tool choice, whether OpenAI's older `functions` API was used, the field that names the choice),
     with `functions` / `function_call` translated into tools and a tool choice."""
+    if isinstance(req.tools, dict):  # the ChatGLM3 demo server's shape; its clients read `function_call` replies
+        return req.tools, req.tool_choice, True, "tool_choice"
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     choice, legacy = req.tool_choice, False
     if tools is None and req.functions:
@@ -30,6 +32,12 @@ def _tool_request(req: ChatCompletionRequest):
         choice = choice.model_dump()
     legacy_field = legacy or (req.function_call is not None and req.tool_choice is None)
     return tools, choice, legacy, "function_call" if legacy_field else "tool_choice"
+
+
+def _response_format(req: ChatCompletionRequest) -> dict | None:
+    if req.response_format is None:
+        return None
+    return req.response_format.model_dump(exclude_none=True, by_alias=True)
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict]:
@@ -48,7 +56,11 @@ def _finish_reason(reason: str | None, calls, legacy: bool) -> str | None:
     return "stop" if reason == "abort" else reason
 
 
-def _message(parsed, legacy: bool) -> dict:
+# The model name ChatGLM3's demo clients send; their replies also carry the first call as `function_call`.
+CHATGLM3_DEMO_MODEL = "chatglm3-6b"
+
+
+def _message(parsed, legacy: bool, mirror_call: bool = False) -> dict:
     message = {"role": "assistant", "content": parsed.content if parsed.content or not parsed.tool_calls else None}
     if parsed.tool_calls:
         if legacy:
@@ -56,6 +68,9 @@ def _message(parsed, legacy: bool) -> dict:
             message["function_call"] = {"name": call.name, "arguments": call.arguments}
         else:
             message["tool_calls"] = sse.tool_call_dicts(parsed.tool_calls)
+            if mirror_call:  # ChatGLM3's demo clients read the first call from `function_call`
+                first = parsed.tool_calls[0]
+                message["function_call"] = {"name": first.name, "arguments": first.arguments}
     return message
 
 
@@ -67,10 +82,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     character = req.character.model_dump() if req.character else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     try:
-        prompt = client.chat.render(_messages(req), tools, character, choice, choice_field=choice_field)
+        prompt = client.chat.render(_messages(req), tools, character, choice, choice_field=choice_field,
+                                    response_format=_response_format(req), parallel_tool_calls=req.parallel_tool_calls)
         max_tokens = req.max_completion_tokens or req.max_tokens or state.settings.default_max_tokens
-        params = client.chat.sampling_params(request_params(req, max_tokens, logprobs), len(prompt.prompt_ids),
-                                             client.max_model_len)
+        params = client.chat.sampling_params(request_params(req, max_tokens, logprobs), prompt, client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e, "messages")
     state.admit()
@@ -84,7 +99,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     out = []
     for c in result.outputs:
         parsed = client.chat.parse(prompt, c.token_ids)
-        out.append({"index": c.index, "message": _message(parsed, legacy),
+        out.append({"index": c.index, "message": _message(parsed, legacy, req.model == CHATGLM3_DEMO_MODEL),
                     "logprobs": sse.chat_logprobs(client.tokenizer, c.logprobs or []) if logprobs is not None else None,
                     "finish_reason": _finish_reason(c.finish_reason, parsed.tool_calls, legacy)})
     usage = sse.usage(len(prompt.prompt_ids), result.num_output_tokens, result.num_cached_tokens)

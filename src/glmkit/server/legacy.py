@@ -50,7 +50,7 @@ async def legacy_chat(req: LegacyChatRequest, request: Request):
     try:
         params = client.chat.sampling_params(
             SamplingParams(temperature=req.temperature or DEFAULT_TEMPERATURE, top_p=req.top_p or DEFAULT_TOP_P,
-                           max_tokens=max_length - num_prompt_tokens), num_prompt_tokens, client.max_model_len)
+                           max_tokens=max_length - num_prompt_tokens), chat_prompt, client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e)
     state.admit()

@@ -81,15 +81,30 @@ class SamplingFields(Model):
     user: str | None = None
 
 
+class JSONSchemaSpec(Model):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="the JSON schema of the answer")
+    strict: bool | None = Field(None, description="accepted; the answer always follows the schema exactly")
+
+
+class ResponseFormat(Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+
 class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    # A dict is the ChatGLM3 demo server's shape: one tool, or the composite demo's {name: definition, ...}
+    tools: list[Tool] | dict[str, Any] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = Field(None, description="json_schema / json_object: the answer is "
+                                                   "held to the schema by constrained decoding")
     functions: list[FunctionDef] | None = None
     function_call: Literal["none", "auto"] | dict[str, str] | None = None
     character: Character | None = Field(None, description="CharacterGLM profile")

@@ -52,7 +52,10 @@ class ServerState:
         try:
             self.llm = LLM(self.settings.model, **self.settings.engine_kwargs)
             if not self.settings.served_model_names:
-                self.settings.served_model_names = [default_served_name(self.settings.model)]
+                names = [default_served_name(self.settings.model)]
+                if self.llm.chat_format.name == "chatglm3":  # the name ChatGLM3's demos and LangChain send
+                    names.append("chatglm3-6b")
+                self.settings.served_model_names = list(dict.fromkeys(names))
             if self.settings.embedding_model:
                 from .embeddings import load_embedder
 

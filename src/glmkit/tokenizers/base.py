@@ -35,6 +35,11 @@ class Tokenizer(ABC):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Ids -> text. With skip_special_tokens=False, special ids appear as their literal strings."""
 
+    @abstractmethod
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id adds to generated text, by id (None for ids with no text: control ids, gaps).
+        Special ids are listed too but callers look them up in `special_tokens` (constrained decoding)."""
+
     def special_id(self, token: str) -> int:
         try:
             return self.special_tokens[token]

@@ -33,6 +33,17 @@ class ChatGLMSPTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(clean_text(text))
 
+    def token_bytes(self) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for i in range(self.num_sp_tokens):
+            if self.sp.is_byte(i):  # <0x0A> and the like: byte fallback
+                out.append(bytes([int(self.sp.id_to_piece(i)[3:5], 16)]))
+            elif self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i):
+                out.append(None)
+            else:
+                out.append(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out + [tok.encode("utf-8") for tok in SPECIAL_TOKENS]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text, run = [], []
         for i in ids:

@@ -37,6 +37,9 @@ class GLM4Tokenizer(Tokenizer):
         self.enc = tiktoken.Encoding(name="glm4", pat_str=PATTERN, mergeable_ranks=ranks,
                                      special_tokens=self.special_tokens)
         self.num_ranks = start
+        self._bytes = [b""] * start
+        for token, rank in ranks.items():
+            self._bytes[rank] = token
         self.vocab_size = start + len(SPECIAL_TOKENS)
         self.eos_token_id = self.special_tokens["<|endoftext|>"]
         self.pad_token_id = self.eos_token_id
@@ -44,6 +47,9 @@ class GLM4Tokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         # disallowed_special=() encodes special-token strings found in text as ordinary text.
         return self.enc.encode(clean_text(text), disallowed_special=())
+
+    def token_bytes(self) -> list[bytes | None]:
+        return list(self._bytes) + [tok.encode("utf-8") for tok in SPECIAL_TOKENS]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if skip_special_tokens:

@@ -1,0 +1,216 @@
+"""Constrained decoding: a request's output held to a grammar (a JSON schema, any JSON object, a regex, a
+choice of strings, or a Lark grammar) by masking the logits of every token that cannot continue it.
+
+Built on llguidance (a prebuilt wheel with no dependencies): its Lark dialect embeds JSON schemas (`%json`),
+names special tokens (`<[id]>`), and its matcher computes a token bitmask in tens of microseconds. Every kind of
+constraint is carried as one Lark text (`StructuredOutput.grammar`), so the chat layer can combine them (a tool
+call or a JSON answer) and the engine handles one thing.
+
+`Grammars` (one per loaded model) turns the tokenizer into llguidance's token table once, compiles each
+distinct grammar once (callers compile off the engine thread with `check`), and hands each sequence its own
+matcher. The engine fills the bitmask of its constrained rows before a step (`fill`); the sampler applies it
+(sampler.py). Knows tokens and grammars; nothing of chat formats or HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    import torch
+
+# JSON as chat models write it: ", " and ": " separators, no free whitespace (a small model given free
+# whitespace can emit newlines forever).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a request's output must match, as llguidance Lark text; `source` names the request field that
+    asked for it (errors about the grammar name it)."""
+    grammar: str
+    source: str = field(default="structured", compare=False)
+
+    @classmethod
+    def json_schema(cls, schema: dict | str, source: str = "json_schema") -> StructuredOutput:
+        return cls(f"start: {json_rule(schema, source)}\n", source)
+
+    @classmethod
+    def json_object(cls, source: str = "json_object") -> StructuredOutput:
+        return cls.json_schema({"type": "object"}, source)
+
+    @classmethod
+    def regex(cls, pattern: str, source: str = "regex") -> StructuredOutput:
+        return cls(f"start: /{lark_regex(pattern)}/\n", source)
+
+    @classmethod
+    def choice(cls, options: list[str], source: str = "choice") -> StructuredOutput:
+        if not options or not all(isinstance(o, str) and o for o in options):
+            raise InvalidParameterError(source, options, "must be a non-empty list of non-empty strings")
+        return cls("start: " + " | ".join(lark_string(o) for o in options) + "\n", source)
+
+    @classmethod
+    def lark(cls, text: str, source: str = "grammar") -> StructuredOutput:
+        return cls(text if text.endswith("\n") else text + "\n", source)
+
+
+def lark_string(text: str) -> str:
+    """A Lark string literal matching `text` exactly."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def lark_regex(pattern: str) -> str:
+    """A regex as the body of a Lark /.../ literal (slashes escaped; anchors are implied and dropped)."""
+    pattern = pattern.removeprefix("^").removesuffix("$") if not pattern.endswith("\\$") else pattern
+    return re.sub(r"(?<!\\)/", r"\\/", pattern)
+
+
+def json_rule(schema: dict | str, source: str = "json_schema") -> str:
+    """A Lark expression for one JSON value matching `schema`, written the way JSON_STYLE says."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise InvalidParameterError(source, schema[:200], f"is not valid JSON: {e}")
+    if isinstance(schema, bool):
+        schema = {} if schema else {"not": {}}
+    if not isinstance(schema, dict):
+        raise InvalidParameterError(source, schema, "must be a JSON schema object")
+    style = {**JSON_STYLE, **schema.get("x-guidance", {})}
+    return "%json " + json.dumps({**schema, "x-guidance": style}, ensure_ascii=False)
+
+
+class _TokenTable:
+    """What llguidance reads from a tokenizer: the bytes of every id (special tokens prefixed with 0xFF, as its
+    convention marks them), which ids are special, and how to encode text."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokens = token_bytes(tokenizer, vocab_size)
+        self.special_token_ids = sorted(i for i in tokenizer.special_tokens.values() if i < vocab_size)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else \
+            (self.special_token_ids[0] if self.special_token_ids else 0)
+        self.bos_token_id = tokenizer.bos_token_id
+        self._encode = tokenizer.encode
+
+    def __call__(self, text) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._encode(text)
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
+    """The bytes each id stands for in generated text (b"" for ids the tokenizer does not have)."""
+    table = tokenizer.token_bytes()
+    special = {i: name for name, i in tokenizer.special_tokens.items()}
+    out = []
+    for i in range(vocab_size):
+        if i in special:
+            out.append(b"\xff" + special[i].encode("utf-8"))
+        else:
+            out.append(table[i] if i < len(table) and table[i] is not None else b"")
+    return out
+
+
+class Grammars:
+    """The constrained-decoding state of one model: its token table, a cache of compiled grammars, and the
+    executor that fills many sequences' masks in parallel."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_cached: int = 512):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.num_words = (vocab_size + 31) // 32
+        self.max_cached = max_cached
+        self._lltokenizer = None
+        self._executor = None
+        self._compiled: OrderedDict[str, object] = OrderedDict()  # grammar text -> a fresh matcher to copy
+        self._lock = threading.Lock()
+
+    def _llg(self):
+        """(llguidance module, tokenizer): built on first use (about a second for a 150k vocabulary)."""
+        import llguidance
+
+        with self._lock:
+            if self._lltokenizer is None:
+                self._lltokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(
+                    _TokenTable(self.tokenizer, self.vocab_size)), n_vocab=self.vocab_size)
+                self._executor = llguidance.LLExecutor()
+        return llguidance, self._lltokenizer
+
+    def check(self, structured: StructuredOutput) -> None:
+        """Compile `structured` (once; later calls hit the cache). Raises InvalidParameterError naming its
+        source field when the grammar or schema cannot be used. Slow for a new large grammar: call it off the
+        engine thread."""
+        self._template(structured)
+
+    def _template(self, structured: StructuredOutput):
+        with self._lock:
+            found = self._compiled.get(structured.grammar)
+            if found is not None:
+                self._compiled.move_to_end(structured.grammar)
+                return found
+        llguidance, lltokenizer = self._llg()
+        grammar = "%llguidance {}\n" + structured.grammar
+        matcher = llguidance.LLMatcher(lltokenizer, grammar, log_level=0)  # compiles with the GIL released
+        if matcher.is_error():
+            raise InvalidParameterError(structured.source, _shorten(structured.grammar),
+                                        f"cannot be used for constrained decoding: {_first_line(matcher.get_error())}")
+        with self._lock:
+            self._compiled[structured.grammar] = matcher
+            while len(self._compiled) > self.max_cached:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def matcher(self, structured: StructuredOutput):
+        """A fresh matcher for one sequence."""
+        return self._template(structured).deep_copy()
+
+    def fill(self, matchers: list, stop_ids: list[frozenset[int]]) -> torch.Tensor:
+        """The allowed-token bitmask [len(matchers), num_words] (int32; bit b of word w is id 32*w + b) of each
+        sequence's next token. Where the grammar is complete, the sequence's stop ids are allowed (and only
+        they end it); llguidance's own end-of-text id is allowed only if it is one of them."""
+        import torch
+
+        masks = torch.empty(len(matchers), self.num_words, dtype=torch.int32)
+        _, lltokenizer = self._llg()
+        self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], masks.data_ptr(),
+                                               self.num_words * 4, len(matchers))
+        eos = lltokenizer.eos_token
+        for i, (m, stops) in enumerate(zip(matchers, stop_ids)):
+            row = masks[i]
+            if eos not in stops:
+                _set_bit(row, eos, False)
+            if m.is_accepting() or m.is_error():  # an error (never expected) lets the sequence end
+                for t in stops:
+                    if t < self.vocab_size:
+                        _set_bit(row, t, True)
+        return masks
+
+
+def _set_bit(row: torch.Tensor, token: int, on: bool) -> None:
+    word, bit = divmod(token, 32)
+    value = int(row[word]) & 0xFFFFFFFF
+    value = value | (1 << bit) if on else value & ~(1 << bit)
+    row[word] = value - (1 << 32) if value >= 1 << 31 else value
+
+
+def unpack_mask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 words [R, W] -> bool [R, vocab_size] (True: allowed), on the words' device."""
+    import torch
+
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.view(words.shape[0], -1)[:, :vocab_size].bool()
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "invalid grammar"
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
