@@ -9,6 +9,7 @@ from glmkit import LLM, SamplingParams
 from glmkit.engine.block_manager import BlockManager
 from glmkit.engine.scheduler import Scheduler
 from glmkit.engine.sequence import Sequence
+from glmkit.engine.structured import StructuredOutput
 from test_engine_basic import PROMPTS
 
 
@@ -37,12 +38,15 @@ class PicklingRunner:
 def test_a_pickled_step_gives_the_same_outputs(llm, lookahead, monkeypatch):
     params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
               SamplingParams(temperature=1.0, max_tokens=20, seed=3, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, min_tokens=5)]
+              SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, min_tokens=5),
+              # constrained: the row carries its allowed-token bitmask (vocab / 8 bytes)
+              SamplingParams(temperature=0, max_tokens=20, structured=StructuredOutput.regex("[a-z]{3,8}"))]
     monkeypatch.setattr(llm.engine.runner, "lookahead", lookahead)
-    expected = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    prompts = PROMPTS + PROMPTS[:1]
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
     wrapper = PicklingRunner(llm.engine.runner)
     monkeypatch.setattr(llm.engine, "runner", wrapper)
-    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expected
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     # a decode row is a few ids and the params; only rows with penalties carry their earlier tokens
     assert wrapper.sizes and max(wrapper.sizes) < 2000
     assert llm.engine.blocks.num_used == 0

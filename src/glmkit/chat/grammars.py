@@ -66,8 +66,13 @@ def grammar(calls: str | None, answer: str | None) -> str | None:
 
 
 def _params(tool: dict) -> dict:
+    """A tool's parameters schema; arguments it does not declare are not written (unless it allows them)."""
     params = tool["function"].get("parameters")
-    return params if isinstance(params, Mapping) else {"type": "object", "properties": {}}
+    if not isinstance(params, Mapping):
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    if "additionalProperties" not in params and params.get("properties"):
+        return {**params, "additionalProperties": False}
+    return params
 
 
 def _calls(alternatives: list[str], separator: str | None) -> str:

@@ -75,11 +75,13 @@ class ChatServing:
         ids = self.chat_format.render(messages, tools=shown_tools, character=character)
         calls = self.chat_format.call_grammar(shown_tools, parallel_tool_calls) if shown_tools else None
         if forced and calls is not None:  # the answer is a call: the response format does not apply to it
-            structured = StructuredOutput(grammar(calls, None), choice_field)
-        else:
-            text = grammar(calls, self.chat_format.answer_grammar(answer)) if answer is not None else None
-            structured = StructuredOutput(text, "response_format") if text else None
-        return ChatPrompt(ids, shown_tools, structured)
+            return ChatPrompt(ids, shown_tools, StructuredOutput(grammar(calls, None), choice_field))
+        if answer is None:
+            return ChatPrompt(ids, shown_tools, None)
+        # With tools on "auto", a call or the formatted answer.
+        text = grammar(calls, self.chat_format.answer_grammar(answer))
+        source = "response_format.json_schema.schema" if response_format["type"] == "json_schema" else "response_format"
+        return ChatPrompt(ids, shown_tools, StructuredOutput(text, source))
 
     def _tool_plan(self, tools: list[dict] | None, choice, choice_field: str) -> tuple[list[dict] | None, bool]:
         """-> (the tools shown to the model, whether a call is forced), as the tool choice asks."""

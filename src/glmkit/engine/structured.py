@@ -15,6 +15,7 @@ matcher. The engine fills the bitmask of its constrained rows before a step (`fi
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -25,6 +26,8 @@ from ..errors import InvalidParameterError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("glmkit")
 
 # JSON as chat models write it: ", " and ": " separators, no free whitespace (a small model given free
 # whitespace can emit newlines forever).
@@ -89,7 +92,9 @@ def json_rule(schema: dict | str, source: str = "json_schema") -> str:
 
 class _TokenTable:
     """What llguidance reads from a tokenizer: the bytes of every id (special tokens prefixed with 0xFF, as its
-    convention marks them), which ids are special, and how to encode text."""
+    convention marks them), which ids are special, and how to encode text. llguidance encodes the text a
+    grammar forces, so the ids must spell exactly that text: where the tokenizer adds something (SentencePiece's
+    leading space), a greedy longest match over the table is used instead."""
 
     def __init__(self, tokenizer, vocab_size: int):
         self.tokens = token_bytes(tokenizer, vocab_size)
@@ -98,11 +103,31 @@ class _TokenTable:
             (self.special_token_ids[0] if self.special_token_ids else 0)
         self.bos_token_id = tokenizer.bos_token_id
         self._encode = tokenizer.encode
+        self._by_bytes: dict[bytes, int] = {}
+        for i, b in enumerate(self.tokens):
+            if b and not b.startswith(b"\xff"):
+                self._by_bytes.setdefault(b, i)
+        self._longest = max(map(len, self._by_bytes), default=1)
 
     def __call__(self, text) -> list[int]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        return self._encode(text)
+        data = text if isinstance(text, bytes) else text.encode("utf-8")
+        ids = self._encode(data.decode("utf-8", errors="replace"))
+        if b"".join(self.tokens[i] for i in ids if i < len(self.tokens)) == data:
+            return ids
+        return self._greedy(data)
+
+    def _greedy(self, data: bytes) -> list[int]:
+        ids, pos = [], 0
+        while pos < len(data):
+            for size in range(min(self._longest, len(data) - pos), 0, -1):
+                found = self._by_bytes.get(data[pos:pos + size])
+                if found is not None:
+                    ids.append(found)
+                    pos += size
+                    break
+            else:
+                pos += 1  # a byte no token spells (never for byte-level or byte-fallback vocabularies)
+        return ids
 
 
 def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
@@ -185,7 +210,9 @@ class Grammars:
             row = masks[i]
             if eos not in stops:
                 _set_bit(row, eos, False)
-            if m.is_accepting() or m.is_error():  # an error (never expected) lets the sequence end
+            if m.is_error():  # a resource limit of the matcher (never expected): the sequence ends here
+                log.warning("glmkit: constrained decoding stopped a sequence early: %s", _first_line(m.get_error()))
+            if m.is_accepting() or m.is_error():
                 for t in stops:
                     if t < self.vocab_size:
                         _set_bit(row, t, True)
