@@ -147,3 +147,24 @@ def test_gpu_prefix_cache_hits_match_cpu(checkpoints):
         results.append([o.token_ids for o in llm.generate(follow_ups, GREEDY)])
         assert llm.engine.blocks.num_hit_blocks >= 3 + 2 + 3
     assert results[1] == results[0]
+
+
+def test_gpu_constrained_rows_match_cpu_beside_free_ones(checkpoints):
+    """A constrained row (its bitmask moved to the GPU and applied before sampling) in a batch with free rows,
+    with CUDA graphs and steps launched ahead: the same tokens as on the CPU, and valid JSON."""
+    import json
+
+    from glmkit.engine.structured import StructuredOutput
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"],
+              "additionalProperties": False}
+    params = [GREEDY, SamplingParams(temperature=0, max_tokens=40, structured=StructuredOutput.json_schema(schema)),
+              GREEDY]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(str(checkpoints["qwen2"]), dtype="float32", device=device)
+        outs[device] = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
+    assert [o.token_ids for o in outs["cuda"]] == [o.token_ids for o in outs["cpu"]]
+    value = json.loads(outs["cuda"][1].text)
+    assert set(value) == {"n", "ok"} and 0 <= value["n"] <= 99
