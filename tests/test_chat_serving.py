@@ -385,3 +385,19 @@ def test_invalid_bytes_are_held_only_briefly(sp):
     out = [decoder.add([i]) for i in ids] + [decoder.add([], final=True)]
     assert "".join(out) == sp.decode(ids)
     assert max(counter.sizes) <= 2 * MAX_HELD_IDS + 2
+
+
+@pytest.mark.parametrize("name", ["chatglm3", "glm4", "jinja"])
+def test_stop_strings_end_the_display_and_the_parse_inside_a_token(tokenizers, name):
+    """The engine stops at a stop string found in text, which can end inside a token: the ids decode past it,
+    so the display and the parse cut there themselves."""
+    f = make_format(name, tokenizers)
+    serving = ChatServing(f)
+    prompt = serving.render(MESSAGES)
+    serving.sampling_params(SamplingParams(stop=["lo wor", "zzz"]), prompt, 1000)
+    ids = answer_ids(f, "hello world, hello")
+    for sizes in ((1,), (3,), (len(ids),)):
+        stream = serving.stream(prompt)
+        deltas = feed(stream, ids, sizes)
+        assert "".join(deltas) == "hel" == stream.result.content
+        assert serving.parse(prompt, ids).content == "hel"

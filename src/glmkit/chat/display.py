@@ -213,3 +213,39 @@ class CallGate:
             return ""
         self._decided, self._head = "text", ""
         return head
+
+
+class StopCut:
+    """Ends the shown text before the first stop string, where the engine stopped the generation (it matches
+    stop strings on text, which can end inside a token, so the ids decode past them); until the end, holds back
+    a tail that may be the start of one. Each character is looked at a bounded number of times."""
+
+    def __init__(self, stops: list[str]):
+        self._stops = [s for s in stops if s]
+        self._keep = max(map(len, self._stops), default=1) - 1
+        self._held = ""
+        self.done = False
+
+    @property
+    def num_held_chars(self) -> int:
+        return len(self._held)
+
+    def push(self, text: str) -> str:
+        if self.done:
+            return ""
+        if not self._stops:
+            return text
+        buffer = self._held + text
+        cut = cut_at_stop(buffer, self._stops)
+        if len(cut) < len(buffer):
+            self.done, self._held = True, ""
+            return cut
+        split = max(len(buffer) - self._keep, 0)
+        self._held = buffer[split:]
+        return buffer[:split]
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """text up to the first occurrence of any stop string."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return text[:min(hits)] if hits else text

@@ -20,12 +20,12 @@ route translates those into tools and a tool choice before calling `render`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..engine.sampling_params import SamplingParams
 from ..engine.structured import StructuredOutput
 from ..errors import ContextLengthError, InvalidParameterError
-from .display import CallGate, EdgeTrim, SpanFilter, TextDecoder
+from .display import CallGate, EdgeTrim, SpanFilter, StopCut, TextDecoder, cut_at_stop
 from .grammars import answer_body, grammar
 from .messages import normalize_tools
 from .tool_calls import ParsedOutput
@@ -42,6 +42,8 @@ class ChatPrompt:
     prompt_ids: list[int]
     tools: list[dict] | None = None                 # the tools shown to the model; None: none declared
     structured: StructuredOutput | None = None      # what the output is held to (a forced call, a JSON answer)
+    # The request's stop strings, noted by `sampling_params`: display and parse end where the engine stopped.
+    stop: list[str] = field(default_factory=list)
 
 
 def check_tool_choice(choice, choice_field: str) -> None:
@@ -106,13 +108,14 @@ class ChatServing:
     def sampling_params(self, params: SamplingParams, prompt: ChatPrompt, max_model_len: int) -> SamplingParams:
         """A copy of params for a chat request: the format's stop ids, special tokens kept in the text (the
         parse needs them), max_tokens clamped to the room left in the context (None: all of it), and the
-        prompt's output grammar (unless params bring their own)."""
+        prompt's output grammar (unless params bring their own). The prompt notes the stop strings."""
         num_prompt_tokens = len(prompt.prompt_ids)
         room = max_model_len - num_prompt_tokens
         if room <= 0:
             raise ContextLengthError(num_prompt_tokens, max_model_len)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         stop_ids = list(dict.fromkeys(self.stop_token_ids + list(params.extra_stop_token_ids)))
+        prompt.stop = list(params.stop)
         return replace(params, max_tokens=max_tokens, extra_stop_token_ids=stop_ids, skip_special_tokens=False,
                        structured=params.structured or prompt.structured)
 
@@ -122,7 +125,13 @@ class ChatServing:
 
     def parse(self, prompt: ChatPrompt, output_ids: list[int]) -> ParsedOutput:
         """The final output's content and tool calls (for a request that was not streamed)."""
-        return self.chat_format.parse(list(output_ids), prompt.tools)
+        return _cut(self.chat_format.parse(list(output_ids), prompt.tools), prompt.stop)
+
+
+def _cut(parsed: ParsedOutput, stop: list[str]) -> ParsedOutput:
+    if stop:
+        parsed.content = cut_at_stop(parsed.content, stop).rstrip()
+    return parsed
 
 
 class _Run:
@@ -191,11 +200,12 @@ class ChatStream:
         self._segment_id = chat_format.special(token) if token else None
         self._any_text = False
         self._run = _Run(chat_format, self._segment_id is not None)
+        self._stop = StopCut(prompt.stop)
 
     @property
     def num_held_chars(self) -> int:
         """Text received but not yet settled (for tests and metrics): bounded for ordinary answers."""
-        return self._run.num_held_chars + (self._gate.num_held_chars if self._gate else 0)
+        return self._run.num_held_chars + (self._gate.num_held_chars if self._gate else 0) + self._stop.num_held_chars
 
     @property
     def num_held_ids(self) -> int:
@@ -213,6 +223,7 @@ class ChatStream:
         text = self._segments(token_ids)
         if self._gate is not None:
             text = self._gate.push(text)
+        text = self._stop.push(text)
         if text:
             self._shown.append(text)
         return text
@@ -245,7 +256,7 @@ class ChatStream:
         return text
 
     def _finish(self) -> str:
-        self.result = self._format.parse(self._output_ids, self._prompt.tools)
+        self.result = _cut(self._format.parse(self._output_ids, self._prompt.tools), self._prompt.stop)
         shown, content = "".join(self._shown), self.result.content
         # Content that does not extend what was shown (a call segment the parse could not read, now text in
         # the middle) cannot be streamed without retracting text; the caller has it in `result`.
