@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GlmkitError
-from . import chat_routes, completion_routes, legacy
+from . import anthropic_routes, chat_routes, completion_routes, legacy, responses_routes
 from .embeddings import encode_vector
-from .errors import (APIError, api_error_handler, disconnected_handler, error_body, glmkit_error_handler,
-                     http_error_handler, unexpected_handler, validation_handler)
+from .errors import (APIError, api_error_handler, disconnected_handler, error_response, glmkit_error_handler,
+                     http_error_handler, is_anthropic_path, unexpected_handler, validation_handler)
 from .generation import ClientDisconnected
 from .metrics import render_metrics
 from .protocol import EmbeddingRequest
@@ -119,12 +119,14 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
 
     app.include_router(chat_routes.router)
     app.include_router(completion_routes.router)
+    app.include_router(responses_routes.router)
+    app.include_router(anthropic_routes.router)
     app.include_router(legacy.router)
     return app
 
 
 class AuthAndCount:
-    """Checks `Authorization: Bearer <key>` (every route but /health and the docs) and counts requests."""
+    """Checks `Authorization: Bearer <key>` or `x-api-key: <key>` (every route but /health and the docs) and counts requests."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
@@ -135,12 +137,16 @@ class AuthAndCount:
         start, status = time.monotonic(), [500]
         keys = self.state.settings.api_keys
         if keys and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            headers = dict(scope["headers"])
+            header = headers.get(b"authorization", b"").decode("latin-1")
+            # Anthropic's clients send the key as `x-api-key`; either header is accepted on every route.
+            token = (header[7:].strip() if header.lower().startswith("bearer ")
+                     else headers.get(b"x-api-key", b"").decode("latin-1").strip())
             if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
-                response = JSONResponse(error_body(
-                    "missing or invalid API key; send `Authorization: Bearer <key>`", "authentication_error",
-                    None, "invalid_api_key"), status_code=401)
+                anthropic = is_anthropic_path(scope["path"])
+                response = error_response(scope["path"], 401, "missing or invalid API key; send "
+                                          + ("`x-api-key: <key>`" if anthropic else "`Authorization: Bearer <key>`"),
+                                          "authentication_error", None, "invalid_api_key")
                 await response(scope, receive, send)
                 self._count(scope, 401, start)
                 return

@@ -1,4 +1,5 @@
-"""Every failure as OpenAI's `{"error": {"message", "type", "param", "code"}}` with the right status.
+"""Every failure as OpenAI's `{"error": {"message", "type", "param", "code"}}` with the right status; on
+Anthropic's routes (/v1/messages...) as Anthropic's `{"type": "error", "error": {"type", "message"}}` instead.
 
 User mistakes (pydantic validation, glmkit's typed errors) become 4xx that name the field, value and limit;
 anything else is a 500 with a generic message, logged in full. Knows nothing of the engine.
@@ -29,6 +30,30 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+ANTHROPIC_PATH = "/v1/messages"
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); other 4xx: invalid_request_error.
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+                    529: "overloaded_error"}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    type_ = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": type_, "message": message}}
+
+
+def error_response(path: str, status: int, message: str, type_: str, param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    """The error in the shape of the API the path belongs to: Anthropic's on /v1/messages..., else OpenAI's."""
+    body = anthropic_error_body(status, message) if is_anthropic_path(path) else error_body(message, type_, param,
+                                                                                            code)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def from_glmkit(e: GlmkitError, param: str | None = None) -> APIError:
     if isinstance(e, ContextLengthError):
         message = str(e) if param != "prompt" else str(e).replace("shorten the messages", "shorten the prompt")
@@ -51,9 +76,25 @@ def _field(loc) -> str:
     return out or "body"
 
 
+_ANTHROPIC_BLOCK_TAGS = {"text", "tool_use", "tool_result"}
+
+
+def _anthropic_error(errors: list) -> tuple[dict, tuple]:
+    """The most specific error (content blocks are a union: a block's own error beats "not a string") and its
+    location without the block-type tags pydantic adds after a list index."""
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    loc = list(first.get("loc", ()))
+    loc = [p for i, p in enumerate(loc) if not (p in _ANTHROPIC_BLOCK_TAGS and i and isinstance(loc[i - 1], int))]
+    return first, tuple(loc)
+
+
 async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    field = _field(first.get("loc", ()))
+    if is_anthropic_path(request.url.path):
+        first, loc = _anthropic_error(exc.errors())
+    else:
+        first = exc.errors()[0]
+        loc = first.get("loc", ())
+    field = _field(loc)
     value = first.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 120 else type(value).__name__
     message = f"{field}={shown}: {first.get('msg', 'invalid value')}"
@@ -61,12 +102,11 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
         message = f"{field} is required"
     elif first.get("type") == "json_invalid":
         message, field = "the request body is not valid JSON", None
-    return JSONResponse(error_body(message, "invalid_request_error", field, "invalid_value"), status_code=400)
+    return error_response(request.url.path, 400, message, "invalid_request_error", field, "invalid_value")
 
 
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
-                        headers=exc.headers)
+    return error_response(request.url.path, exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
 
 async def glmkit_error_handler(request: Request, exc: GlmkitError) -> JSONResponse:
@@ -83,8 +123,8 @@ async def http_error_handler(request: Request, exc) -> JSONResponse:
                                 "method_not_allowed")
     else:
         message, type_, code = str(exc.detail), "invalid_request_error", None
-    return JSONResponse(error_body(message, type_, None, code), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+    return error_response(request.url.path, exc.status_code, message, type_, None, code,
+                          getattr(exc, "headers", None))
 
 
 async def disconnected_handler(request: Request, exc: Exception) -> Response:
@@ -96,5 +136,5 @@ async def disconnected_handler(request: Request, exc: Exception) -> Response:
 
 async def unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("internal error on %s %s", request.method, request.url.path)
-    return JSONResponse(error_body("internal server error; see the server log", "server_error", None,
-                                   "internal_error"), status_code=500)
+    return error_response(request.url.path, 500, "internal server error; see the server log", "server_error", None,
+                          "internal_error")
