@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .engine_client import EngineClient
 from .errors import APIError
+from .response_store import ResponseStore
 
 log = logging.getLogger("glmkit")
 
@@ -35,6 +36,7 @@ class ServerState:
         self.embedder = None
         self.load_error: str | None = None
         self.in_flight = 0
+        self.responses = ResponseStore()  # /v1/responses kept for previous_response_id (bounded, in memory)
         self.started = time.time()
         self.http_requests: dict[tuple[str, int], int] = {}
         self.http_seconds: dict[str, float] = {}

@@ -1,0 +1,263 @@
+"""The Responses API's request body and its translation into what the chat layer takes.
+
+`input` items are checked here (errors name `input[i]...`) and normalized into the stored form OpenAI lists
+under /input_items (every item with an id). `chat_messages` turns stored items into OpenAI chat messages, the
+same dicts the chat route passes to `ChatServing.render`; tools, tool choice and `text.format` are translated
+into their chat shapes too. Raises InvalidParameterError (the routes map it to a 400). Knows nothing of the
+engine or of HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import InvalidParameterError
+from .streaming import random_id
+
+MESSAGE_ROLES = ("user", "system", "developer", "assistant")
+INCLUDABLE = ("file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+              "message.input_image.image_url", "computer_call_output.output.image_url",
+              "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model: str
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stream: bool = False
+    store: bool | None = None
+    text: TextConfig | None = None
+    metadata: dict[str, str] | None = None
+    include: list[str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+    # Accepted only in their "off" form (checked by `unsupported`): nothing here can honour them.
+    reasoning: dict[str, Any] | None = None
+    background: bool | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v):
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("at most 16 pairs; keys up to 64 characters, values up to 512")
+        return v
+
+
+def unsupported(req: ResponsesRequest) -> None:
+    """Fields this server cannot honour: a 400 naming the field, as OpenAI answers for a model without them."""
+    reasoning = req.reasoning or {}
+    for key in ("effort", "summary", "generate_summary"):
+        if reasoning.get(key) not in (None, "none"):
+            raise InvalidParameterError(f"reasoning.{key}", reasoning[key], "is not supported by this model (it "
+                                        "does not reason); leave `reasoning` out")
+    if req.background:
+        raise InvalidParameterError("background", True, "background responses are not supported; use stream")
+    if req.conversation is not None:
+        raise InvalidParameterError("conversation", req.conversation, "the Conversations API is not supported; "
+                                    "chain responses with previous_response_id")
+    if req.prompt is not None:
+        raise InvalidParameterError("prompt", req.prompt, "prompt templates are not supported; send `input`")
+    for j, name in enumerate(req.include or []):
+        if name not in INCLUDABLE:
+            raise InvalidParameterError(f"include[{j}]", name, f"must be one of {', '.join(INCLUDABLE)}")
+
+
+# --- input items ------------------------------------------------------------------------------------------
+
+def _texts(content, field: str, assistant: bool) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        raise InvalidParameterError(field, content, "must be a string or a list of text content parts")
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        allowed = ("output_text", "input_text", "refusal") if assistant else ("input_text",)
+        if kind not in allowed:
+            raise InvalidParameterError(f"{field}[{j}].type", kind, f"must be {' or '.join(allowed)}: these "
+                                        "models read text only")
+        text = part.get("refusal" if kind == "refusal" else "text")
+        if not isinstance(text, str):
+            raise InvalidParameterError(f"{field}[{j}].text", text, "must be a string")
+        out.append(text)
+    return out
+
+
+def _string(item: Mapping, key: str, field: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidParameterError(f"{field}.{key}", value, "is required and must be a non-empty string")
+    return value
+
+
+def _arguments(value, field: str) -> str:
+    if isinstance(value, str) and not value.strip():
+        return "{}"
+    try:
+        ok = isinstance(value, str) and isinstance(json.loads(value), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidParameterError(field, value, 'must be the text of a JSON object, e.g. "{\\"city\\": \\"Paris\\"}"')
+    return value
+
+
+def message_item(role: str, texts: list[str], item_id: str | None = None, status: str = "completed") -> dict:
+    kind = "output_text" if role == "assistant" else "input_text"
+    parts = [{"type": kind, "text": t, **({"annotations": [], "logprobs": []} if role == "assistant" else {})}
+             for t in texts]
+    return {"id": item_id or random_id("msg_"), "type": "message", "status": status, "role": role,
+            "content": parts}
+
+
+def input_items(raw, resolve: Callable[[str], dict | None]) -> list[dict]:
+    """The request's `input` -> stored items; `resolve` finds the item an `item_reference` names."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        return [message_item("user", [raw])]
+    out = []
+    for i, item in enumerate(raw):
+        field = f"input[{i}]"
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            if role not in MESSAGE_ROLES:
+                raise InvalidParameterError(f"{field}.role", role, f"must be one of {', '.join(MESSAGE_ROLES)}")
+            texts = _texts(item.get("content"), f"{field}.content", role == "assistant")
+            out.append(message_item(role, texts, item.get("id")))
+        elif kind == "function_call":
+            out.append({"id": item.get("id") or random_id("fc_"), "type": "function_call", "status": "completed",
+                        "call_id": _string(item, "call_id", field), "name": _string(item, "name", field),
+                        "arguments": _arguments(item.get("arguments", "{}"), f"{field}.arguments")})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if not isinstance(output, str):
+                output = "\n".join(_texts(output, f"{field}.output", False))
+            out.append({"id": item.get("id") or random_id("fco_"), "type": "function_call_output",
+                        "status": "completed", "call_id": _string(item, "call_id", field), "output": output})
+        elif kind == "item_reference":
+            found = resolve(_string(item, "id", field))
+            if found is None:
+                raise InvalidParameterError(f"{field}.id", item["id"], "names no stored item")
+            out.append(found)
+        elif kind == "reasoning":
+            continue  # another model's reasoning: nothing of it is rendered (as OpenAI drops it across models)
+        else:
+            raise InvalidParameterError(f"{field}.type", kind, "must be message, function_call, "
+                                        "function_call_output or item_reference")
+    return out
+
+
+def chat_messages(items: list[dict]) -> list[dict]:
+    """Stored items -> chat messages: developer -> system; function calls join the assistant message before them
+    (or start one); function call outputs -> tool messages."""
+    out: list[dict] = []
+    for item in items:
+        if item["type"] == "message":
+            role = "system" if item["role"] == "developer" else item["role"]
+            out.append({"role": role, "content": "\n".join(p.get("text", p.get("refusal", ""))
+                                                           for p in item["content"])})
+        elif item["type"] == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "tool_calls": [call]})
+        elif item["type"] == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+    return out
+
+
+# --- tools, tool choice, text format ---------------------------------------------------------------------
+
+def tools(raw: list[dict] | None) -> tuple[list[dict], list[dict] | None]:
+    """-> (the tools as the response echoes them, the chat-shaped tools for `render`)."""
+    echo, chat = [], []
+    for j, tool in enumerate(raw or []):
+        if tool.get("type") != "function":
+            raise InvalidParameterError(f"tools[{j}].type", tool.get("type"), 'only "function" tools are '
+                                        "supported (no built-in tools on this server)")
+        name = tool.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise InvalidParameterError(f"tools[{j}].name", name, "must be 1 to 64 letters, digits, _ . or -")
+        params = tool.get("parameters")
+        if params is not None and not isinstance(params, Mapping):
+            raise InvalidParameterError(f"tools[{j}].parameters", params, "must be a JSON schema object")
+        description = tool.get("description")
+        echo.append({"type": "function", "name": name, "description": description, "parameters": params,
+                     "strict": tool.get("strict", True)})
+        function = {"name": name, "description": description, "parameters": params}
+        chat.append({"type": "function", "function": {k: v for k, v in function.items() if v is not None}})
+    return echo, chat or None
+
+
+def tool_choice(choice, chat_tools: list[dict] | None):
+    """-> (the chat tool choice, the tools shown); `allowed_tools` narrows the tools to its list."""
+    if choice is None or isinstance(choice, str):
+        return choice, chat_tools
+    kind = choice.get("type")
+    if kind == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}, chat_tools
+    if kind == "allowed_tools" and choice.get("mode") in ("auto", "required"):
+        names = {t.get("name") for t in choice.get("tools") or [] if isinstance(t, Mapping)}
+        kept = [t for t in chat_tools or [] if t["function"]["name"] in names]
+        return choice["mode"], kept or None
+    raise InvalidParameterError("tool_choice", choice, 'must be "none", "auto", "required", {"type": "function", '
+                                '"name": ...} or {"type": "allowed_tools", "mode": ..., "tools": [...]}')
+
+
+def text_format(config: TextConfig | None) -> tuple[dict, dict | None]:
+    """-> (`text` as the response echoes it, the chat `response_format` for `render`; None for plain text)."""
+    fmt = config.format if config and config.format else TextFormat()
+    echo = {"format": fmt.model_dump(by_alias=True, exclude_none=True)}
+    if config and config.verbosity:
+        echo["verbosity"] = config.verbosity
+    if fmt.type == "text":
+        return echo, None
+    if fmt.type == "json_object":
+        return echo, {"type": "json_object"}
+    if not isinstance(fmt.name, str) or not NAME_RE.match(fmt.name):
+        raise InvalidParameterError("text.format.name", fmt.name, "is required: 1 to 64 letters, digits, _ or -")
+    if fmt.schema_ is None:
+        raise InvalidParameterError("text.format.schema", None, "is required for a json_schema format")
+    schema = {k: v for k, v in (("name", fmt.name), ("description", fmt.description), ("schema", fmt.schema_),
+                                ("strict", fmt.strict)) if v is not None}
+    return echo, {"type": "json_schema", "json_schema": schema}
