@@ -307,3 +307,39 @@ def test_non_stream_client_disconnect_aborts_the_request(server):
         httpx.post(server.url + "/v1/chat/completions", json=LONG_ANSWER, timeout=1.0)
     seen = _wait_aborted(server, before)
     assert seen["ok"], f"the engine kept generating for a client that left: {seen}"
+
+
+def test_openai_chat_completions_parse_with_a_pydantic_model(client):
+    """The SDK's structured-output helper sends a strict json_schema response_format and parses the answer."""
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+        population_millions: float
+
+    completion = client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "Describe Paris as a JSON object."}],
+        response_format=City, temperature=0, max_tokens=60)
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, City) and parsed.name and parsed.country
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_openai_forced_tool_call_is_a_call(client):
+    """tool_choice names a function: the model's answer is that call (held to its schema), streamed or not."""
+    tools = [WEATHER_TOOL, {"type": "function", "function": {
+        "name": "magic_function", "description": "Applies a magic function to an input.",
+        "parameters": {"type": "object", "properties": {"input": {"type": "integer"}}, "required": ["input"]}}}]
+    choice = {"type": "function", "function": {"name": "magic_function"}}
+    messages = [{"role": "user", "content": "What is the value of magic_function(3)?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=choice,
+                                       temperature=0, max_tokens=40)
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("magic_function", {"input": 3})]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=choice,
+                                                 temperature=0, max_tokens=40, stream=True))
+    assert not any(c.choices and c.choices[0].delta.content for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
