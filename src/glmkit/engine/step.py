@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .sampling_params import SamplingParams
+
 if TYPE_CHECKING:
     import torch
-
-from .sampling_params import SamplingParams
 
 
 @dataclass(slots=True)

@@ -71,7 +71,9 @@ def lark_string(text: str) -> str:
 
 def lark_regex(pattern: str) -> str:
     """A regex as the body of a Lark /.../ literal (slashes escaped; anchors are implied and dropped)."""
-    pattern = pattern.removeprefix("^").removesuffix("$") if not pattern.endswith("\\$") else pattern
+    pattern = pattern.removeprefix("^")
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1]
     return re.sub(r"(?<!\\)/", r"\\/", pattern)
 
 
