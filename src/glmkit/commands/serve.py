@@ -1,8 +1,9 @@
 """`glmkit serve`: the OpenAI-compatible API, the legacy ChatGLM `POST /` and embeddings, in one process.
 
 The listening socket is bound before the model loads and handed to uvicorn: a port in use is one line at once
-(not a uvicorn traceback after the load), and nothing can take the port while the model loads. Knows the
-command-line flags and uvicorn; the routes live in server/.
+(not a uvicorn traceback after the load), and nothing can take the port while the model loads. SIGTERM or
+Ctrl-C drains the server (server/lifecycle.py) instead of uvicorn's close-and-wait. Knows the command-line flags
+and uvicorn; the routes live in server/.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import socket
 from pathlib import Path
 
 from ..errors import InvalidParameterError
-from .args import add_model_arguments, engine_kwargs, existing_path, integer
+from .args import add_model_arguments, engine_kwargs, existing_path, integer, number
 
 log = logging.getLogger("glmkit")
 
@@ -45,6 +46,16 @@ def add_arguments(p) -> None:
                    "0: until the context is full)")
     g.add_argument("--max-num-seqs", default=64, help="requests decoded together (default 64)",
                    type=integer("--max-num-seqs", 1, fix="e.g. --max-num-seqs 64"))
+    g.add_argument("--shutdown-timeout", default=30.0, type=number("--shutdown-timeout", 0, fix="e.g. "
+                   "--shutdown-timeout 30"), help="on SIGTERM or Ctrl-C, seconds running requests may take to "
+                   "finish before they are aborted (default 30; new requests get 503 meanwhile)")
+    g.add_argument("--engine-stall-timeout", default=120.0, type=number("--engine-stall-timeout", 0, low_open=True,
+                   fix="e.g. --engine-stall-timeout 120"), help="GET /health answers 503 when one engine step "
+                   "runs longer than this many seconds (default 120)")
+    g.add_argument("--open-docs", action="store_true", help="serve /docs, /redoc and /openapi.json without the "
+                   "API key (with a key set they need it by default)")
+    g.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="do not log one line per request (the glmkit.access logger)")
 
 
 def api_keys(args) -> list[str]:
@@ -93,17 +104,22 @@ def main(args) -> int:
     import uvicorn
 
     from ..server.app import create_app
+    from ..server.lifecycle import GlmkitServer
     from ..server.state import ServerSettings
 
     settings = ServerSettings(
         model=args.model, served_model_names=args.served_model_name, api_keys=api_keys(args),
         cors_origins=args.cors_origin, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens or None,
         embedding_model=None if args.embedding_model == "none" else args.embedding_model,
-        engine_kwargs=engine_kwargs(args) | dict(max_num_seqs=args.max_num_seqs))
+        engine_kwargs=engine_kwargs(args) | dict(max_num_seqs=args.max_num_seqs), open_docs=args.open_docs,
+        access_log=args.access_log, engine_stall_s=args.engine_stall_timeout)
     log.info("glmkit serve: http://%s:%d (auth %s)", args.host, args.port, "on" if settings.api_keys else "off")
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    app = create_app(settings)
+    # Our drain runs first (GlmkitServer); uvicorn's graceful timeout only bounds the final close after it.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    server = GlmkitServer(config, app.state.glmkit, args.shutdown_timeout)
     with sock:
         server.run(sockets=[sock])
     if not server.started:  # uvicorn logged why (e.g. the app's start-up failed)
         return 1
-    return 0
+    return server.exit_code

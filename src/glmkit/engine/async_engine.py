@@ -5,15 +5,20 @@ Callers: asyncio handlers (`generate`, an async iterator), plain threads (`strea
 whose engine is being served), and `call`, which runs a function on the engine thread (a consistent stats
 snapshot). Leaving a stream early (client gone, task cancelled, iterator closed) aborts the request, freeing
 its KV blocks at once. If a step fails, the requests of that moment get the error and the loop keeps serving.
+The loop stamps a heartbeat each turn, so a watcher can tell a stuck step or a dead thread from a busy engine;
+`abort_all` ends every request with one error (a server shutting down), and a stopped or dead loop fails the
+requests it leaves behind instead of letting their callers wait forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import logging
 import queue
 import threading
+import time
 import uuid
 from typing import AsyncIterator, Callable, Iterator
 
@@ -34,7 +39,10 @@ class AsyncLLMEngine:
         self._sinks: dict[str, Sink] = {}
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="glmkit-engine", daemon=True)
+        self._refusal: BaseException | None = None  # set by abort_all or a dead loop: every new request gets it
+        self.heartbeat = time.monotonic()            # stamped by the loop each turn (time.monotonic())
+        self._idle = True                            # the loop waits for work (a stale heartbeat is fine then)
+        self._thread = threading.Thread(target=self._run, name="glmkit-engine", daemon=True)
         self._thread.start()
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -44,6 +52,8 @@ class AsyncLLMEngine:
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sink: Sink) -> None:
         """Start a request whose deltas go to `sink` (on the engine thread). Bad input raises here, at once."""
         self.validate(prompt_ids, params)
+        if self._refusal is not None:
+            raise copy.copy(self._refusal)
         if request_id in self._sinks:
             raise InvalidParameterError("request_id", request_id, "is already in use by a running request")
         self._sinks[request_id] = sink
@@ -95,10 +105,27 @@ class AsyncLLMEngine:
     def call(self, fn: Callable[[LLMEngine], object]) -> concurrent.futures.Future:
         """Run fn(engine) on the engine thread, between steps; the future holds its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
+        if not self._thread.is_alive():  # nobody would ever answer
+            future.set_exception(copy.copy(self._refusal or RuntimeError("the engine is not running")))
+            return future
         self._send(("call", fn, future))
         return future
 
+    def abort_all(self, error: BaseException) -> None:
+        """End every request (running, queued, or added from now on) with `error`, freeing their blocks."""
+        self._refusal = error
+        self._send(("abort_all", error))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stalled_s(self) -> float:
+        """Seconds the loop has spent in its current turn while it has work (0 while it waits for work)."""
+        return 0.0 if self._idle else time.monotonic() - self.heartbeat
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop after its current step; requests still running get an error."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout_s)
@@ -142,15 +169,43 @@ class AsyncLLMEngine:
                     future.set_result(fn(self.engine))
                 except Exception as e:  # noqa: BLE001 - handed to the caller
                     future.set_exception(e)
+            elif command[0] == "abort_all":
+                self._fail_all(command[1])
             else:
                 self.engine.abort(command[1])
 
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in set(self.engine.seqs) | set(self._sinks):
+            self.engine.abort(request_id)
+            self._deliver(request_id, copy.copy(error))
+            self._sinks.pop(request_id, None)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+            error = RuntimeError("the engine was stopped")
+        except BaseException as e:  # noqa: BLE001 - the thread ends; nobody may wait on it any more
+            log.exception("the engine loop died")
+            error = RuntimeError(f"the engine loop died ({type(e).__name__}: {e})")
+        self._refusal = error
+        try:
+            self._run_commands()  # answer calls and adds sent just before the end
+            self._fail_all(error)
+        except Exception:  # noqa: BLE001 - the engine itself is broken; still free the callers
+            for request_id in list(self._sinks):
+                self._deliver(request_id, copy.copy(error))
+            self._sinks.clear()
+
     def _loop(self) -> None:
         while not self._stopping:
+            self.heartbeat = time.monotonic()
             self._run_commands()
             if not self.engine.has_unfinished():
+                self._idle = True
                 self._wake.wait()
                 self._wake.clear()
+                self.heartbeat = time.monotonic()  # before leaving idle: a watcher never sees a stale stamp
+                self._idle = False
                 continue
             try:
                 deltas = self.engine.step()

@@ -1,16 +1,15 @@
-"""The FastAPI application: thin routes over ServerState and its engine client. Auth and HTTP counters are a middleware; model
-loading starts in the background so the server answers (503) at once.
+"""The FastAPI application: thin routes over ServerState and its engine client. The drain gate, auth, request
+ids, HTTP counters and the access log are a middleware (middleware.py); model loading starts in the background
+so the server answers (503) at once.
 
-Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/chat/completions, POST /v1/completions,
-POST /v1/embeddings, POST / (legacy ChatGLM).
+Routes: GET /health (liveness), GET /ready (readiness), GET /metrics, GET /v1/models, POST /v1/chat/completions,
+POST /v1/completions, POST /v1/embeddings, POST / (legacy ChatGLM).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import threading
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -23,13 +22,13 @@ from ..errors import GlmkitError
 from . import anthropic_routes, chat_routes, completion_routes, legacy, responses_routes
 from .embeddings import encode_vector
 from .errors import (APIError, api_error_handler, disconnected_handler, error_response, glmkit_error_handler,
-                     http_error_handler, is_anthropic_path, unexpected_handler, validation_handler)
+                     http_error_handler, unexpected_handler, validation_handler)
 from .generation import ClientDisconnected
+from .lifecycle import ServerShuttingDown
 from .metrics import render_metrics
+from .middleware import RequestGate
 from .protocol import EmbeddingRequest
 from .state import ServerSettings, ServerState
-
-OPEN_PATHS = {"/health", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
 
 
 def create_app(settings: ServerSettings, load_in_background: bool = True) -> FastAPI:
@@ -53,27 +52,31 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(ClientDisconnected, disconnected_handler)
     app.add_exception_handler(GlmkitError, glmkit_error_handler)
+    app.add_exception_handler(ServerShuttingDown, shutting_down_handler)
     app.add_exception_handler(Exception, unexpected_handler)
 
-    # A plain ASGI middleware, not @app.middleware("http"): that wrapper hides client disconnects from
-    # request.is_disconnected(), and a request whose client left must be aborted.
-    app.add_middleware(AuthAndCount, state=state)
+    app.add_middleware(RequestGate, state=state)
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials="*" not in settings.cors_origins)
+                           allow_headers=["*"], allow_credentials="*" not in settings.cors_origins,
+                           expose_headers=["X-Request-Id", "Retry-After"])
 
     @app.get("/health")
     async def health():
-        if not state.ready:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        if state.load_error:
-            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
-        return {"status": "ok"}
+        status, body = state.liveness()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/ready")
+    async def ready():
+        status, body = state.readiness()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        snapshot = await state.client.snapshot() if state.client is not None else None
+        snapshot = None
+        if state.client is not None and state.client.alive:  # a stopped engine answers no snapshot
+            snapshot = await state.client.snapshot()
         return Response(render_metrics(state, snapshot), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -110,8 +113,11 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
         if req.dimensions is not None and req.dimensions > state.embedder.dimensions:
             raise APIError(400, f"dimensions={req.dimensions} exceeds the model's {state.embedder.dimensions}",
                            param="dimensions", code="invalid_value")
-        vectors = await asyncio.to_thread(state.embedder.embed, texts, req.dimensions)
-        tokens = state.embedder.count_tokens(texts)
+        state.admit()  # counted with the generation requests (429 beyond --max-queue)
+        try:
+            vectors, tokens = await state.embedder.embed(texts, req.dimensions)  # queued, batched, off the loop
+        finally:
+            state.release()
         return {"object": "list", "model": req.model,
                 "data": [{"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
                          for i, v in enumerate(vectors)],
@@ -125,45 +131,7 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     return app
 
 
-class AuthAndCount:
-    """Checks `Authorization: Bearer <key>` or `x-api-key: <key>` (every route but /health and the docs) and counts requests."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.monotonic(), [500]
-        keys = self.state.settings.api_keys
-        if keys and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            headers = dict(scope["headers"])
-            header = headers.get(b"authorization", b"").decode("latin-1")
-            # Anthropic's clients send the key as `x-api-key`; either header is accepted on every route.
-            token = (header[7:].strip() if header.lower().startswith("bearer ")
-                     else headers.get(b"x-api-key", b"").decode("latin-1").strip())
-            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
-                anthropic = is_anthropic_path(scope["path"])
-                response = error_response(scope["path"], 401, "missing or invalid API key; send "
-                                          + ("`x-api-key: <key>`" if anthropic else "`Authorization: Bearer <key>`"),
-                                          "authentication_error", None, "invalid_api_key")
-                await response(scope, receive, send)
-                self._count(scope, 401, start)
-                return
-
-        async def send_and_note_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note_status)
-        finally:
-            self._count(scope, status[0], start)
-
-    def _count(self, scope, status: int, start: float) -> None:
-        route = scope.get("route")
-        path = getattr(route, "path", "other")
-        requests, seconds = self.state.http_requests, self.state.http_seconds
-        requests[(path, status)] = requests.get((path, status), 0) + 1
-        seconds[path] = seconds.get(path, 0.0) + time.monotonic() - start
+async def shutting_down_handler(request, exc: ServerShuttingDown):
+    """A request still waiting for its answer when the drain ended: the engine aborted it."""
+    return error_response(request.url.path, 503, str(exc), "server_error", None, "server_shutting_down",
+                          {"Retry-After": "5", "Connection": "close"})

@@ -1,5 +1,6 @@
 """What the routes hold: an engine client. It offers generate/abort, validate, the context limit, a stats
-snapshot, the tokenizer and the model's chat-serving layer, and nothing else of the engine.
+snapshot, the tokenizer and the model's chat-serving layer, and nothing else of the engine; the server's
+lifecycle also asks whether the engine is alive, how long its current step has run, and aborts everything.
 
 `EngineClient` is the contract; `LocalEngineClient` implements it over a model loaded in this process, whose
 engine it hands to a background thread (routes never touch the thread-owned LLMEngine). A client over a remote
@@ -34,7 +35,14 @@ class EngineClient(Protocol):
 
     async def snapshot(self) -> EngineSnapshot: ...
 
-    def shutdown(self) -> None: ...
+    def abort_all(self, error: BaseException) -> None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def stalled_s(self) -> float: ...
+
+    def shutdown(self, timeout_s: float = 10.0) -> None: ...
 
 
 class LocalEngineClient:
@@ -62,5 +70,17 @@ class LocalEngineClient:
         """Gauges and counters taken on the engine thread between two steps."""
         return await asyncio.wrap_future(self._engine.call(lambda engine: engine.snapshot()))
 
-    def shutdown(self) -> None:
-        self._engine.shutdown()
+    def abort_all(self, error: BaseException) -> None:
+        """End every running request with `error` (their streams raise it) and refuse new ones."""
+        self._engine.abort_all(error)
+
+    @property
+    def alive(self) -> bool:
+        return self._engine.alive
+
+    def stalled_s(self) -> float:
+        """Seconds the engine's current step has run (0 while it waits for work); cheap, from any thread."""
+        return self._engine.stalled_s()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._engine.shutdown(timeout_s)

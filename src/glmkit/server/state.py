@@ -1,6 +1,9 @@
-"""ServerState: what the routes share — the engine client, the embedder, the served names, the settings and the
-HTTP counters. Loading happens on a background thread; until it is done every model route answers 503 (never
-hangs). Routes reach the model only through the client (`require_model`)."""
+"""ServerState: what the routes share — the engine client, the embedder, the served names, the settings, the
+HTTP counters and the requests running now. Loading happens on a background thread; until it is done every model
+route answers 503 (never hangs). Routes reach the model only through the client (`require_model`).
+
+`liveness()` and `readiness()` answer /health and /ready from plain attributes (the engine's heartbeat, whether
+its thread lives, whether the server drains): no engine round trip, so a stuck engine cannot stall them."""
 
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ class ServerSettings:
     max_queue: int = 256
     default_max_tokens: int | None = 4096                # chat requests without max_tokens (None: the context)
     embedding_model: str | None = "default"             # "default", a path, or None (no embeddings)
+    open_docs: bool = False                              # /docs, /redoc, /openapi.json without the API key
+    access_log: bool = True                              # one `glmkit.access` line per request
+    engine_stall_s: float = 120.0                        # /health fails when one engine step runs longer
 
 
 class ServerState:
@@ -40,6 +46,8 @@ class ServerState:
         self.started = time.time()
         self.http_requests: dict[tuple[str, int], int] = {}
         self.http_seconds: dict[str, float] = {}
+        self.active: set = set()    # RequestRecords of the HTTP requests running now (not probes, not /metrics)
+        self.draining = False       # shutting down: new requests get 503
         self._ready = threading.Event()
 
     @property
@@ -50,6 +58,7 @@ class ServerState:
         """Load the model (and embedder); run on a background thread at start-up."""
         from ..llm import LLM
         from .engine_client import LocalEngineClient
+        from .middleware import TallyingClient
 
         try:
             self.llm = LLM(self.settings.model, **self.settings.engine_kwargs)
@@ -62,7 +71,7 @@ class ServerState:
                 from .embeddings import load_embedder
 
                 self.embedder = load_embedder(self.settings.embedding_model)
-            self.client = LocalEngineClient(self.llm)
+            self.client = TallyingClient(LocalEngineClient(self.llm))
             log.info("glmkit: serving %s", ", ".join(self.settings.served_model_names))
         except Exception as e:  # noqa: BLE001 - reported by /health and every route
             self.load_error = f"{type(e).__name__}: {e}"
@@ -76,11 +85,42 @@ class ServerState:
                            code="model_loading", headers={"Retry-After": "5"})
         if self.load_error:
             raise APIError(503, f"the model failed to load: {self.load_error}", "server_error", code="model_load_failed")
+        if not self.client.alive:
+            raise APIError(503, "the engine has stopped (see the server log); restart the server", "server_error",
+                           code="engine_stopped")
         if name is not None and name not in self.settings.served_model_names:
             raise APIError(404, f"model={name!r} is not served here; served models: "
                            f"{', '.join(self.settings.served_model_names)}", "not_found_error", "model",
                            "model_not_found")
         return self.client
+
+    def engine_problem(self) -> dict | None:
+        """Why the engine cannot serve ({"status": "engine stopped" | "engine stuck", ...}), or None."""
+        if self.client is None:
+            return None
+        if not self.client.alive:
+            return {"status": "engine stopped"}
+        stalled = self.client.stalled_s()
+        if stalled > self.settings.engine_stall_s:
+            return {"status": "engine stuck", "error": f"one engine step has run for {stalled:.0f}s (the limit is "
+                    f"{self.settings.engine_stall_s:g}s, --engine-stall-timeout)"}
+        return None
+
+    def liveness(self) -> tuple[int, dict]:
+        """GET /health: 200 while the model is loaded and its engine loop makes progress (also while draining)."""
+        if not self.ready:
+            return 503, {"status": "loading"}
+        if self.load_error:
+            return 503, {"status": "error", "error": self.load_error}
+        problem = self.engine_problem()
+        return (503, problem) if problem else (200, {"status": "ok"})
+
+    def readiness(self) -> tuple[int, dict]:
+        """GET /ready: 200 only when a new request would be served (loaded, engine alive, not draining)."""
+        status, body = self.liveness()
+        if self.ready and not self.load_error and self.draining:
+            return 503, {"status": "draining"}
+        return (status, body) if status != 200 else (200, {"status": "ready"})
 
     def admit(self) -> None:
         if self.in_flight >= self.settings.max_queue:
