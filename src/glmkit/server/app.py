@@ -21,10 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import GlmkitError
 from . import anthropic_routes, chat_routes, completion_routes, legacy, responses_routes
 from .embeddings import encode_vector
-from .errors import (APIError, api_error_handler, disconnected_handler, error_response, glmkit_error_handler,
-                     http_error_handler, unexpected_handler, validation_handler)
+from .errors import (APIError, ServerShuttingDown, api_error_handler, disconnected_handler, error_response,
+                     glmkit_error_handler, http_error_handler, unexpected_handler, validation_handler)
 from .generation import ClientDisconnected
-from .lifecycle import ServerShuttingDown
 from .metrics import render_metrics
 from .middleware import RequestGate
 from .protocol import EmbeddingRequest

@@ -136,12 +136,8 @@ async def _stream(client, req, prompt, params, legacy, request_id, created):
             yield sse.sse(sse.chat_chunk(request_id, model, created, [],
                                          sse.usage(prompt_tokens, completion_tokens, cached)))
         yield sse.DONE
-    except GlmkitError as e:
-        err = from_glmkit(e)
-        yield sse.sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
     except Exception as e:  # noqa: BLE001 - the stream has started; report in-band and end it
-        yield sse.sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
-                                 "code": "internal_error"}})
+        yield sse.error_event(e)
 
 
 def _call_chunks(calls, legacy: bool, index: int) -> list[dict]:

@@ -102,8 +102,7 @@ async def _stream(client, req, prompts, params, request_id, created):
                            "choices": [], "usage": sse.usage(usage["prompt"], usage["completion"])})
         yield sse.DONE
     except Exception as e:  # noqa: BLE001 - the stream has started; report in-band and end it
-        yield sse.sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
-                                 "code": "internal_error"}})
+        yield sse.error_event(e)
     finally:
         for t in tasks:
             t.cancel()

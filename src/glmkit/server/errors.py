@@ -18,6 +18,10 @@ from ..errors import ContextLengthError, GlmkitError, InvalidParameterError
 log = logging.getLogger("glmkit")
 
 
+class ServerShuttingDown(Exception):
+    """The server shut down while this request ran: the engine aborted it after the drain timeout."""
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):

@@ -17,6 +17,7 @@ import time
 
 import uvicorn
 
+from .errors import ServerShuttingDown
 from .state import ServerState
 
 log = logging.getLogger("glmkit")
@@ -24,10 +25,6 @@ log = logging.getLogger("glmkit")
 ABORT_GRACE_S = 5.0          # after the abort: time for streams to send their error event and close
 FORCED_GRACE_S = 1.0         # the same after a second signal
 ENGINE_STOP_S = 10.0         # the engine's current step may still be running
-
-
-class ServerShuttingDown(Exception):
-    """The server shut down while this request ran: the engine aborted it after the drain timeout."""
 
 
 class GlmkitServer(uvicorn.Server):

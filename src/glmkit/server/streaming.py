@@ -7,7 +7,20 @@ import secrets
 import string
 import time
 
+from ..errors import GlmkitError
+from .errors import ServerShuttingDown, from_glmkit
+
 _ALPHABET = string.ascii_letters + string.digits
+
+
+def error_event(e: Exception) -> str:
+    """The in-band end of an OpenAI stream that failed after it started (its status line is long gone)."""
+    if isinstance(e, GlmkitError):
+        err = from_glmkit(e)
+        return sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
+    code = "server_shutting_down" if isinstance(e, ServerShuttingDown) else "internal_error"
+    message = str(e) if isinstance(e, ServerShuttingDown) else f"generation failed: {e}"
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
 
 
 def random_id(prefix: str, length: int = 24) -> str:
