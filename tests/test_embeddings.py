@@ -68,3 +68,16 @@ def test_a_cancelled_request_leaves_the_queue(embedder):
 def test_lone_surrogates_are_cleaned(embedder):
     vectors, _ = asyncio.run(embedder.embed(["bad \ud800 text", "fine"]))
     assert vectors.shape[0] == 2 and np.isfinite(vectors).all()
+
+
+def test_the_route_answers_lone_surrogates_and_counts_tokens(tiny_dir):
+    from fastapi.testclient import TestClient
+
+    from server_api_support import make_app
+
+    app = make_app(tiny_dir, embedding_model="default")
+    with TestClient(app) as client:
+        body = b'{"model": "all-minilm-l6-v2", "input": ["hello", "bad \\ud800 text"]}'  # valid JSON, not UTF-8-able
+        r = client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["data"]) == 2 and r.json()["usage"]["prompt_tokens"] > 2

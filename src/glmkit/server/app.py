@@ -12,7 +12,7 @@ import asyncio
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -23,7 +23,7 @@ from . import anthropic_routes, chat_routes, completion_routes, legacy, response
 from .embeddings import encode_vector
 from .errors import (APIError, ServerShuttingDown, api_error_handler, disconnected_handler, error_response,
                      glmkit_error_handler, http_error_handler, unexpected_handler, validation_handler)
-from .generation import ClientDisconnected
+from .generation import ClientDisconnected, unless_client_leaves
 from .metrics import render_metrics
 from .middleware import RequestGate
 from .protocol import EmbeddingRequest
@@ -97,7 +97,7 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
         return found[0]
 
     @app.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest):
+    async def embeddings(req: EmbeddingRequest, request: Request):
         state.require_model()
         if state.embedder is None:
             raise APIError(404, "this server has no embedding model; start it with --embedding-model (the default "
@@ -114,7 +114,8 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
                            param="dimensions", code="invalid_value")
         state.admit()  # counted with the generation requests (429 beyond --max-queue)
         try:
-            vectors, tokens = await state.embedder.embed(texts, req.dimensions)  # queued, batched, off the loop
+            # queued and batched off the loop; a client that leaves takes its texts off the queue
+            vectors, tokens = await unless_client_leaves(request, state.embedder.embed(texts, req.dimensions))
         finally:
             state.release()
         return {"object": "list", "model": req.model,

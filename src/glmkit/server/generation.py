@@ -72,22 +72,29 @@ async def collect(client: EngineClient, prompt_ids: list[int], params: SamplingP
         async for d in client.generate(prompt_ids, params, request_id):
             collector.add(d)
 
+    await unless_client_leaves(request, run())  # leaving generate() aborts the request in the engine
+    return collector.result()
+
+
+async def unless_client_leaves(request: Request, work):
+    """Await `work`; if the client disconnects first, cancel it and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+
     async def watch_disconnect():
         while not await request.is_disconnected():
             await asyncio.sleep(0.25)
 
-    task, watcher = asyncio.ensure_future(run()), asyncio.ensure_future(watch_disconnect())
+    watcher = asyncio.ensure_future(watch_disconnect())
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
-            task.cancel()  # the client left: leaving generate() aborts the request in the engine
+            task.cancel()
     if task not in done:
         try:
             await task
         except asyncio.CancelledError:
             pass
         raise ClientDisconnected()
-    task.result()
-    return collector.result()
+    return task.result()
