@@ -324,3 +324,23 @@ def test_chatglm3_demo_quirks(client):
     assert choice["finish_reason"] == "function_call"
     assert choice["message"]["function_call"]["name"] == "get_weather"
     assert "city" in json.loads(choice["message"]["function_call"]["arguments"])
+
+
+def test_objects_that_list_their_properties_are_closed():
+    from glmkit.engine.structured import close_objects
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "array", "items": {"properties": {"d": {}}}},
+                                               "free": {"type": "object"}},
+              "$defs": {"X": {"properties": {"y": {}}}},
+              "anyOf": [{"properties": {"e": {}}}], "allOf": [{"properties": {"f": {}}}]}
+    closed = close_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["free"]  # no properties listed: any object
+    assert closed["$defs"]["X"]["additionalProperties"] is False
+    assert closed["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["allOf"][0]  # closing a branch would refuse the others' keys
+    assert close_objects({"properties": {}, "additionalProperties": True})["additionalProperties"] is True
+    assert "additionalProperties" not in schema  # a copy

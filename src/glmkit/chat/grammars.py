@@ -66,13 +66,9 @@ def grammar(calls: str | None, answer: str | None) -> str | None:
 
 
 def _params(tool: dict) -> dict:
-    """A tool's parameters schema; arguments it does not declare are not written (unless it allows them)."""
+    """A tool's parameters schema (json_rule closes its objects: undeclared arguments are not written)."""
     params = tool["function"].get("parameters")
-    if not isinstance(params, Mapping):
-        return {"type": "object", "properties": {}, "additionalProperties": False}
-    if "additionalProperties" not in params and params.get("properties"):
-        return {**params, "additionalProperties": False}
-    return params
+    return params if isinstance(params, Mapping) else {"type": "object", "properties": {}}
 
 
 def _calls(alternatives: list[str], separator: str | None) -> str:

@@ -124,7 +124,7 @@ class LLMEngine:
 
     def _constrain(self, seqs: list[Sequence], rows: list[StepRow]) -> None:
         """Give each sampling row of a constrained sequence the bitmask of the tokens its grammar allows next
-        (filled for all of them at once, in parallel)."""
+        (filled for all of them together, before the step)."""
         picked = [(seq, row) for seq, row in zip(seqs, rows) if row.sample and seq.matcher is not None]
         if not picked:
             return

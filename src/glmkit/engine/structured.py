@@ -30,8 +30,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("glmkit")
 
 # JSON as chat models write it: ", " and ": " separators, no free whitespace (a small model given free
-# whitespace can emit newlines forever).
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# whitespace can emit newlines forever); `oneOf` taken as `anyOf` (a schema the engine cannot prove disjoint
+# would otherwise be refused).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}
+# Schema keywords whose values are subschemas (or maps / lists of them) that close_objects walks into.
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,33 @@ def json_rule(schema: dict | str, source: str = "json_schema") -> str:
     if not isinstance(schema, dict):
         raise InvalidParameterError(source, schema, "must be a JSON schema object")
     style = {**JSON_STYLE, **schema.get("x-guidance", {})}
-    return "%json " + json.dumps({**schema, "x-guidance": style}, ensure_ascii=False)
+    return "%json " + json.dumps({**close_objects(schema), "x-guidance": style}, ensure_ascii=False)
+
+
+def close_objects(schema):
+    """The schema with every object that lists `properties` and says nothing about others closed
+    (`additionalProperties: false`), as OpenAI's strict mode requires: left open, a small model invents keys
+    until max_tokens (benchmarks/structured.py: 247 of 265 answers valid open, 265 closed). Whatever the closed
+    schema accepts, the original accepts too. `allOf` branches stay as they are (closing each would reject the
+    properties of the others)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), dict) and not {"additionalProperties", "unevaluatedProperties",
+                                                         "patternProperties"} & set(out):
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = close_objects(out[key])
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: close_objects(v) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(v) for v in out[key]]
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = close_objects(out["additionalProperties"])
+    return out
 
 
 class _TokenTable:
@@ -146,15 +177,13 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
 
 
 class Grammars:
-    """The constrained-decoding state of one model: its token table, a cache of compiled grammars, and the
-    executor that fills many sequences' masks in parallel."""
+    """The constrained-decoding state of one model: its token table and a cache of compiled grammars."""
 
     def __init__(self, tokenizer, vocab_size: int, max_cached: int = 512):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.num_words = (vocab_size + 31) // 32
         self.max_cached = max_cached
         self._lltokenizer = None
-        self._executor = None
         self._compiled: OrderedDict[str, object] = OrderedDict()  # grammar text -> a fresh matcher to copy
         self._lock = threading.Lock()
 
@@ -166,7 +195,6 @@ class Grammars:
             if self._lltokenizer is None:
                 self._lltokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(
                     _TokenTable(self.tokenizer, self.vocab_size)), n_vocab=self.vocab_size)
-                self._executor = llguidance.LLExecutor()
         return llguidance, self._lltokenizer
 
     def check(self, structured: StructuredOutput) -> None:
@@ -200,32 +228,25 @@ class Grammars:
     def fill(self, matchers: list, stop_ids: list[frozenset[int]]) -> torch.Tensor:
         """The allowed-token bitmask [len(matchers), num_words] (int32; bit b of word w is id 32*w + b) of each
         sequence's next token. Where the grammar is complete, the sequence's stop ids are allowed (and only
-        they end it); llguidance's own end-of-text id is allowed only if it is one of them."""
+        they end it); llguidance's own end-of-text id is allowed only if it is one of them. One matcher after
+        another: measured on 1-16 sequences, faster than llguidance's thread pool (0.44 ms against 1.2 ms for 16)."""
         import torch
 
         masks = torch.empty(len(matchers), self.num_words, dtype=torch.int32)
-        _, lltokenizer = self._llg()
-        self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], masks.data_ptr(),
-                                               self.num_words * 4, len(matchers))
-        eos = lltokenizer.eos_token
+        words = masks.numpy().view("uint32")  # the same memory, for the bit fixes below
+        eos, base, size = self._llg()[1].eos_token, masks.data_ptr(), self.num_words * 4
         for i, (m, stops) in enumerate(zip(matchers, stop_ids)):
-            row = masks[i]
+            m.unsafe_compute_mask_ptr(base + i * size, size)
             if eos not in stops:
-                _set_bit(row, eos, False)
-            if m.is_error():  # a resource limit of the matcher (never expected): the sequence ends here
+                words[i, eos >> 5] &= ~(1 << (eos & 31)) & 0xFFFFFFFF
+            failed = m.is_error()
+            if failed:  # a resource limit of the matcher (never expected): the sequence ends here
                 log.warning("glmkit: constrained decoding stopped a sequence early: %s", _first_line(m.get_error()))
-            if m.is_accepting() or m.is_error():
+            if failed or m.is_accepting():
                 for t in stops:
                     if t < self.vocab_size:
-                        _set_bit(row, t, True)
+                        words[i, t >> 5] |= 1 << (t & 31)
         return masks
-
-
-def _set_bit(row: torch.Tensor, token: int, on: bool) -> None:
-    word, bit = divmod(token, 32)
-    value = int(row[word]) & 0xFFFFFFFF
-    value = value | (1 << bit) if on else value & ~(1 << bit)
-    row[word] = value - (1 << 32) if value >= 1 << 31 else value
 
 
 def unpack_mask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
