@@ -1,7 +1,15 @@
 import importlib.util
 import json
+import os
 
 import pytest
+import torch
+
+# Without CUDA the Triton kernel tests run under Triton's interpreter, which must be chosen before triton is first
+# imported by anyone: sentence-transformers (tests/test_embeddings.py) imports it through transformers, earlier in
+# the run than the kernel tests (tests/triton_kernels.py says the same for a kernel test run on its own).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tokenizer_fixtures import train_sentencepiece, write_glm4_ranks, write_hf_tokenizer
 
