@@ -87,7 +87,10 @@ def test_json_schema_grammar_on_every_tokenizer(tokenizers, kind):
     assert accepts(tok, structured, tok.encode(good))
     assert not accepts(tok, structured, tok.encode(json.dumps({"name": "Li", "age": 130, "tags": []})))
     assert not accepts(tok, structured, tok.encode('{"name": "Li", "age": 3}'))  # tags missing
-    assert not accepts(tok, structured, tok.encode('{"name":"Li","age":3,"tags":[]}'))  # separators are ", " ": "
+    assert accepts(tok, structured, tok.encode('{"name":"Li","age":3,"tags":[]}'))  # compact
+    assert accepts(tok, structured, tok.encode('{\n  "name": "Li",\n  "age": 3,\n  "tags": [\n    "b"\n  ]\n}'))
+    assert not accepts(tok, structured, tok.encode('{"name": "Li",\n\n"age": 3, "tags": []}'))  # one newline
+    assert not accepts(tok, structured, tok.encode('{"name": "Li",' + " " * 17 + '"age": 3, "tags": []}'))
 
 
 def test_other_constraint_kinds(hf):
@@ -327,14 +330,14 @@ def test_chatglm3_demo_quirks(client):
 
 
 def test_objects_that_list_their_properties_are_closed():
-    from glmkit.engine.structured import close_objects
+    from glmkit.engine.structured import grammar_schema
 
     schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
                                                "c": {"type": "array", "items": {"properties": {"d": {}}}},
                                                "free": {"type": "object"}},
               "$defs": {"X": {"properties": {"y": {}}}},
               "anyOf": [{"properties": {"e": {}}}], "allOf": [{"properties": {"f": {}}}]}
-    closed = close_objects(schema)
+    closed = grammar_schema(schema)
     assert closed["additionalProperties"] is False
     assert closed["properties"]["a"]["additionalProperties"] is False
     assert closed["properties"]["c"]["items"]["additionalProperties"] is False
@@ -342,5 +345,18 @@ def test_objects_that_list_their_properties_are_closed():
     assert closed["$defs"]["X"]["additionalProperties"] is False
     assert closed["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in closed["allOf"][0]  # closing a branch would refuse the others' keys
-    assert close_objects({"properties": {}, "additionalProperties": True})["additionalProperties"] is True
+    assert grammar_schema({"properties": {}, "additionalProperties": True})["additionalProperties"] is True
     assert "additionalProperties" not in schema  # a copy
+
+
+def test_date_times_are_written_as_every_reader_takes_them(hf):
+    from rfc3339_validator import validate_rfc3339
+
+    structured = StructuredOutput.json_schema({"type": "string", "format": "date-time"})
+    for good in ["2024-02-28T23:59:59Z", "2024-12-31T08:00:00.25+08:00"]:
+        assert validate_rfc3339(good) and accepts(hf, structured, hf.encode(json.dumps(good)))
+    # Forms the grammar engine's own date-time allows and Python, pydantic and jsonschema refuse
+    for bad in ["2024-06-30t19:00:59+09:00", "2024-06-30T19:00:60Z", "2024-06-30T19:00:59z", "2024-02-30T10:00:00Z"]:
+        assert not accepts(hf, structured, hf.encode(json.dumps(bad))), bad
+    date = StructuredOutput.json_schema({"type": "string", "format": "date"})
+    assert accepts(hf, date, hf.encode('"2024-01-31"')) and not accepts(hf, date, hf.encode('"2024-04-31"'))

@@ -5,6 +5,19 @@ to OpenAI-shaped JSON) can act on it without reading a stack trace. Internal inv
 """
 
 
+EXCERPT_CHARS = 100
+
+
+def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
+    """repr(value), cut to about `limit` characters with how much was left out: an error message names the
+    value it refuses without echoing a megabyte of it back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} items" if isinstance(value, (list, dict, tuple)) else f"{len(text)} characters"
+    return f"{text[:limit]}... ({size})"
+
+
 class GlmkitError(Exception):
     """Base class of every error glmkit raises on purpose."""
 
@@ -17,7 +30,7 @@ class InvalidParameterError(GlmkitError, ValueError):
     """A request or sampling parameter is out of range or of the wrong kind."""
 
     def __init__(self, field: str, value, message: str):
-        super().__init__(f"{field}={value!r}: {message}")
+        super().__init__(f"{field}={excerpt(value)}: {message}")
         self.field = field
         self.value = value
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from ..engine.sampling_params import SamplingParams
 from ..engine.structured import StructuredOutput
-from ..errors import ContextLengthError, InvalidParameterError
+from ..errors import ContextLengthError, InvalidParameterError, excerpt
 from .display import CallGate, EdgeTrim, SpanFilter, StopCut, TextDecoder, cut_at_stop
 from .grammars import answer_body, grammar
 from .messages import normalize_tools
@@ -75,7 +75,10 @@ class ChatServing:
         answer = answer_body(response_format)
         shown_tools, forced = self._tool_plan(normalize_tools(tools), tool_choice, choice_field)
         ids = self.chat_format.render(messages, tools=shown_tools, character=character)
-        calls = self.chat_format.call_grammar(shown_tools, parallel_tool_calls) if shown_tools else None
+        # A named choice is one call of that function (a client asking for it, e.g. LangChain's structured
+        # output, reads one); "required" and "auto" may call several where the format allows.
+        parallel = parallel_tool_calls and not isinstance(tool_choice, Mapping)
+        calls = self.chat_format.call_grammar(shown_tools, parallel) if shown_tools else None
         if forced and calls is not None:  # the answer is a call: the response format does not apply to it
             return ChatPrompt(ids, shown_tools, StructuredOutput(grammar(calls, None), choice_field))
         if answer is None:
@@ -99,7 +102,7 @@ class ChatServing:
         if isinstance(choice, Mapping):
             forced = choice["function"]["name"]
             if forced not in names:
-                raise InvalidParameterError(choice_field, choice, f"names the function {forced!r}, which is not "
+                raise InvalidParameterError(choice_field, choice, f"names the function {excerpt(forced)}, which is not "
                                             f"in tools ({', '.join(names)})")
             tools = [t for t in tools if t["function"]["name"] == forced]
         # "required" (or a name): a format without call syntax leaves it to the model and the tools it was shown

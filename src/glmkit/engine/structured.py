@@ -29,14 +29,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("glmkit")
 
-# JSON as chat models write it: ", " and ": " separators, no free whitespace (a small model given free
-# whitespace can emit newlines forever); `oneOf` taken as `anyOf` (a schema the engine cannot prove disjoint
-# would otherwise be refused).
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}
-# Schema keywords whose values are subschemas (or maps / lists of them) that close_objects walks into.
+# JSON as chat models write it, compact or pretty-printed: between tokens at most one newline and 16 spaces or
+# tabs (unbounded whitespace lets a small model emit newlines forever; none at all forces a model that wants to
+# indent off its own distribution); `oneOf` taken as `anyOf` (a schema the engine cannot prove disjoint would
+# otherwise be refused).
+JSON_STYLE = {"whitespace_flexible": True, "whitespace_pattern": r"\n?[ \t]{0,16}", "coerce_one_of": True}
+# Schema keywords whose values are subschemas (or maps / lists of them) that grammar_schema walks into.
 _SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else")
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+# Date-times as every common reader takes them (Python's datetime, pydantic, jsonschema's RFC 3339 checker):
+# upper-case T and Z, seconds 00-59, February up to the 28th. The grammar engine's own `date-time` also allows
+# t/z and a leap second anywhere (23:60), which those readers refuse.
+_DATE = r"\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)|02-(?:0[1-9]|1\d|2[0-8]))"
+_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
+_FORMAT_PATTERNS = {"date-time": f"^{_DATE}T{_TIME}$", "date": f"^{_DATE}$", "time": f"^{_TIME}$"}
 
 
 @dataclass(frozen=True)
@@ -93,33 +100,37 @@ def json_rule(schema: dict | str, source: str = "json_schema") -> str:
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
         raise InvalidParameterError(source, schema, "must be a JSON schema object")
-    style = {**JSON_STYLE, **schema.get("x-guidance", {})}
-    return "%json " + json.dumps({**close_objects(schema), "x-guidance": style}, ensure_ascii=False)
+    # A schema carrying llguidance's own style (x-guidance) is written its way instead
+    style = {"coerce_one_of": True, **schema["x-guidance"]} if isinstance(schema.get("x-guidance"), dict) \
+        else JSON_STYLE
+    return "%json " + json.dumps({**grammar_schema(schema), "x-guidance": style}, ensure_ascii=False)
 
 
-def close_objects(schema):
-    """The schema with every object that lists `properties` and says nothing about others closed
-    (`additionalProperties: false`), as OpenAI's strict mode requires: left open, a small model invents keys
-    until max_tokens (benchmarks/structured.py: 247 of 265 answers valid open, 265 closed). Whatever the closed
-    schema accepts, the original accepts too. `allOf` branches stay as they are (closing each would reject the
-    properties of the others)."""
+def grammar_schema(schema):
+    """The schema the grammar is built from: every object that lists `properties` and says nothing about others
+    closed (`additionalProperties: false`), as OpenAI's strict mode requires (left open, a small model invents
+    keys until max_tokens; benchmarks/structured.py: 247 of 265 answers valid open, 265 closed), and date/time
+    formats written as the patterns above. Whatever this schema accepts, the original accepts too. `allOf`
+    branches stay as they are (closing each would reject the properties of the others)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     if isinstance(out.get("properties"), dict) and not {"additionalProperties", "unevaluatedProperties",
                                                          "patternProperties"} & set(out):
         out["additionalProperties"] = False
+    if out.get("format") in _FORMAT_PATTERNS and "pattern" not in out:
+        out["pattern"] = _FORMAT_PATTERNS[out.pop("format")]
     for key in _SUBSCHEMA:
         if isinstance(out.get(key), dict):
-            out[key] = close_objects(out[key])
+            out[key] = grammar_schema(out[key])
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {k: close_objects(v) for k, v in out[key].items()}
+            out[key] = {k: grammar_schema(v) for k, v in out[key].items()}
     for key in _SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [close_objects(v) for v in out[key]]
+            out[key] = [grammar_schema(v) for v in out[key]]
     if isinstance(out.get("additionalProperties"), dict):
-        out["additionalProperties"] = close_objects(out["additionalProperties"])
+        out["additionalProperties"] = grammar_schema(out["additionalProperties"])
     return out
 
 
