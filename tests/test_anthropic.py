@@ -418,8 +418,10 @@ def test_other_paths_keep_openai_errors(client):
 
 def test_429_and_503_and_500(client, app, monkeypatch):
     state = state_of(app)
-    monkeypatch.setattr(state.settings, "max_queue", 0)
-    assert_anthropic_error(post(client), 429, "rate_limit_error", ["max_queue=0"])
+    monkeypatch.setattr(state.settings, "max_queue", 1)
+    monkeypatch.setattr(state, "work_in_flight", 1)  # one sequence of another request runs
+    assert_anthropic_error(post(client), 429, "rate_limit_error", ["max_queue=1"])
+    monkeypatch.setattr(state, "work_in_flight", 0)
     monkeypatch.setattr(state.settings, "max_queue", 256)
     monkeypatch.setattr(state, "load_error", "boom")
     assert_anthropic_error(post(client), 503, "overloaded_error", ["boom"])

@@ -196,7 +196,7 @@ def test_aborted_requests_end_cleanly_on_every_route(slow_app):
     completions = answers["completions"].text.strip().split("\n\n")
     assert "shutting down" in json.loads(completions[-1].removeprefix("data: "))["error"]["message"]
     name, data = answers["anthropic"].text.strip().split("\n\n")[-1].split("\n")
-    assert name == "event: error" and json.loads(data.removeprefix("data: "))["error"]["type"] == "api_error"
+    assert name == "event: error" and json.loads(data.removeprefix("data: "))["error"]["type"] == "overloaded_error"
     *_, error, failed = answers["responses"].text.strip().split("\n\n")
     assert error.startswith("event: error\n") and failed.startswith("event: response.failed\n")
     assert json.loads(failed.split("\n")[1].removeprefix("data: "))["response"]["status"] == "failed"

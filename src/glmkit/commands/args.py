@@ -73,6 +73,20 @@ def number(flag: str, low: float, high: float | None = None, *, low_open: bool =
     return _checked(flag, float, ok, limit, fix)
 
 
+def size(flag: str, low: int, fix: str = "") -> Callable[[str], int]:
+    """An argparse type: a byte count, plain or with a binary unit (512K, 8M, 1G), at least `low`."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+    def to_bytes(text: str) -> int:
+        text = text.strip().upper().removesuffix("B").removesuffix("I")
+        number = float(text[:-1] if text[-1:] in units else text)
+        if not math.isfinite(number):
+            raise ValueError(text)
+        return int(number * units.get(text[-1:], 1))
+
+    return _checked(flag, to_bytes, lambda v: v >= low, f"must be a size of at least {low} bytes (e.g. 8M, 512K)", fix)
+
+
 def one_of(flag: str, names, fix: str = "") -> Callable[[str], str]:
     """An argparse type: one of `names` (shown in the message, so the user sees every choice)."""
     def parse(text: str) -> str:

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 
 from ..errors import InvalidParameterError
-from .args import add_model_arguments, engine_kwargs, existing_path, integer, number
+from .args import add_model_arguments, engine_kwargs, existing_path, integer, number, size
 
 log = logging.getLogger("glmkit")
 
@@ -36,7 +36,8 @@ def add_arguments(p) -> None:
     g.add_argument("--api-key-file", default=None, help="file with one accepted key per line",
                    type=existing_path("--api-key-file", "pass a file with one key per line"))
     g.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin (repeatable; '*' for any)")
-    g.add_argument("--max-queue", default=256, help="requests in flight before answering 429 (default 256)",
+    g.add_argument("--max-queue", default=256, help="sequences in flight (each prompt times n; an embeddings "
+                   "request counts one per 32 texts) before answering 429 (default 256)",
                    type=integer("--max-queue", 1, fix="e.g. --max-queue 256"))
     g.add_argument("--embedding-model", default="default", type=_embedding_model,
                    help="sentence-embedding model directory, 'default' (all-MiniLM-L6-v2) or 'none'")
@@ -52,6 +53,17 @@ def add_arguments(p) -> None:
     g.add_argument("--engine-stall-timeout", default=120.0, type=number("--engine-stall-timeout", 0, low_open=True,
                    fix="e.g. --engine-stall-timeout 120"), help="GET /health answers 503 when one engine step "
                    "runs longer than this many seconds (default 120)")
+    limits = p.add_argument_group("limits (one client must not stall the others)")
+    limits.add_argument("--max-body-size", default="8M", type=size("--max-body-size", 1024, fix="e.g. "
+                        "--max-body-size 16M"), help="largest request body; more is a 413 (default 8M)")
+    limits.add_argument("--read-timeout", default=30.0, type=number("--read-timeout", 0, low_open=True,
+                        fix="e.g. --read-timeout 30"), help="seconds a client has to send a request's headers, "
+                        "and then its body; slower is a 408 (default 30)")
+    limits.add_argument("--max-connections", default=1024, type=integer("--max-connections", 1, fix="e.g. "
+                        "--max-connections 1024"), help="open connections; more are answered 503 (default 1024)")
+    limits.add_argument("--request-timeout", default=0.0, type=number("--request-timeout", 0, fix="e.g. "
+                        "--request-timeout 300"), help="seconds a generation request may run, from its arrival; "
+                        "then it is aborted with a 408 or a final stream error event (default 0: no limit)")
     g.add_argument("--open-docs", action="store_true", help="serve /docs, /redoc and /openapi.json without the "
                    "API key (with a key set they need it by default)")
     g.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -104,7 +116,9 @@ def main(args) -> int:
     import uvicorn
 
     from ..server.app import create_app
+    from ..server.connections import guarded_protocol
     from ..server.lifecycle import GlmkitServer
+    from ..server.limits import Limits
     from ..server.state import ServerSettings
 
     settings = ServerSettings(
@@ -112,11 +126,15 @@ def main(args) -> int:
         cors_origins=args.cors_origin, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens or None,
         embedding_model=None if args.embedding_model == "none" else args.embedding_model,
         engine_kwargs=engine_kwargs(args) | dict(max_num_seqs=args.max_num_seqs), open_docs=args.open_docs,
-        access_log=args.access_log, engine_stall_s=args.engine_stall_timeout)
+        access_log=args.access_log, engine_stall_s=args.engine_stall_timeout,
+        limits=Limits(max_body_bytes=args.max_body_size, read_timeout_s=args.read_timeout,
+                      max_connections=args.max_connections, request_timeout_s=args.request_timeout or None))
     log.info("glmkit serve: http://%s:%d (auth %s)", args.host, args.port, "on" if settings.api_keys else "off")
     app = create_app(settings)
     # Our drain runs first (GlmkitServer); uvicorn's graceful timeout only bounds the final close after it.
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    # Our HTTP/1.1 protocol adds a header deadline and a connection cap to uvicorn's (server/connections.py).
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
+                            http=guarded_protocol(settings.limits))
     server = GlmkitServer(config, app.state.glmkit, args.shutdown_timeout)
     with sock:
         server.run(sockets=[sock])

@@ -17,7 +17,7 @@ from .errors import APIError
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
 
 
 class TextBlock(Model):

@@ -8,6 +8,7 @@ so none of one is ever shown). Errors are Anthropic-shaped (errors.py does that 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -18,18 +19,24 @@ from ..errors import GlmkitError
 from . import streaming as sse
 from .anthropic_protocol import CountTokensRequest, MessagesRequest, to_messages, to_tools
 from .errors import anthropic_error_body, from_glmkit
-from .generation import EngineStream, collect
+from .generation import admitted_collect, admitted_stream
+from .limits import check_prompt_size
 
 router = APIRouter()
 
 
-def _render(req: CountTokensRequest, request: Request):
+async def _render(req: CountTokensRequest, request: Request, bounded: bool = True):
+    """-> (state, client, prompt, parallel); `bounded`: refuse text that cannot fit the context before
+    tokenizing it (count_tokens counts whatever it is given)."""
     state = request.app.state.glmkit
     client = state.require_model(req.model)
     tools, choice, parallel = to_tools(req)
-    try:
-        prompt = client.chat.render(to_messages(req), tools, None, choice, choice_field="tool_choice",
-                                    parallel_tool_calls=parallel)
+    messages = to_messages(req)
+    if bounded:
+        check_prompt_size([messages, tools], client, "messages")
+    try:  # tokenizing is CPU work: off the event loop
+        prompt = await asyncio.to_thread(client.chat.render, messages, tools, None, choice,
+                                         choice_field="tool_choice", parallel_tool_calls=parallel)
     except GlmkitError as e:
         raise from_glmkit(e, "messages")
     return state, client, prompt, parallel
@@ -37,13 +44,13 @@ def _render(req: CountTokensRequest, request: Request):
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(req: CountTokensRequest, request: Request):
-    _, _, prompt, _ = _render(req, request)
+    _, _, prompt, _ = await _render(req, request, bounded=False)
     return {"input_tokens": len(prompt.prompt_ids)}
 
 
 @router.post("/v1/messages")
 async def messages(req: MessagesRequest, request: Request):
-    state, client, prompt, parallel = _render(req, request)
+    state, client, prompt, parallel = await _render(req, request)
     try:
         params = client.chat.sampling_params(SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -51,14 +58,10 @@ async def messages(req: MessagesRequest, request: Request):
             stop=req.stop_sequences, max_tokens=req.max_tokens), prompt, client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e, "messages")
-    state.admit()
     message_id = sse.random_id("msg_")
     if req.stream:
-        return EngineStream(_stream(client, req, prompt, params, parallel, message_id), state.release)
-    try:
-        result = await collect(client, prompt.prompt_ids, params, request)
-    finally:
-        state.release()
+        return admitted_stream(state, _stream(client, req, prompt, params, parallel, message_id))
+    result = await admitted_collect(state, request, prompt.prompt_ids, params)
     out = result.outputs[0]
     parsed = client.chat.parse(prompt, out.token_ids)
     calls = _calls(parsed, prompt, parallel)
@@ -163,7 +166,6 @@ async def _stream(client, req, prompt, params, parallel, message_id):
             yield event({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                          "usage": _usage(d.num_prompt_tokens, d.num_output_tokens, d.num_cached_tokens)})
             yield event({"type": "message_stop"})
-    except GlmkitError as e:
-        yield event(anthropic_error_body(400, from_glmkit(e).message))
     except Exception as e:  # noqa: BLE001 - the stream has started; report in-band and end it
-        yield event(anthropic_error_body(500, f"generation failed: {e}"))
+        err = sse.stream_error(e)
+        yield event(anthropic_error_body(err.status, err.message))

@@ -18,13 +18,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import GlmkitError
+from ..errors import GlmkitError, excerpt
 from . import anthropic_routes, chat_routes, completion_routes, legacy, responses_routes
-from .embeddings import encode_vector
+from .embeddings import BATCH as EMBED_BATCH, encode_vector
 from .errors import (APIError, ServerShuttingDown, api_error_handler, disconnected_handler, error_response,
                      glmkit_error_handler, http_error_handler, unexpected_handler, validation_handler)
 from .generation import ClientDisconnected, unless_client_leaves
 from .metrics import render_metrics
+from .limits import BodyLimit
 from .middleware import RequestGate
 from .protocol import EmbeddingRequest
 from .state import ServerSettings, ServerState
@@ -54,6 +55,8 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     app.add_exception_handler(ServerShuttingDown, shutting_down_handler)
     app.add_exception_handler(Exception, unexpected_handler)
 
+    # Outermost first: the gate (drain, key, id, log) sees every request before its body is read.
+    app.add_middleware(BodyLimit, limits=settings.limits)
     app.add_middleware(RequestGate, state=state)
 
     if settings.cors_origins:
@@ -92,7 +95,7 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
         listed = (await models())["data"]
         found = [m for m in listed if m["id"] == model_id]
         if not found:
-            raise APIError(404, f"model={model_id!r} is not served here; served models: "
+            raise APIError(404, f"model={excerpt(model_id)} is not served here; served models: "
                            f"{', '.join(m['id'] for m in listed)}", "not_found_error", "model", "model_not_found")
         return found[0]
 
@@ -104,20 +107,19 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
                            "one comes with pip install 'glmkit[embeddings]')",
                            "not_found_error", "model", "model_not_found")
         if req.model != state.embedder.name:
-            raise APIError(404, f"model={req.model!r} is not an embedding model served here; use "
+            raise APIError(404, f"model={excerpt(req.model)} is not an embedding model served here; use "
                            f"{state.embedder.name!r}", "not_found_error", "model", "model_not_found")
-        texts = [req.input] if isinstance(req.input, str) else list(req.input)
-        if not texts or len(texts) > 2048:
-            raise APIError(400, f"input has {len(texts)} texts; send 1 to 2048", param="input", code="invalid_value")
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)  # 1 to 2048 (protocol.py)
         if req.dimensions is not None and req.dimensions > state.embedder.dimensions:
             raise APIError(400, f"dimensions={req.dimensions} exceeds the model's {state.embedder.dimensions}",
                            param="dimensions", code="invalid_value")
-        state.admit()  # counted with the generation requests (429 beyond --max-queue)
+        # counted with the generation requests (429 beyond --max-queue), a batch of texts as one sequence
+        admission = state.admit(-(-len(texts) // EMBED_BATCH))
         try:
             # queued and batched off the loop; a client that leaves takes its texts off the queue
             vectors, tokens = await unless_client_leaves(request, state.embedder.embed(texts, req.dimensions))
         finally:
-            state.release()
+            admission.release()
         return {"object": "list", "model": req.model,
                 "data": [{"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
                          for i, v in enumerate(vectors)],

@@ -3,6 +3,7 @@ tool calls returned as OpenAI `tool_calls` (also streamed as `delta.tool_calls`)
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from fastapi import APIRouter, Request
@@ -10,7 +11,8 @@ from fastapi import APIRouter, Request
 from ..errors import GlmkitError
 from . import streaming as sse
 from .errors import from_glmkit
-from .generation import EngineStream, collect, request_params
+from .generation import admitted_collect, admitted_stream, request_params
+from .limits import check_prompt_size
 from .protocol import ChatCompletionRequest
 
 router = APIRouter()
@@ -81,21 +83,20 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     tools, choice, legacy, choice_field = _tool_request(req)
     character = req.character.model_dump() if req.character else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    try:
-        prompt = client.chat.render(_messages(req), tools, character, choice, choice_field=choice_field,
-                                    response_format=_response_format(req), parallel_tool_calls=req.parallel_tool_calls)
+    messages = _messages(req)
+    check_prompt_size([messages, tools], client, "messages")
+    try:  # tokenizing is CPU work: off the event loop, which keeps serving the other clients meanwhile
+        prompt = await asyncio.to_thread(
+            client.chat.render, messages, tools, character, choice, choice_field=choice_field,
+            response_format=_response_format(req), parallel_tool_calls=req.parallel_tool_calls)
         max_tokens = req.max_completion_tokens or req.max_tokens or state.settings.default_max_tokens
         params = client.chat.sampling_params(request_params(req, max_tokens, logprobs), prompt, client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e, "messages")
-    state.admit()
     request_id, created = sse.random_id("chatcmpl-"), sse.now()
     if req.stream:
-        return EngineStream(_stream(client, req, prompt, params, legacy, request_id, created), state.release)
-    try:
-        result = await collect(client, prompt.prompt_ids, params, request)
-    finally:
-        state.release()
+        return admitted_stream(state, _stream(client, req, prompt, params, legacy, request_id, created), req.n)
+    result = await admitted_collect(state, request, prompt.prompt_ids, params, req.n)
     out = []
     for c in result.outputs:
         parsed = client.chat.parse(prompt, c.token_ids)

@@ -10,13 +10,14 @@ from fastapi import APIRouter, Request
 from ..errors import GlmkitError
 from . import streaming as sse
 from .errors import APIError, from_glmkit
-from .generation import EngineStream, collect, sampling_params
+from .generation import admitted_stream, collect, sampling_params
+from .limits import check_prompt_size
 from .protocol import CompletionRequest
 
 router = APIRouter()
 
 
-def _prompts(req: CompletionRequest, client) -> list[list[int]]:
+def _prompts(req: CompletionRequest, client) -> list[str | list[int]]:
     p = req.prompt
     if isinstance(p, str):
         p = [p]
@@ -24,10 +25,8 @@ def _prompts(req: CompletionRequest, client) -> list[list[int]]:
         p = [p]
     if not p:
         raise APIError(400, "prompt is empty; give a string, a list of strings or token ids", param="prompt")
-    try:
-        return [client.encode_prompt(x) for x in p]
-    except GlmkitError as e:
-        raise from_glmkit(e, "prompt")
+    check_prompt_size([x for x in p if isinstance(x, str)], client, "prompt")
+    return p
 
 
 def _logprobs(tokenizer, entries) -> dict:
@@ -41,21 +40,25 @@ def _logprobs(tokenizer, entries) -> dict:
 async def completions(req: CompletionRequest, request: Request):
     state = request.app.state.glmkit
     client = state.require_model(req.model)
-    prompts = _prompts(req, client)
+    try:  # tokenizing is CPU work: off the event loop
+        prompts = await asyncio.to_thread(lambda: [client.encode_prompt(x) for x in _prompts(req, client)])
+    except GlmkitError as e:
+        raise from_glmkit(e, "prompt")
     params = [sampling_params(req, client, len(p), req.max_tokens, req.logprobs) for p in prompts]
     for p, sp in zip(prompts, params):  # reject bad prompts with a 400 before anything runs or streams
         try:
             client.validate(p, sp)
         except GlmkitError as e:
             raise from_glmkit(e, "prompt")
-    state.admit()
+    work = len(prompts) * req.n  # sequences
     request_id, created = sse.random_id("cmpl-"), sse.now()
     if req.stream:
-        return EngineStream(_stream(client, req, prompts, params, request_id, created), state.release)
+        return admitted_stream(state, _stream(client, req, prompts, params, request_id, created), work)
+    admission = state.admit(work)
     try:
         results = await asyncio.gather(*(collect(client, p, sp, request) for p, sp in zip(prompts, params)))
     finally:
-        state.release()
+        admission.release()
     choices, prompt_tokens, completion_tokens = [], 0, 0
     tokenizer = client.tokenizer
     for k, result in enumerate(results):

@@ -23,6 +23,8 @@ class EngineClient(Protocol):
     chat: ChatServing          # render / sampling params / stream display / parse for the model's chat format
     tokenizer: Tokenizer       # raw prompts of /v1/completions, logprob token texts
     max_model_len: int
+    max_token_bytes: int       # the most text bytes one token spells (bounds a prompt's tokens from its text)
+    kv_tokens: int             # tokens the KV cache holds, all sequences together
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]: ...
 
@@ -52,6 +54,9 @@ class LocalEngineClient:
         self.chat = llm.chat_serving
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.engine.max_model_len
+        self.max_token_bytes = max((len(b) for b in llm.tokenizer.token_bytes() if b), default=1)
+        blocks = llm.engine.blocks
+        self.kv_tokens = blocks.num_blocks * blocks.block_size
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         return self._llm.encode_prompt(prompt)

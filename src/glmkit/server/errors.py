@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from ..errors import ContextLengthError, GlmkitError, InvalidParameterError
+from ..errors import ContextLengthError, GlmkitError, InvalidParameterError, excerpt
 
 log = logging.getLogger("glmkit")
 
@@ -28,6 +28,16 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
+
+
+class RequestTimedOut(APIError):
+    """The request ran past --request-timeout; the engine has aborted it. Clients are told not to retry
+    (`x-should-retry: false`, which the openai and anthropic SDKs honour): the same request would time out again."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(408, f"the request ran longer than {timeout_s:g}s (--request-timeout) and was aborted; "
+                         "ask for fewer tokens (max_tokens) or raise the server's limit", "timeout_error",
+                         code="request_timeout", headers={"x-should-retry": "false"})
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -100,7 +110,7 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
         loc = first.get("loc", ())
     field = _field(loc)
     value = first.get("input")
-    shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 120 else type(value).__name__
+    shown = excerpt(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 120 else type(value).__name__
     message = f"{field}={shown}: {first.get('msg', 'invalid value')}"
     if first.get("type") == "missing":
         message = f"{field} is required"
@@ -117,6 +127,9 @@ async def glmkit_error_handler(request: Request, exc: GlmkitError) -> JSONRespon
     return await api_error_handler(request, from_glmkit(exc))
 
 
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
 async def http_error_handler(request: Request, exc) -> JSONResponse:
     """Routing failures (an unknown path, a wrong method) in OpenAI's shape instead of FastAPI's {"detail"}."""
     if exc.status_code == 404:
@@ -125,6 +138,9 @@ async def http_error_handler(request: Request, exc) -> JSONResponse:
     elif exc.status_code == 405:
         message, type_, code = (f"{request.method} is not allowed on {request.url.path}", "invalid_request_error",
                                 "method_not_allowed")
+    elif exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:  # e.g. bytes that are not UTF-8
+        message, type_, code = ("the request body is not valid JSON: send a JSON object encoded as UTF-8",
+                                "invalid_request_error", "invalid_json")
     else:
         message, type_, code = str(exc.detail), "invalid_request_error", None
     return error_response(request.url.path, exc.status_code, message, type_, None, code,

@@ -62,6 +62,22 @@ def sampling_params(req, client: EngineClient, num_prompt_tokens: int, max_token
     return replace(request_params(req, max_tokens, logprobs), max_tokens=min(max_tokens or room, room))
 
 
+def admitted_stream(state, stream, work: int = 1) -> EngineStream:
+    """The SSE response over `stream` once the request's work is admitted (a 429 otherwise); the queue share
+    is given back when the stream ends, however it ends."""
+    return EngineStream(stream, state.admit(work).release)
+
+
+async def admitted_collect(state, request: Request, prompt_ids: list[int], params: SamplingParams,
+                           work: int = 1) -> RequestOutput:
+    """`collect` once the request's work is admitted (a 429 otherwise), giving the queue share back after."""
+    admission = state.admit(work)
+    try:
+        return await collect(state.client, prompt_ids, params, request)
+    finally:
+        admission.release()
+
+
 async def collect(client: EngineClient, prompt_ids: list[int], params: SamplingParams,
                   request: Request) -> RequestOutput:
     """Run one request to the end. If the client disconnects first, the request is aborted."""

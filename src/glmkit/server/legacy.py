@@ -4,6 +4,7 @@ and with clean 4xx errors instead of the demo's 500s."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 from fastapi import APIRouter, Request
@@ -12,7 +13,8 @@ from ..engine.sampling_params import SamplingParams
 from ..errors import GlmkitError
 from ..tokenizers.base import clean_text
 from .errors import APIError, from_glmkit
-from .generation import collect
+from .generation import admitted_collect
+from .limits import check_prompt_size
 from .protocol import LegacyChatRequest, LegacyChatResponse
 
 router = APIRouter()
@@ -34,8 +36,9 @@ async def legacy_chat(req: LegacyChatRequest, request: Request):
                            param=f"history[{i}]")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     messages.append({"role": "user", "content": prompt})
-    try:
-        chat_prompt = client.chat.render(messages)
+    check_prompt_size(messages, client, "prompt")
+    try:  # tokenizing is CPU work: off the event loop
+        chat_prompt = await asyncio.to_thread(client.chat.render, messages)
     except GlmkitError as e:
         raise from_glmkit(e, "prompt")
     num_prompt_tokens = len(chat_prompt.prompt_ids)
@@ -53,11 +56,7 @@ async def legacy_chat(req: LegacyChatRequest, request: Request):
                            max_tokens=max_length - num_prompt_tokens), chat_prompt, client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e)
-    state.admit()
-    try:
-        result = await collect(client, chat_prompt.prompt_ids, params, request)
-    finally:
-        state.release()
+    result = await admitted_collect(state, request, chat_prompt.prompt_ids, params)
     response = client.chat.parse(chat_prompt, result.token_ids).content
     return {"response": response, "history": history + [[prompt, response]],
             "status": 200, "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}

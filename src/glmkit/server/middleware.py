@@ -9,6 +9,7 @@ through `TallyingClient`, which wraps the engine client and adds up what each re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import hmac
@@ -18,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .errors import error_response, is_anthropic_path
+from .errors import RequestTimedOut, error_response, is_anthropic_path
 
 access_log = logging.getLogger("glmkit.access")
 
@@ -38,7 +39,7 @@ class RequestRecord:
     status: int = 500
     prompt_tokens: int | None = None      # prompt tokens sent to the engine (None: no generation)
     completion_tokens: int | None = None  # tokens the engine generated for it
-    abort: str | None = None              # "client_disconnected" | "shutdown"
+    abort: str | None = None              # "client_disconnected" | "shutdown" | "request_timeout"
     done: bool = False                    # the last byte of the response is on its way
 
     def count_prompt(self, num_tokens: int) -> None:
@@ -164,10 +165,11 @@ def log_access(record: RequestRecord, route: str, elapsed_s: float) -> None:
 
 class TallyingClient:
     """An engine client that adds each generate() call's prompt and generated tokens to the current request's
-    record; everything else passes straight through."""
+    record and ends a request that runs past `request_timeout_s` (counted from its arrival) with
+    RequestTimedOut; everything else passes straight through."""
 
-    def __init__(self, client):
-        self._client = client
+    def __init__(self, client, request_timeout_s: float | None = None):
+        self._client, self.request_timeout_s = client, request_timeout_s
 
     def __getattr__(self, name):
         return getattr(self._client, name)
@@ -176,9 +178,20 @@ class TallyingClient:
         record = current_request.get()
         if record is not None:
             record.count_prompt(len(prompt_ids))
+        deadline = record.start + self.request_timeout_s if record is not None and self.request_timeout_s else None
         deltas = self._client.generate(prompt_ids, params, request_id)
         async with contextlib.aclosing(deltas):  # leaving early closes the engine stream now (it aborts)
-            async for delta in deltas:
+            while True:
+                try:
+                    if deadline is None:
+                        delta = await anext(deltas)
+                    else:  # a timeout cancels the wait inside the engine stream, which aborts the request
+                        delta = await asyncio.wait_for(anext(deltas), max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    record.abort = record.abort or "request_timeout"
+                    raise RequestTimedOut(self.request_timeout_s) from None
                 if record is not None:
                     record.count_completion(len(delta.token_ids))
                 yield delta

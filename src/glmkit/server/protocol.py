@@ -1,18 +1,28 @@
 """Request and response bodies of the HTTP API (OpenAI shapes, plus the legacy ChatGLM `POST /`).
 
 Field limits live here so that the OpenAPI schema says exactly what the routes accept; anything the engine
-cannot honour is rejected with a 400 that names the field. Knows nothing of the engine.
+cannot honour is rejected with a 400 that names the field. Types are strict: a bool is not a number or a token
+id, a number is not a string. Knows nothing of the engine.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_TOOLS = 128          # tools (or functions) in one request, as OpenAI allows
+MAX_STOP = 16            # stop strings in one request
+MAX_STOP_CHARS = 1000    # characters of one stop string
+MAX_PROMPTS = 256        # prompts in one completions request (each also counts against --max-queue)
+MAX_EMBEDDING_INPUTS = 2048
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
+
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
 
 
 class FunctionCall(Model):
@@ -70,7 +80,7 @@ class SamplingFields(Model):
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=16)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: Stop = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -100,19 +110,20 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # A dict is the ChatGLM3 demo server's shape: one tool, or the composite demo's {name: definition, ...}
-    tools: list[Tool] | dict[str, Any] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | dict[str, Any] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = Field(None, description="json_schema / json_object: the answer is "
                                                    "held to the schema by constrained decoding")
-    functions: list[FunctionDef] | None = None
+    functions: list[FunctionDef] | None = Field(None, max_length=MAX_TOOLS)
     function_call: Literal["none", "auto"] | dict[str, str] | None = None
     character: Character | None = Field(None, description="CharacterGLM profile")
 
 
 class CompletionRequest(SamplingFields):
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[int]
+             | Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)])
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -120,7 +131,8 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(Model):
     model: str
-    input: str | list[str] = Field(description="text or list of texts")
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)] = Field(
+        description="text or list of texts")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None

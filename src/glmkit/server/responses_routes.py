@@ -9,6 +9,7 @@ answer's text becomes one `message` output item, its tool calls `function_call` 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Query, Request
 
 from ..engine.sampling_params import SamplingParams
-from ..errors import GlmkitError, InvalidParameterError
+from ..errors import GlmkitError, InvalidParameterError, excerpt
 from . import responses_protocol as rp
 from . import streaming as sse
 from .errors import APIError, from_glmkit
-from .generation import EngineStream, collect
+from .generation import admitted_collect, admitted_stream
+from .limits import check_prompt_size
 from .response_store import ResponseStore, StoredResponse
 from .responses_protocol import ResponsesRequest
 
@@ -47,7 +49,7 @@ def _api_error(e: GlmkitError) -> APIError:
 
 
 def _not_found(response_id: str) -> APIError:
-    return APIError(404, f"no stored response with id {response_id!r} (responses made with store=false, deleted, "
+    return APIError(404, f"no stored response with id {excerpt(response_id)} (responses made with store=false, deleted, "
                     "or evicted are not kept)", "not_found_error", "response_id", "response_not_found")
 
 
@@ -127,7 +129,7 @@ async def create_response(req: ResponsesRequest, request: Request):
     if req.previous_response_id is not None:
         previous = store.get(req.previous_response_id)
         if previous is None:
-            raise APIError(400, f"previous_response_id={req.previous_response_id!r}: no stored response has this "
+            raise APIError(400, f"previous_response_id={excerpt(req.previous_response_id)}: no stored response has this "
                            "id (store=false, deleted, or evicted responses are not kept)",
                            param="previous_response_id", code="previous_response_not_found")
         history = previous.conversation
@@ -141,7 +143,10 @@ async def create_response(req: ResponsesRequest, request: Request):
             raise InvalidParameterError("input", req.input, "is required: a string or a list of input items")
         messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) \
             + rp.chat_messages(history + items)
-        prompt = _render(client, req, messages, shown_tools, choice, response_format)
+        if req.truncation != "auto":  # (auto drops old turns until the rest fits)
+            check_prompt_size([messages, shown_tools], client, "input")
+        # tokenizing is CPU work: off the event loop
+        prompt = await asyncio.to_thread(_render, client, req, messages, shown_tools, choice, response_format)
         logprobs = (req.top_logprobs or 0) if LOGPROBS in (req.include or []) else None
         params = SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
                                 top_p=1.0 if req.top_p is None else req.top_p, logprobs=logprobs,
@@ -151,13 +156,9 @@ async def create_response(req: ResponsesRequest, request: Request):
         raise _api_error(e)
     plan = _Plan(req, _echo(req, echo_tools, echo_text, req.store is not False), history, items, logprobs,
                  req.store is not False)
-    state.admit()
     if req.stream:
-        return EngineStream(_stream(client, plan, prompt, params, store), state.release)
-    try:
-        result = await collect(client, prompt.prompt_ids, params, request)
-    finally:
-        state.release()
+        return admitted_stream(state, _stream(client, plan, prompt, params, store))
+    result = await admitted_collect(state, request, prompt.prompt_ids, params)
     out = result.outputs[0]
     parsed = client.chat.parse(prompt, out.token_ids)
     calls = plan.calls(parsed.tool_calls)
@@ -247,11 +248,8 @@ async def _stream(client, plan: _Plan, prompt, params, store: ResponseStore):
         _keep(store, plan, response)
         yield event("response.completed" if status == "completed" else "response.incomplete", response=response)
     except Exception as e:  # noqa: BLE001 - the stream has started; report in-band and end it
-        if isinstance(e, GlmkitError):
-            err = _api_error(e)
-            code, message_text, param = err.code or "invalid_prompt", err.message, err.param
-        else:
-            code, message_text, param = "server_error", f"generation failed: {e}", None
+        err = _api_error(e) if isinstance(e, GlmkitError) else sse.stream_error(e)
+        code, message_text, param = err.code or "invalid_prompt", err.message, err.param
         yield event("error", code=code, message=message_text, param=param)
         yield event("response.failed", response=plan.response("failed", output, usage,
                                                                {"code": "server_error", "message": message_text}))
@@ -288,7 +286,7 @@ async def list_input_items(response_id: str, request: Request, limit: int = Quer
     if after is not None:
         ids = [i["id"] for i in items]
         if after not in ids:
-            raise APIError(400, f"after={after!r}: no input item of {response_id} has this id", param="after",
+            raise APIError(400, f"after={excerpt(after)}: no input item of {response_id} has this id", param="after",
                            code="invalid_value")
         items = items[ids.index(after) + 1:]
     page = items[:limit]

@@ -12,8 +12,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..errors import excerpt
 from .engine_client import EngineClient
 from .errors import APIError
+from .limits import Limits
 from .response_store import ResponseStore
 
 log = logging.getLogger("glmkit")
@@ -26,12 +28,13 @@ class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)
-    max_queue: int = 256
+    max_queue: int = 256                                 # sequences in flight (prompts x n) before 429
     default_max_tokens: int | None = 4096                # chat requests without max_tokens (None: the context)
     embedding_model: str | None = "default"             # "default", a path, or None (no embeddings)
     open_docs: bool = False                              # /docs, /redoc, /openapi.json without the API key
     access_log: bool = True                              # one `glmkit.access` line per request
     engine_stall_s: float = 120.0                        # /health fails when one engine step runs longer
+    limits: Limits = field(default_factory=Limits)       # body size, read/request timeouts, connections
 
 
 class ServerState:
@@ -41,7 +44,8 @@ class ServerState:
         self.client = None          # EngineClient
         self.embedder = None
         self.load_error: str | None = None
-        self.in_flight = 0
+        self.in_flight = 0          # admitted requests running now
+        self.work_in_flight = 0     # their sequences (what --max-queue bounds)
         self.responses = ResponseStore()  # /v1/responses kept for previous_response_id (bounded, in memory)
         self.started = time.time()
         self.http_requests: dict[tuple[str, int], int] = {}
@@ -71,7 +75,7 @@ class ServerState:
                 from .embeddings import load_embedder
 
                 self.embedder = load_embedder(self.settings.embedding_model)
-            self.client = TallyingClient(LocalEngineClient(self.llm))
+            self.client = TallyingClient(LocalEngineClient(self.llm), self.settings.limits.request_timeout_s)
             log.info("glmkit: serving %s", ", ".join(self.settings.served_model_names))
         except Exception as e:  # noqa: BLE001 - reported by /health and every route
             self.load_error = f"{type(e).__name__}: {e}"
@@ -89,7 +93,7 @@ class ServerState:
             raise APIError(503, "the engine has stopped (see the server log); restart the server", "server_error",
                            code="engine_stopped")
         if name is not None and name not in self.settings.served_model_names:
-            raise APIError(404, f"model={name!r} is not served here; served models: "
+            raise APIError(404, f"model={excerpt(name)} is not served here; served models: "
                            f"{', '.join(self.settings.served_model_names)}", "not_found_error", "model",
                            "model_not_found")
         return self.client
@@ -122,15 +126,35 @@ class ServerState:
             return 503, {"status": "draining"}
         return (status, body) if status != 200 else (200, {"status": "ready"})
 
-    def admit(self) -> None:
-        if self.in_flight >= self.settings.max_queue:
-            raise APIError(429, f"the server has {self.in_flight} requests in flight (max_queue="
-                           f"{self.settings.max_queue}); retry shortly", "rate_limit_error", code="queue_full",
+    def admit(self, work: int = 1) -> "Admission":
+        """Count a request's work (the sequences it runs: prompts x n; embeddings: batches of texts) against
+        --max-queue: a 429 while the server is full, a 400 for a request that could never fit. Release the
+        returned Admission when the request ends."""
+        limit = self.settings.max_queue
+        if work > limit:
+            raise APIError(400, f"the request asks for {work} sequences at once (prompts x n) but this server runs "
+                           f"at most {limit} (--max-queue); send fewer prompts or a lower n", param="n",
+                           code="invalid_value")
+        if self.work_in_flight + work > limit:
+            raise APIError(429, f"the server has {self.work_in_flight} sequences in flight and this request adds "
+                           f"{work} (max_queue={limit}); retry shortly", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"})
         self.in_flight += 1
+        self.work_in_flight += work
+        return Admission(self, work)
+
+
+class Admission:
+    """One admitted request's share of the queue; release() gives it back (once, however often it is called)."""
+
+    def __init__(self, state: ServerState, work: int):
+        self._state, self._work = state, work
 
     def release(self) -> None:
-        self.in_flight -= 1
+        if self._state is not None:
+            self._state.in_flight -= 1
+            self._state.work_in_flight -= self._work
+            self._state = None
 
 
 def default_served_name(model: str | None) -> str:

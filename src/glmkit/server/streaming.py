@@ -8,19 +8,27 @@ import string
 import time
 
 from ..errors import GlmkitError
-from .errors import ServerShuttingDown, from_glmkit
+from .errors import APIError, ServerShuttingDown, from_glmkit
 
 _ALPHABET = string.ascii_letters + string.digits
 
 
-def error_event(e: Exception) -> str:
-    """The in-band end of an OpenAI stream that failed after it started (its status line is long gone)."""
+def stream_error(e: Exception) -> APIError:
+    """What ended a stream that had started, as the error a request would have got before it started: the
+    caller writes it in its API's in-band shape (its status line is long gone)."""
+    if isinstance(e, APIError):
+        return e
     if isinstance(e, GlmkitError):
-        err = from_glmkit(e)
-        return sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
-    code = "server_shutting_down" if isinstance(e, ServerShuttingDown) else "internal_error"
-    message = str(e) if isinstance(e, ServerShuttingDown) else f"generation failed: {e}"
-    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
+        return from_glmkit(e)
+    if isinstance(e, ServerShuttingDown):
+        return APIError(503, str(e), "server_error", code="server_shutting_down")
+    return APIError(500, f"generation failed: {e}", "server_error", code="internal_error")
+
+
+def error_event(e: Exception) -> str:
+    """The in-band end of an OpenAI stream that failed after it started."""
+    err = stream_error(e)
+    return sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
 
 
 def random_id(prefix: str, length: int = 24) -> str:
