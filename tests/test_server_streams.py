@@ -129,8 +129,14 @@ def fixed_tool_call(app, monkeypatch):
     monkeypatch.setattr(fmt, "parse", parse)
 
 
+# The grammar of a forced call with this tool lets the random model write one of two cities, then end: a whole
+# call, not one cut by max_tokens (that would finish with "length")
+ENUM_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["北京", "上海"]}}, "required": ["city"]}}}
+
+
 def test_golden_streamed_tool_call(client, fixed_tool_call):
-    body = chat_body(stream=True, tools=[WEATHER],
+    body = chat_body(stream=True, max_tokens=60, tools=[ENUM_WEATHER],
                      tool_choice={"type": "function", "function": {"name": "get_weather"}})
     events = parse_sse(client.post(CHAT, json=body).text)
     check_chat_stream_structure(events, "tool_calls", usage=False)
@@ -149,7 +155,8 @@ def test_golden_streamed_tool_call(client, fixed_tool_call):
 
 
 def test_streamed_legacy_function_call(client, fixed_tool_call):
-    body = chat_body(stream=True, functions=[WEATHER["function"]], function_call={"name": "get_weather"})
+    body = chat_body(stream=True, max_tokens=60, functions=[ENUM_WEATHER["function"]],
+                     function_call={"name": "get_weather"})
     events = parse_sse(client.post(CHAT, json=body).text)
     check_chat_stream_structure(events, "function_call", usage=False)
     deltas = [e["choices"][0]["delta"] for e in events[1:-2]]

@@ -319,10 +319,23 @@ def test_forced_call_over_http_streams_the_call(client):
     assert not any(d.get("content") for d in deltas)  # never markup as content
 
 
+@pytest.mark.parametrize("max_tokens", [3, 8, 15])
+def test_a_forced_call_cut_short_is_length_and_never_text(client, max_tokens):
+    """max_tokens ends the call inside its name, its fence or its arguments: finish_reason "length" (as OpenAI
+    reports a cut call), no call (it does not parse), and none of its markup as content, streamed or not."""
+    body = chat_body(tools=[SHORT_WEATHER], tool_choice="required", max_tokens=max_tokens, temperature=0)
+    choice = client.post(CHAT, json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "length" and not choice["message"]["content"], choice
+    events = [e for e in parse_sse(client.post(CHAT, json={**body, "stream": True}).text) if isinstance(e, dict)]
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    assert not any(d.get("content") for d in deltas) and events[-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_chatglm3_demo_quirks(client):
     composite = {"get_weather": {"name": "get_weather", "description": "天气",
                                  "params": [{"name": "city", "description": "城市", "type": "int", "required": True}]}}
-    body = chat_body(model="tiny", tools=composite, tool_choice="required", max_tokens=120, temperature=0)
+    body = chat_body(model="tiny", tools=composite, tool_choice="required", max_tokens=120, temperature=0,
+                     parallel_tool_calls=False)  # one call, then the end (the random model would write more)
     choice = client.post(CHAT, json=body).json()["choices"][0]
     assert choice["finish_reason"] == "function_call"
     assert choice["message"]["function_call"]["name"] == "get_weather"

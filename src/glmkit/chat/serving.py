@@ -44,6 +44,8 @@ class ChatPrompt:
     structured: StructuredOutput | None = None      # what the output is held to (a forced call, a JSON answer)
     # The request's stop strings, noted by `sampling_params`: display and parse end where the engine stopped.
     stop: list[str] = field(default_factory=list)
+    # The output is held to a tool call: none of it is ever text, also when max_tokens cuts the call short.
+    call_forced: bool = False
 
 
 def check_tool_choice(choice, choice_field: str) -> None:
@@ -80,7 +82,7 @@ class ChatServing:
         parallel = parallel_tool_calls and not isinstance(tool_choice, Mapping)
         calls = self.chat_format.call_grammar(shown_tools, parallel) if shown_tools else None
         if forced and calls is not None:  # the answer is a call: the response format does not apply to it
-            return ChatPrompt(ids, shown_tools, StructuredOutput(grammar(calls, None), choice_field))
+            return ChatPrompt(ids, shown_tools, StructuredOutput(grammar(calls, None), choice_field), call_forced=True)
         if answer is None:
             return ChatPrompt(ids, shown_tools, None)
         # With tools on "auto", a call or the formatted answer.
@@ -128,12 +130,15 @@ class ChatServing:
 
     def parse(self, prompt: ChatPrompt, output_ids: list[int]) -> ParsedOutput:
         """The final output's content and tool calls (for a request that was not streamed)."""
-        return _cut(self.chat_format.parse(list(output_ids), prompt.tools), prompt.stop)
+        return _parse(self.chat_format, prompt, list(output_ids))
 
 
-def _cut(parsed: ParsedOutput, stop: list[str]) -> ParsedOutput:
-    if stop:
-        parsed.content = cut_at_stop(parsed.content, stop).rstrip()
+def _parse(chat_format, prompt: ChatPrompt, output_ids: list[int]) -> ParsedOutput:
+    parsed = chat_format.parse(output_ids, prompt.tools)
+    if prompt.call_forced:  # a call cut short by max_tokens does not parse; its markup is still not text
+        parsed.content = ""
+    elif prompt.stop:
+        parsed.content = cut_at_stop(parsed.content, prompt.stop).rstrip()
     return parsed
 
 
@@ -221,7 +226,7 @@ class ChatStream:
         self._output_ids.extend(token_ids)
         if finished:
             return self._finish()
-        if self._stalled:
+        if self._stalled or self._prompt.call_forced:
             return ""
         text = self._segments(token_ids)
         if self._gate is not None:
@@ -259,7 +264,7 @@ class ChatStream:
         return text
 
     def _finish(self) -> str:
-        self.result = _cut(self._format.parse(self._output_ids, self._prompt.tools), self._prompt.stop)
+        self.result = _parse(self._format, self._prompt, self._output_ids)
         shown, content = "".join(self._shown), self.result.content
         # Content that does not extend what was shown (a call segment the parse could not read, now text in
         # the middle) cannot be streamed without retracting text; the caller has it in `result`.

@@ -53,7 +53,9 @@ def _messages(req: ChatCompletionRequest) -> list[dict]:
 
 
 def _finish_reason(reason: str | None, calls, legacy: bool) -> str | None:
-    if calls:
+    """OpenAI's reason: a call when the answer is one, unless max_tokens cut the output (then "length", as
+    OpenAI reports a call cut short; its arguments may be incomplete)."""
+    if calls and reason != "length":
         return "function_call" if legacy else "tool_calls"
     return "stop" if reason == "abort" else reason
 
