@@ -4,7 +4,9 @@ Chinese."""
 
 from __future__ import annotations
 
-from blocks import (ADDRESS, CN_MOBILE, COUNTRY, CURRENCY, DATE, DATETIME, EMAIL, GEO, HEX_SHA, HHMM, IPV4, LANG, MONEY, NAME, PERSON, PHONE, SEMVER, SHORT, TIMEZONE, URI, UUID, arr, b, const, enum, i, n, nullable, obj, s)
+from blocks import (ADDRESS, CN_MOBILE, COUNTRY, CURRENCY, DATE, DATETIME, EMAIL, GEO, HEX_SHA, HHMM, IPV4, LANG, MONEY,
+                    NAME, PERSON, PHONE, SEMVER, SHORT, TIMEZONE, URI, UUID, arr, b, const, enum, i,
+                    n, nullable, obj, s)
 
 # -- the base shapes: (id, prompt, schema) -----------------------------------------------------------------------
 BASES: list[tuple[str, str, dict]] = [
