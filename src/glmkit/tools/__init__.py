@@ -1,0 +1,1 @@
+"""Tools the model can call: the contract (base.py), MCP servers (mcp_client.py)."""
