@@ -38,9 +38,9 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult
 
-from glmkit import __version__
-from glmkit.errors import GlmkitError, excerpt
-from glmkit.tools.base import Image, Observation, Tool
+from .. import __version__
+from ..errors import GlmkitError, excerpt
+from .base import Image, Observation, Tool
 
 log = logging.getLogger("glmkit")
 
