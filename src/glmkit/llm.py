@@ -12,12 +12,13 @@ import logging
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Generator, Iterator
 
 import torch
 
 from .chat import get_chat_format
 from .chat.serving import ChatServing
+from .chat.tool_calls import ParsedOutput
 from .config import DTYPES, EngineConfig
 from .engine.async_engine import AsyncLLMEngine
 from .engine.llm_engine import LLMEngine
@@ -271,8 +272,10 @@ class LLM:
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
                     tools: list[dict] | None = None, character: dict | None = None, tool_choice=None,
-                    response_format: dict | None = None) -> Iterator[tuple[str, Delta]]:
-        """Yield (display text delta, engine delta) for one conversation; closing the iterator aborts it."""
+                    response_format: dict | None = None) -> Generator[tuple[str, Delta], None, list[ParsedOutput]]:
+        """Yield (display text delta, engine delta) for one conversation; closing the iterator aborts it. The
+        generator returns (StopIteration.value, or `parsed = yield from ...`) each choice's final parse: its
+        content and tool calls."""
         prompt = self.chat_serving.render(messages, tools, character, tool_choice, response_format=response_format)
         params = self.chat_serving.sampling_params(params or SamplingParams(), prompt, self.engine.max_model_len)
         streams = [self.chat_serving.stream(prompt) for _ in range(params.n)]
@@ -282,6 +285,7 @@ class LLM:
                 yield streams[d.index].feed(d.token_ids, d.finished), d
         finally:
             deltas.close()
+        return [s.result for s in streams]
 
     @staticmethod
     def _params_list(params, count: int) -> list[SamplingParams]:

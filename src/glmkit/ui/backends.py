@@ -4,8 +4,9 @@
 - `RemoteBackend`: any OpenAI-compatible server (glmkit serve, vLLM, Ollama) over HTTP: streamed
   `POST {url}/chat/completions` read as server-sent events.
 
-The interface is `Backend` below. `stream(messages, settings)` raises ContextOverflow when the conversation does
-not fit and BackendError for anything else the user can act on; closing its iterator early aborts the request.
+The interface is `Backend` below. `stream(messages, settings, tools, tool_choice)` raises ContextOverflow when
+the conversation does not fit and BackendError for anything else the user can act on; closing its iterator early
+aborts the request. With tools, the last chunk carries the answer's tool calls (the agent loop runs them).
 
 Knows nothing of the screen, slash commands or how a conversation is trimmed.
 """
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 from urllib.parse import urlsplit
 
+from ..chat.tool_calls import ToolCall
 from ..engine.sampling_params import SamplingParams
 from ..errors import ContextLengthError, GlmkitError, InvalidParameterError
 
@@ -28,6 +30,7 @@ class Chunk:
     num_tokens: int = 0             # new tokens (an estimate over HTTP: one per streamed piece)
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last chunk
     total_tokens: int | None = None   # the exact count when the source reports it (usage)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # on the last chunk: the calls the answer makes
 
 
 class BackendError(GlmkitError):
@@ -47,8 +50,10 @@ class Backend(Protocol):
     def count_tokens(self, messages: list[dict]) -> int | None:
         """The rendered conversation's prompt tokens; None when this backend cannot count them."""
 
-    def stream(self, messages: list[dict], settings: dict) -> Iterator[Chunk]:
-        """The answer as it comes; `settings` holds SamplingParams fields."""
+    def stream(self, messages: list[dict], settings: dict, tools: list[dict] | None = None,
+               tool_choice=None) -> Iterator[Chunk]:
+        """The answer as it comes; `settings` holds SamplingParams fields; `tools` are OpenAI tool definitions
+        (and `tool_choice` OpenAI's choice), whose calls come back on the last chunk."""
 
     def close(self) -> None:
         """Release connections (nothing for a local model)."""
@@ -65,11 +70,25 @@ class LocalBackend:
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.llm.render_chat(messages, character=self.character))
 
-    def stream(self, messages: list[dict], settings: dict) -> Iterator[Chunk]:
-        pieces = self.llm.stream_chat(messages, SamplingParams(**settings), character=self.character)
+    def stream(self, messages: list[dict], settings: dict, tools: list[dict] | None = None,
+               tool_choice=None) -> Iterator[Chunk]:
+        pieces = self.llm.stream_chat(messages, SamplingParams(**settings), character=self.character, tools=tools,
+                                      tool_choice=tool_choice)
         try:
-            for piece, delta in pieces:
-                yield Chunk(piece, len(delta.token_ids), delta.finish_reason)
+            last = None  # the finishing chunk waits for the parse, which the generator returns
+            while True:
+                try:
+                    piece, delta = next(pieces)
+                except StopIteration as end:
+                    if last is not None:
+                        last.tool_calls = list(end.value[0].tool_calls) if tools else []
+                        yield last
+                    return
+                chunk = Chunk(piece, len(delta.token_ids), delta.finish_reason)
+                if delta.finished:
+                    last = chunk
+                else:
+                    yield chunk
         except ContextLengthError as e:
             raise ContextOverflow(str(e)) from None
         except GlmkitError as e:  # e.g. a setting the engine refuses: one line, the session goes on
@@ -130,10 +149,16 @@ class RemoteBackend:
         except (ValueError, KeyError, IndexError, TypeError):
             raise BackendError(f"{self.base}/models lists no model; pass --model NAME") from None
 
-    def stream(self, messages: list[dict], settings: dict) -> Iterator[Chunk]:
+    def stream(self, messages: list[dict], settings: dict, tools: list[dict] | None = None,
+               tool_choice=None) -> Iterator[Chunk]:
         httpx = _httpx()
+        body = self._body(messages, settings)
+        if tools:
+            body["tools"] = tools
+            if tool_choice is not None:
+                body["tool_choice"] = tool_choice
         try:
-            with self.client.stream("POST", self.base + "/chat/completions", json=self._body(messages, settings)) as r:
+            with self.client.stream("POST", self.base + "/chat/completions", json=body) as r:
                 if r.status_code != 200:
                     raise self._status_error(r.status_code, r.read())
                 yield from _sse_chunks(r.iter_lines())
@@ -200,8 +225,10 @@ def _error_fields(content: bytes) -> tuple[str, str | None]:
 
 
 def _sse_chunks(lines) -> Iterator[Chunk]:
-    """OpenAI chat-completion SSE lines -> Chunks (the first choice); an in-band error raises."""
+    """OpenAI chat-completion SSE lines -> Chunks (the first choice); an in-band error raises. Streamed
+    `delta.tool_calls` pieces are joined by their index into the last chunk's calls."""
     finish, done = None, False
+    calls: dict[int, dict] = {}
     for line in lines:
         if not line.startswith("data:"):
             continue
@@ -217,7 +244,14 @@ def _sse_chunks(lines) -> Iterator[Chunk]:
         for choice in event.get("choices") or []:
             if choice.get("index", 0) != 0:
                 continue
-            text = (choice.get("delta") or {}).get("content") or ""
+            delta = choice.get("delta") or {}
+            text = delta.get("content") or ""
+            for piece in delta.get("tool_calls") or []:
+                call = calls.setdefault(piece.get("index", 0), {"id": None, "name": "", "arguments": ""})
+                function = piece.get("function") or {}
+                call["id"] = piece.get("id") or call["id"]
+                call["name"] += function.get("name") or ""
+                call["arguments"] += function.get("arguments") or ""
             finish = choice.get("finish_reason") or finish
             if text or choice.get("finish_reason"):
                 yield Chunk(text, 1 if text else 0)
@@ -225,4 +259,6 @@ def _sse_chunks(lines) -> Iterator[Chunk]:
             yield Chunk("", 0, total_tokens=usage.get("completion_tokens"))
     if not done and finish is None:
         raise BackendError("the server closed the stream before the answer ended")
-    yield Chunk("", 0, finish or "stop")
+    tool_calls = [ToolCall(c["name"], c["arguments"] or "{}", *([c["id"]] if c["id"] else []))
+                  for _, c in sorted(calls.items())]
+    yield Chunk("", 0, finish or "stop", tool_calls=tool_calls)

@@ -73,6 +73,23 @@ class Console:
         else:
             self._line(self.err, text)
 
+    # -- tools -----------------------------------------------------------------------------------------
+    def tool_call(self, name: str, arguments: str) -> None:
+        """A call the model made, before it runs: `⚙ name(arguments)`, dimmed, on its own line."""
+        self._tool_line(f"⚙ {name}({_short(arguments, 300)})")
+
+    def tool_result(self, text: str, error: bool, seconds: float, files: list[str]) -> None:
+        """What the call gave back, boxed by a bar on the left, at most a few lines; saved images by path."""
+        lines = _short(text, 600).splitlines()[:8] or ["(no output)"]
+        head = f"{'✗ failed' if error else '→'} ({seconds:.1f}s)"
+        body = "\n".join("│ " + line for line in lines)
+        saved = "".join(f"\n│ image saved: {path}" for path in files)
+        self._tool_line(f"{head}\n{body}{saved}", YELLOW if error else DIM)
+
+    def _tool_line(self, text: str, code: str = DIM) -> None:
+        stream = self.out if self.interactive else self.err
+        self._line(stream, self.paint(text.translate(CONTROLS), code) if self.interactive else text)
+
     # -- notices ---------------------------------------------------------------------------------------
     def notice(self, text: str) -> None:
         """Something the user should see but that is not an answer (dimmed)."""
@@ -226,3 +243,7 @@ def _swap_log_streams(old, new) -> list:
         if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is old:
             swapped.append((handler, handler.setStream(new)))
     return swapped
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

@@ -26,6 +26,7 @@ class Reply:
     num_tokens: int = 0
     first_token_s: float | None = None
     elapsed_s: float = 0.0
+    messages: list[dict] | None = None  # with tools: the conversation after this turn (calls, observations)
 
 
 class StopRequest:
@@ -54,9 +55,10 @@ def stop_on_interrupt(raise_at_once: bool):
 
 class ChatSession:
     def __init__(self, backend: Backend, console: Console, conversation: Conversation, settings: dict,
-                 show_stats: bool):
+                 show_stats: bool, agent=None):
+        """`agent`: a tools.agent.Agent over the same backend; then each answer may call tools first."""
         self.backend, self.console, self.conversation = backend, console, conversation
-        self.settings, self.show_stats = settings, show_stats
+        self.settings, self.show_stats, self.agent = settings, show_stats, agent
 
     def ask(self, text: str) -> Reply | None:
         """Answer one user message; None when it could not be sent (a one-line reason was printed)."""
@@ -68,7 +70,7 @@ class ChatSession:
         while True:
             try:
                 dropped = f"(dropped {_turns(num_dropped)} to fit the server's context)" if num_dropped else None
-                reply = self._stream_reply(dropped)
+                reply = self._agent_reply(dropped) if self.agent is not None else self._stream_reply(dropped)
                 break
             except ContextOverflow as e:
                 # A server does not say its context size: learn it from the refusal, one turn at a time.
@@ -80,7 +82,10 @@ class ChatSession:
             except BackendError as e:
                 self._refuse(before, str(e))
                 return None
-        self.conversation.add("assistant", reply.text.strip())
+        if reply.messages is not None:  # the turn's calls and observations stay in the conversation
+            self.conversation.messages = [m for m in reply.messages if m["role"] != "system"]
+        else:
+            self.conversation.add("assistant", reply.text.strip())
         self._after(reply)
         return reply
 
@@ -143,6 +148,56 @@ class ChatSession:
         reply.elapsed_s = time.monotonic() - start
         return reply
 
+    def _agent_reply(self, notice: str | None = None) -> Reply:
+        """As _stream_reply, through the agent: its text streams like an answer, each tool call and its
+        observation show dimmed on their own lines, images are saved to files (paths printed). Ctrl-C stops
+        the generation and interrupts a running cell."""
+        from ..tools.agent import AgentError, Final, TextDelta, ToolFinished, ToolStarted
+
+        view = _AnswerView(self.console, self.backend.name, notice)
+        reply, start = Reply(), time.monotonic()
+        self.agent.settings = dict(self.settings)  # /set applies to tool turns too
+        events = self.agent.run(self.conversation.rendered())
+        try:
+            with stop_on_interrupt(self.backend.interruptible) as stop, self.console.typeahead_hidden():
+                try:
+                    for event in events:
+                        if isinstance(event, TextDelta):
+                            if reply.first_token_s is None:
+                                reply.first_token_s = time.monotonic() - start
+                            reply.num_tokens += event.num_tokens
+                            reply.text += event.text
+                            view.show(event.text)
+                        elif isinstance(event, ToolStarted):
+                            view.begin()
+                            self.console.write("\n")
+                            self.console.tool_call(event.call.name, event.call.arguments)
+                        elif isinstance(event, ToolFinished):
+                            files = save_images(event.observation.images)
+                            self.console.tool_result(event.observation.text, event.observation.error, event.seconds,
+                                                     files)
+                        elif isinstance(event, Final):
+                            reply.finish_reason, reply.messages = event.finish_reason, event.messages
+                        elif isinstance(event, AgentError):
+                            if not view.started:
+                                raise BackendError(event.message)
+                            reply.finish_reason = "error"
+                            self.console.write("\n")
+                            self.console.warn(event.message)
+                        if stop.requested and not reply.finish_reason:
+                            self.agent.cancel()  # the agent ends the turn at its next step
+                except KeyboardInterrupt:
+                    self.agent.cancel()
+                    reply.finish_reason = "stopped"
+        finally:
+            events.close()
+            view.stop_spinner()
+        view.begin()
+        if reply.finish_reason == "stopped":
+            reply.messages = None  # a stopped turn keeps only its text, as a plain answer does
+        reply.elapsed_s = time.monotonic() - start
+        return reply
+
     def _after(self, reply: Reply) -> None:
         """The marks after an answer, its newline, and the stats line."""
         console = self.console
@@ -194,3 +249,24 @@ class _AnswerView:
 
     def stop_spinner(self) -> None:
         self.spinner.stop()
+
+
+def save_images(images) -> list[str]:
+    """Tool images as PNG files in this process's own temporary folder; their paths."""
+    if not images:
+        return []
+    import tempfile
+    from pathlib import Path
+
+    global _IMAGE_DIR
+    if _IMAGE_DIR is None:
+        _IMAGE_DIR = Path(tempfile.mkdtemp(prefix="glmkit-images-"))
+    paths = []
+    for image in images:
+        path = _IMAGE_DIR / f"image-{len(list(_IMAGE_DIR.iterdir())) + 1}.png"
+        path.write_bytes(image.png)
+        paths.append(str(path))
+    return paths
+
+
+_IMAGE_DIR = None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..commands.args import add_model_arguments, add_sampling_arguments, load_llm
 from ..errors import InvalidParameterError
+from ..tools import setup as tool_setup
 from .console import BOLD_GREEN, Console
 from .conversation import Conversation, setting_problem, settings_from_args
 from .session import ChatSession
@@ -46,6 +47,7 @@ def add_arguments(p) -> None:
     g.add_argument("--no-history", action="store_true",
                    help="do not read or write the input history file ($GLMKIT_HOME/chat_history or "
                    "~/.config/glmkit/chat_history)")
+    tool_setup.add_arguments(p)
 
 
 def load_character(path: str | None) -> dict | None:
@@ -78,6 +80,7 @@ def main(args) -> int:
     console = Console(interactive)
     character = load_character(args.character)
     settings = checked_settings(args)
+    tool_setup.check_flags(args)
     started = time.monotonic()
     try:
         backend, location = open_backend(args, character, console)
@@ -87,7 +90,15 @@ def main(args) -> int:
     if args.stats:
         console.notice(f"[loaded in {time.monotonic() - started:.2f}s]")
     conversation = Conversation(system=args.system, greeting=(character or {}).get("greeting"))
-    session = ChatSession(backend, console, conversation, settings, args.stats)
+    agent, closing = None, []
+    if tool_setup.wants_tools(args):
+        try:
+            with console.loading("starting the tools"):
+                agent, closing = tool_setup.build_agent(args, backend, settings)
+        except BaseException:
+            backend.close()
+            raise
+    session = ChatSession(backend, console, conversation, settings, args.stats, agent=agent)
     try:
         if interactive:
             return interactive_chat(session, console, args, location, character)
@@ -95,6 +106,8 @@ def main(args) -> int:
     except KeyboardInterrupt:  # outside an answer (reading stdin, a slow /save): end quietly
         return INTERRUPTED
     finally:
+        for thing in closing:
+            thing.close()
         backend.close()
 
 
