@@ -258,3 +258,22 @@ def test_a_request_past_its_deadline_is_aborted(guarded):
 
     assert wait_until(idle, 10, 0.2)
     assert "abort=request_timeout" in guarded.output()
+
+
+def test_large_text_is_estimated_from_samples(sp):
+    """Past 1 MB the density of three samples decides: text that would need more than twice the context at its
+    sparsest sample is refused; the estimate never refuses text that fits."""
+    from types import SimpleNamespace
+
+    text = "今天天气很好，我们去公园散步吧。" * 45_000  # 2 MB
+    tokens = len(sp.encode(text[:100_000])) * len(text) // 100_000
+    loose = SimpleNamespace(max_token_bytes=50, max_model_len=tokens // 3, tokenizer=sp)  # passes the bound
+    with pytest.raises(Exception) as e:
+        check_prompt_size([{"role": "user", "content": text}], loose, "messages")
+    assert "estimated from samples" in e.value.message
+    roomy = SimpleNamespace(max_token_bytes=50, max_model_len=tokens + 10, tokenizer=sp)
+    check_prompt_size([{"role": "user", "content": text}], roomy, "messages")
+    # dense text at the start, sparse text after: the sparsest sample sets the estimate
+    mixed = "😀" * 20_000 + "a" * 3_000_000
+    fits = SimpleNamespace(max_token_bytes=50, max_model_len=len(sp.encode(mixed)) + 10, tokenizer=sp)
+    check_prompt_size(mixed, fits, "prompt")

@@ -4,18 +4,25 @@ Every message names the field, the value, the limit and the fix, so a user (or t
 to OpenAI-shaped JSON) can act on it without reading a stack trace. Internal invariants use `assert` instead.
 """
 
+import reprlib
 
 EXCERPT_CHARS = 100
+_SHORT_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict, _SHORT_REPR.maxtuple, _SHORT_REPR.maxset = 3, 4, 4, 4, 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = EXCERPT_CHARS
 
 
 def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
     """repr(value), cut to about `limit` characters with how much was left out: an error message names the
-    value it refuses without echoing a megabyte of it back."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    size = f"{len(value)} items" if isinstance(value, (list, dict, tuple)) else f"{len(text)} characters"
-    return f"{text[:limit]}... ({size})"
+    value it refuses without echoing a megabyte of it back (nor building that megabyte's repr first)."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{repr(value[:limit])}... ({len(value)} characters)"
+    text = _SHORT_REPR.repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if isinstance(value, (list, dict, tuple, set)) and (len(value) > 4 or text.endswith("...")):
+        text += f" ({len(value)} items)"
+    return text
 
 
 class GlmkitError(Exception):

@@ -112,13 +112,44 @@ def text_bytes(value) -> int:
     return 0
 
 
+SAMPLE_CHARS = 8192      # characters of each sample a large prompt's density is measured on
+SAMPLED_ABOVE = 1 << 20  # text bytes beyond which the estimate below is made
+
+
 def check_prompt_size(value, client, field: str) -> None:
     """A 400 when the text in `value` (messages, tools, a prompt) cannot fit the context, found without
-    tokenizing: a token covers at most `client.max_token_bytes` bytes (times the slack above), so the prompt has
-    at least that many tokens. Anything this lets through is tokenized and checked exactly later."""
+    tokenizing it all. First a bound: a token covers at most `client.max_token_bytes` bytes (times the slack
+    above), so the text has at least that many tokens. Then, for large text, an estimate: three samples of its
+    longest string (start, middle, end) are tokenized, and the text is refused when even at the sparsest
+    sample's bytes per token it would need more than twice the context. Anything let through is tokenized and
+    checked exactly later. (Tokenizing holds the GIL for stretches: megabytes of it stall every request.)"""
     size = text_bytes(value)
     least = size // (client.max_token_bytes * NORMALIZATION_SLACK)
     if least >= client.max_model_len:
-        raise APIError(400, f"{field} has {size} bytes of text, at least {least} tokens, but the model accepts "
-                       f"{client.max_model_len} (max_model_len); shorten the {field}", param=field,
-                       code="context_length_exceeded")
+        raise _too_long(field, f"{size} bytes of text, at least {least} tokens", client.max_model_len)
+    if size <= SAMPLED_ABOVE:
+        return
+    longest = max(_strings(value), key=len)
+    middle = max(0, len(longest) // 2 - SAMPLE_CHARS // 2)
+    samples = [longest[:SAMPLE_CHARS], longest[middle:middle + SAMPLE_CHARS], longest[-SAMPLE_CHARS:]]
+    bytes_per_token = max(text_bytes(t) / max(1, len(client.tokenizer.encode(t))) for t in samples)
+    estimate = int(size / max(bytes_per_token, 1e-3))
+    if estimate > 2 * client.max_model_len:
+        raise _too_long(field, f"{size} bytes of text, about {estimate} tokens (estimated from samples)",
+                        client.max_model_len)
+
+
+def _too_long(field: str, what: str, max_model_len: int) -> APIError:
+    return APIError(400, f"{field} has {what}, but the model accepts {max_model_len} (max_model_len); shorten the "
+                    f"{field}", param=field, code="context_length_exceeded")
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)

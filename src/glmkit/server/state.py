@@ -7,6 +7,7 @@ its thread lives, whether the server drains): no engine round trip, so a stuck e
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -76,6 +77,11 @@ class ServerState:
 
                 self.embedder = load_embedder(self.settings.embedding_model)
             self.client = TallyingClient(LocalEngineClient(self.llm), self.settings.limits.request_timeout_s)
+            # Loading leaves some 350,000 long-lived objects (torch, sympy through torch._dynamo); every full
+            # collection walked them all with the GIL held, stalling the event loop and the engine 0.3-0.7 s
+            # about every 10 s. Frozen, collections see only what requests allocate.
+            gc.collect()
+            gc.freeze()
             log.info("glmkit: serving %s", ", ".join(self.settings.served_model_names))
         except Exception as e:  # noqa: BLE001 - reported by /health and every route
             self.load_error = f"{type(e).__name__}: {e}"
