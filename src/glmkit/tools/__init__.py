@@ -1,18 +1,18 @@
 """Tools the model can call, and the loop that runs them: the contract (base.py), @tool and calling a tool
 safely (registry.py, signatures.py), the built-ins (builtins.py, calculator.py), the code interpreter
 (kernel.py, sandbox.py), MCP servers (mcp_client.py), the agent loop (agent.py), and `glmkit chat`'s tool flags
-(setup.py). Importing this package loads none of the heavy parts (Jupyter, MCP)."""
+(setup.py). The names below load on first use: a chat without tools needs none of the `tools` extra."""
 
-from .base import Image, Observation, Tool
-from .registry import Toolbox, call_tool, tool
+from importlib import import_module
+
+_HOMES = {"Image": "base", "Observation": "base", "Tool": "base", "Toolbox": "registry", "call_tool": "registry",
+          "tool": "registry", "Agent": "agent"}
 
 
 def __getattr__(name):
-    if name == "Agent":  # the agent pulls in the chat backends
-        from .agent import Agent
-
-        return Agent
-    raise AttributeError(name)
+    if name in _HOMES:
+        return getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Agent", "Image", "Observation", "Tool", "Toolbox", "call_tool", "tool"]
+__all__ = sorted(_HOMES)

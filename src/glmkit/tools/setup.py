@@ -5,6 +5,7 @@ Agent over the session's backend, and what must be closed when the session ends 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
 from pathlib import Path
@@ -40,6 +41,12 @@ def wants_tools(args) -> bool:
 
 def check_flags(args) -> None:
     """Refuse tool flags that cannot work, before a model loads: one line naming the flag."""
+    needs = [("--tools", args.tools, "jsonschema"), ("--code-interpreter", args.code_interpreter, "jupyter_client"),
+             ("--code-interpreter", args.code_interpreter, "ipykernel"), ("--mcp-config", args.mcp_config, "mcp")]
+    for flag, used, module in needs:
+        if used and importlib.util.find_spec(module) is None:
+            raise InvalidParameterError(flag, used, f"needs the tools extra ({module} is missing): "
+                                        "pip install 'glmkit[tools]'")
     if args.sandbox and not args.code_interpreter:
         raise InvalidParameterError("--sandbox", True, "applies to the code interpreter; add --code-interpreter")
     if (args.allow_shell or args.allow_network) and "builtin" not in args.tools:
