@@ -38,7 +38,7 @@ def check_invariants(sched: Scheduler, bm: BlockManager, batch: list[Sequence]) 
         ids = seq.all_ids
         for i in range(seq.num_hashed):  # shared blocks hold exactly this sequence's tokens
             block = bm.blocks[seq.block_table[i]]
-            assert block.token_ids == tuple(ids[i * bm.block_size:(i + 1) * bm.block_size])
+            assert bm.token_ids(block.block_id) == tuple(ids[i * bm.block_size:(i + 1) * bm.block_size])
 
 
 def run_to_completion(sched: Scheduler, bm: BlockManager, arrivals: dict, aborts: dict, max_steps: int = 20000):
@@ -113,7 +113,7 @@ def test_prefix_cache_hits_share_blocks():
     batch = sched.schedule()
     assert batch == [second] and second.num_cached == 12 and second.num_scheduled == 3
     assert bm.num_hit_blocks == 3
-    assert [bm.blocks[b].token_ids for b in second.block_table[:3]] == [tuple(SHARED_PREFIX[i:i + 4]) for i in (0, 4, 8)]
+    assert [bm.token_ids(b) for b in second.block_table[:3]] == [tuple(SHARED_PREFIX[i:i + 4]) for i in (0, 4, 8)]
 
 
 def test_whole_prompt_cached_still_computes_its_last_token():
