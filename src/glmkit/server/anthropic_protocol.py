@@ -11,13 +11,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from .errors import APIError
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
+from .protocol import Model, NonEmpty, one_of
 
 
 class TextBlock(Model):
@@ -39,13 +36,26 @@ class ToolResultBlock(Model):
     is_error: bool = False
 
 
-ContentBlock = Annotated[Union[TextBlock, ToolUseBlock, ToolResultBlock], Field(discriminator="type")]
+class UserMessage(Model):
+    role: Literal["user"]
+    content: str | Annotated[list[Annotated[Union[TextBlock, ToolResultBlock], Field(discriminator="type")]],
+                             Field(min_length=1)]
 
 
-class Message(Model):
-    # "system" inside `messages` is what newer SDKs' SystemMessageParam sends; it becomes a system message.
-    role: Literal["user", "assistant", "system"]
-    content: str | list[ContentBlock]
+class AssistantMessage(Model):
+    role: Literal["assistant"]
+    content: str | Annotated[list[Annotated[Union[TextBlock, ToolUseBlock], Field(discriminator="type")]],
+                             Field(min_length=1)]
+
+
+class SystemMessage(Model):
+    """What newer SDKs' SystemMessageParam sends inside `messages`; it becomes a system message."""
+    role: Literal["system"]
+    content: str | Annotated[list[TextBlock], Field(min_length=1)]
+
+
+# tool_use blocks belong in the assistant's messages, tool_result blocks in the user's
+Message = one_of(UserMessage, AssistantMessage, SystemMessage, key="role", fallback=UserMessage)
 
 
 class Tool(Model):
@@ -55,10 +65,18 @@ class Tool(Model):
     input_schema: dict[str, Any]
 
 
-class ToolChoice(Model):
-    type: Literal["auto", "any", "tool", "none"]
-    name: str | None = None
+class ToolChoiceMode(Model):
+    type: Literal["auto", "any", "none"]
     disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceTool(Model):
+    type: Literal["tool"]
+    name: NonEmpty
+    disable_parallel_tool_use: bool = False
+
+
+ToolChoice = one_of(ToolChoiceMode, ToolChoiceTool, fallback=ToolChoiceMode)
 
 
 class CountTokensRequest(Model):
@@ -148,3 +166,58 @@ def to_tools(req: CountTokensRequest):
     else:
         choice = {"auto": "auto", "any": "required", "none": "none"}[c.type]
     return tools, choice, not c.disable_parallel_tool_use
+
+
+# --- response bodies (documented in the OpenAPI schema) -----------------------------------------------------
+
+class _Out(BaseModel):
+    """A response body: documentation of what the routes send, not validated on the way out."""
+
+
+class OutTextBlock(_Out):
+    type: Literal["text"]
+    text: str
+
+
+class OutToolUseBlock(_Out):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class AnthropicUsage(_Out):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+
+
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
+
+
+class MessageResponse(_Out):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[OutTextBlock | OutToolUseBlock]
+    stop_reason: StopReason | None
+    stop_sequence: str | None
+    usage: AnthropicUsage
+
+
+class TokenCount(_Out):
+    input_tokens: int
+
+
+class MessageStreamEvent(_Out):
+    """One event of a streamed message: `event: <type>` and this object as its `data:`."""
+    type: Literal["message_start", "ping", "content_block_start", "content_block_delta", "content_block_stop",
+                  "message_delta", "message_stop", "error"]
+    message: MessageResponse | None = None
+    index: int | None = None
+    content_block: OutTextBlock | OutToolUseBlock | None = None
+    delta: dict[str, Any] | None = None
+    usage: AnthropicUsage | None = None
+    error: dict[str, str] | None = None

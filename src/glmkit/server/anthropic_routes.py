@@ -17,8 +17,9 @@ from fastapi import APIRouter, Request
 from ..engine.sampling_params import SamplingParams
 from ..errors import GlmkitError
 from . import streaming as sse
-from .anthropic_protocol import CountTokensRequest, MessagesRequest, to_messages, to_tools
-from .errors import anthropic_error_body, from_glmkit
+from .anthropic_protocol import (CountTokensRequest, MessageResponse, MessagesRequest, TokenCount, to_messages,
+                                 to_tools)
+from .errors import anthropic_error_body, error_responses, from_glmkit
 from .generation import admitted_collect, admitted_stream
 from .limits import check_prompt_size
 
@@ -42,13 +43,17 @@ async def _render(req: CountTokensRequest, request: Request, bounded: bool = Tru
     return state, client, prompt, parallel
 
 
-@router.post("/v1/messages/count_tokens")
+@router.post("/v1/messages/count_tokens", responses={
+    200: {"model": TokenCount, "description": "The prompt's tokens"},
+    **error_responses(400, 404, 408, 413, 503, anthropic=True)})
 async def count_tokens(req: CountTokensRequest, request: Request):
     _, _, prompt, _ = await _render(req, request, bounded=False)
     return {"input_tokens": len(prompt.prompt_ids)}
 
 
-@router.post("/v1/messages")
+@router.post("/v1/messages", responses={
+    200: {"model": MessageResponse, "description": "The message; with `stream: true` an SSE stream of events"},
+    **error_responses(400, 404, 408, 413, 429, 503, anthropic=True)})
 async def messages(req: MessagesRequest, request: Request):
     state, client, prompt, parallel = await _render(req, request)
     try:

@@ -7,13 +7,14 @@ import asyncio
 import uuid
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 
 from ..errors import GlmkitError
 from . import streaming as sse
-from .errors import from_glmkit
+from .errors import error_responses, from_glmkit
 from .generation import admitted_collect, admitted_stream, request_params
 from .limits import check_prompt_size
-from .protocol import ChatCompletionRequest
+from .protocol import ChatCompletion, ChatCompletionRequest
 
 router = APIRouter()
 
@@ -21,17 +22,20 @@ router = APIRouter()
 def _tool_request(req: ChatCompletionRequest):
     """(tools, tool choice, whether OpenAI's older `functions` API was used, the field that names the choice),
     with `functions` / `function_call` translated into tools and a tool choice."""
-    if isinstance(req.tools, dict):  # the ChatGLM3 demo server's shape; its clients read `function_call` replies
-        return req.tools, req.tool_choice, True, "tool_choice"
+    choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice
+    if req.tools is not None and not isinstance(req.tools, list):
+        # the ChatGLM3 demo server's shape (one tool, or the composite demo's {name: definition, ...}); its
+        # clients read `function_call` replies
+        tools = req.tools.model_dump(exclude_none=True) if isinstance(req.tools, BaseModel) else {
+            name: definition.model_dump(exclude_none=True) for name, definition in req.tools.items()}
+        return tools, choice, True, "tool_choice"
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    choice, legacy = req.tool_choice, False
+    legacy = False
     if tools is None and req.functions:
         tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in req.functions]
         fc = req.function_call
-        choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
+        choice = {"type": "function", "function": fc.model_dump()} if isinstance(fc, BaseModel) else fc
         legacy = True
-    if choice is not None and not isinstance(choice, (str, dict)):
-        choice = choice.model_dump()
     legacy_field = legacy or (req.function_call is not None and req.tool_choice is None)
     return tools, choice, legacy, "function_call" if legacy_field else "tool_choice"
 
@@ -78,7 +82,9 @@ def _message(parsed, legacy: bool, mirror_call: bool = False) -> dict:
     return message
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={
+    200: {"model": ChatCompletion, "description": "The answer; with `stream: true` an SSE stream of chunks"},
+    **error_responses(400, 404, 408, 413, 429, 503)})
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = request.app.state.glmkit
     client = state.require_model(req.model)

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Request
 
 from ..errors import GlmkitError
 from . import streaming as sse
-from .errors import APIError, from_glmkit
+from .errors import APIError, error_responses, from_glmkit
 from .generation import admitted_stream, collect, sampling_params
 from .limits import check_prompt_size
-from .protocol import CompletionRequest
+from .protocol import Completion, CompletionRequest
 
 router = APIRouter()
 
@@ -36,7 +36,9 @@ def _logprobs(tokenizer, entries) -> dict:
                              for _, _, top in entries], "text_offset": []}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={
+    200: {"model": Completion, "description": "The completions; with `stream: true` an SSE stream of chunks"},
+    **error_responses(400, 404, 408, 413, 429, 503)})
 async def completions(req: CompletionRequest, request: Request):
     state = request.app.state.glmkit
     client = state.require_model(req.model)

@@ -24,6 +24,7 @@ class EngineClient(Protocol):
     tokenizer: Tokenizer       # raw prompts of /v1/completions, logprob token texts
     max_model_len: int
     max_token_bytes: int       # the most text bytes one token spells (bounds a prompt's tokens from its text)
+    vocab_size: int            # token ids are in [0, vocab_size)
     kv_tokens: int             # tokens the KV cache holds, all sequences together
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]: ...
@@ -55,6 +56,7 @@ class LocalEngineClient:
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.engine.max_model_len
         self.max_token_bytes = max((len(b) for b in llm.tokenizer.token_bytes() if b), default=1)
+        self.vocab_size = llm.engine.vocab_size
         blocks = llm.engine.blocks
         self.kv_tokens = blocks.num_blocks * blocks.block_size
 

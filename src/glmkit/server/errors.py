@@ -7,11 +7,15 @@ anything else is a 500 with a generic message, logged in full. Knows nothing of 
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.routing import Match
 
 from ..errors import ContextLengthError, GlmkitError, InvalidParameterError, excerpt
 
@@ -38,6 +42,46 @@ class RequestTimedOut(APIError):
         super().__init__(408, f"the request ran longer than {timeout_s:g}s (--request-timeout) and was aborted; "
                          "ask for fewer tokens (max_tokens) or raise the server's limit", "timeout_error",
                          code="request_timeout", headers={"x-should-retry": "false"})
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, on every route but Anthropic's."""
+    error: ErrorObject
+
+
+class AnthropicErrorObject(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Anthropic's error body, on /v1/messages...."""
+    type: Literal["error"]
+    error: AnthropicErrorObject
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "The request is invalid: the error names the field (`param`), the value and the limit",
+    401: "Missing or invalid API key",
+    404: "The model (or the stored response) is not served here",
+    408: "The request body did not arrive within --read-timeout, or the generation ran past --request-timeout",
+    413: "The request body is larger than --max-body-size",
+    429: "The server is full (--max-queue); retry after `Retry-After` seconds",
+    503: "The model is loading or failed to load, the engine stopped, or the server is shutting down",
+}
+
+
+def error_responses(*statuses: int, anthropic: bool = False) -> dict:
+    """The OpenAPI `responses` entries of these error statuses, each with the error model its route answers."""
+    model = AnthropicErrorResponse if anthropic else ErrorResponse
+    return {status: {"model": model, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -80,14 +124,53 @@ def from_glmkit(e: GlmkitError, param: str | None = None) -> APIError:
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
+@functools.cache
+def _model_tags() -> frozenset[str]:
+    """The names of the request models: pydantic tags a union member's errors with its model's name."""
+    names, todo = set(), [BaseModel]
+    while todo:
+        for model in todo.pop().__subclasses__():
+            todo.append(model)
+            if model.__module__.startswith("glmkit.server."):
+                names.add(model.__name__)
+    return frozenset(names)
+
+
 def _field(loc) -> str:
-    # pydantic adds union-member tags (e.g. "str", "list[int]") to the location; they are not field names.
-    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p
-                                                                                   or "-" in p))]
+    # pydantic adds union-member tags (e.g. "str", "list[int]", "TextFormat") to the location; they are not
+    # field names.
+    parts = [str(p) for p in loc if p != "body" and not _is_tag(p)]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
     return out or "body"
+
+
+def _is_tag(part) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part or part in _model_tags())
+
+
+_MISMATCHES = ("literal_error", "union_tag_not_found", "union_tag_invalid")
+
+
+def _mismatch(error: dict) -> bool:
+    """The error only says that the value is not of one of a union's types."""
+    loc = error.get("loc", ())
+    return bool(loc) and _is_tag(loc[-1]) and (error["type"].endswith("_type") or error["type"] in _MISMATCHES)
+
+
+def _openai_error(errors: list) -> dict:
+    """The first error; but when it only says that the value is not of a union's first type (a list is not a
+    string) and another type fits as far as a field inside it (an input item's role), that field's error."""
+    first = errors[0]
+    if _mismatch(first):
+        base = tuple(first["loc"][:-1])
+        for error in errors[1:]:
+            loc = tuple(error.get("loc", ()))
+            if loc[:len(base)] == base and not _mismatch(error) and any(
+                    isinstance(p, str) and not _is_tag(p) for p in loc[len(base):]):
+                return error
+    return first
 
 
 _ANTHROPIC_BLOCK_TAGS = {"text", "tool_use", "tool_result"}
@@ -106,7 +189,7 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
     if is_anthropic_path(request.url.path):
         first, loc = _anthropic_error(exc.errors())
     else:
-        first = exc.errors()[0]
+        first = _openai_error(exc.errors())
         loc = first.get("loc", ())
     field = _field(loc)
     value = first.get("input")
@@ -132,19 +215,31 @@ FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 async def http_error_handler(request: Request, exc) -> JSONResponse:
     """Routing failures (an unknown path, a wrong method) in OpenAI's shape instead of FastAPI's {"detail"}."""
+    headers = getattr(exc, "headers", None)
     if exc.status_code == 404:
         message, type_, code = (f"no route {request.method} {request.url.path}; the API is described at "
                                 "/openapi.json"), "not_found_error", "not_found"
     elif exc.status_code == 405:
         message, type_, code = (f"{request.method} is not allowed on {request.url.path}", "invalid_request_error",
                                 "method_not_allowed")
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
     elif exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:  # e.g. bytes that are not UTF-8
         message, type_, code = ("the request body is not valid JSON: send a JSON object encoded as UTF-8",
                                 "invalid_request_error", "invalid_json")
     else:
         message, type_, code = str(exc.detail), "invalid_request_error", None
-    return error_response(request.url.path, exc.status_code, message, type_, None, code,
-                          getattr(exc, "headers", None))
+    return error_response(request.url.path, exc.status_code, message, type_, None, code, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path: Starlette's 405 names only the first route's (GET of
+    /v1/responses/{id}, not its DELETE), and RFC 9110 wants all of them in `Allow`."""
+    methods = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route_methods
+    return sorted(methods)
 
 
 async def disconnected_handler(request: Request, exc: Exception) -> Response:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from ..engine.sampling_params import SamplingParams
 from ..errors import GlmkitError
 from ..tokenizers.base import clean_text
-from .errors import APIError, from_glmkit
+from .errors import APIError, error_responses, from_glmkit
 from .generation import admitted_collect
 from .limits import check_prompt_size
 from .protocol import LegacyChatRequest, LegacyChatResponse
@@ -22,7 +22,7 @@ router = APIRouter()
 DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, DEFAULT_TEMPERATURE = 2048, 0.7, 0.95
 
 
-@router.post("/", response_model=LegacyChatResponse)
+@router.post("/", response_model=LegacyChatResponse, responses=error_responses(400, 408, 413, 429, 503))
 async def legacy_chat(req: LegacyChatRequest, request: Request):
     state = request.app.state.glmkit
     client = state.require_model()

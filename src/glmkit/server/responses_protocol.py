@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from ..errors import InvalidParameterError
+from .protocol import JSONObjectText, Model, NonEmpty, one_of
 from .streaming import random_id
 
 MESSAGE_ROLES = ("user", "system", "developer", "assistant")
@@ -26,29 +27,138 @@ INCLUDABLE = ("file_search_call.results", "web_search_call.results", "web_search
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
-class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    name: str | None = None
+class TextFormatPlain(Model):
+    type: Literal["text", "json_object"] = "text"
+
+
+class TextFormatSchema(Model):
+    model_config = ConfigDict(populate_by_name=True)
+    type: Literal["json_schema"]
+    name: str = Field(pattern=NAME_RE.pattern)
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
 
 
-class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    format: TextFormat | None = None
+class TextConfig(Model):
+    format: one_of(TextFormatPlain, TextFormatSchema, fallback=TextFormatPlain) | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
+# --- input items (what `input_items` takes; errors name input[i]...) ------------------------------------------
+
+class InputText(Model):
+    type: Literal["input_text"]
+    text: str
+
+
+class OutputText(Model):
+    type: Literal["output_text"]
+    text: str
+
+
+class Refusal(Model):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class InputMessage(Model):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer"]
+    content: str | list[InputText] = Field(description="text, or input_text parts (these models read text only)")
+    id: str | None = None
+
+
+class AssistantInputMessage(Model):
+    type: Literal["message"] = "message"
+    role: Literal["assistant"]
+    content: str | list[one_of(OutputText, InputText, Refusal, fallback=OutputText)]
+    id: str | None = None
+
+
+class FunctionCallInput(Model):
+    type: Literal["function_call"]
+    call_id: NonEmpty
+    name: NonEmpty
+    arguments: JSONObjectText = "{}"
+    id: str | None = None
+
+
+class FunctionCallOutputInput(Model):
+    type: Literal["function_call_output"]
+    call_id: NonEmpty
+    output: str | list[InputText]
+    id: str | None = None
+
+
+class ItemReference(Model):
+    type: Literal["item_reference"]
+    id: NonEmpty = Field(description="an item of a stored response")
+
+
+class ReasoningInput(Model):
+    """Another model's reasoning: nothing of it is rendered (as OpenAI drops it across models)."""
+    type: Literal["reasoning"]
+
+
+def _message_model(item: dict):
+    """A message item (its `type` may be left out): the assistant's, or another role's."""
+    if item.get("type", "message" if "role" in item else None) == "message":
+        return AssistantInputMessage if item.get("role") == "assistant" else InputMessage
+    return None
+
+
+InputItem = one_of(InputMessage, AssistantInputMessage, FunctionCallInput, FunctionCallOutputInput, ItemReference,
+                   ReasoningInput, fallback=FunctionCallInput, choose=_message_model)
+
+
+# --- tools and tool choice -----------------------------------------------------------------------------------
+
+class FunctionTool(Model):
+    type: Literal["function"] = Field(description='only "function" tools: no built-in tools on this server')
+    name: str = Field(pattern=NAME_RE.pattern)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolChoiceFunction(Model):
+    type: Literal["function"]
+    name: str
+
+
+class ToolChoiceAllowed(Model):
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]]
+
+
+class Reasoning(Model):
+    """Accepted only switched off: these models do not reason."""
+    effort: Literal["none"] | None = None
+    summary: Literal["none"] | None = None
+    generate_summary: Literal["none"] | None = None
+
+
+def _off(value: bool) -> bool:
+    if value:
+        raise ValueError("background responses are not supported; use stream")
+    return value
+
+
+class ResponsesRequest(Model):
+    # Without a previous response there must be input (a string, or at least one item).
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["input"], "properties": {"input": {"anyOf": [{"type": "string"}, {"type": "array", "contains": {
+            "not": {"required": ["type"], "properties": {"type": {"const": "reasoning"}}}}}]}}},
+        {"required": ["previous_response_id"], "properties": {"previous_response_id": {"type": "string"}}}]})
     model: str
-    input: str | list[dict[str, Any]] | None = None
+    input: str | list[InputItem] | None = None
     instructions: str | None = None
     previous_response_id: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: (Literal["none", "auto", "required"] | one_of(ToolChoiceFunction, ToolChoiceAllowed)
+                  | None) = None
     parallel_tool_calls: bool | None = None
     max_tool_calls: int | None = Field(None, ge=1)
     max_output_tokens: int | None = Field(None, ge=1)
@@ -58,18 +168,20 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     store: bool | None = None
     text: TextConfig | None = None
-    metadata: dict[str, str] | None = None
-    include: list[str] | None = None
+    metadata: dict[str, str] | None = Field(None, json_schema_extra={
+        "maxProperties": 16, "propertyNames": {"maxLength": 64}, "additionalProperties": {"maxLength": 512}})
+    include: list[Literal[INCLUDABLE]] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     service_tier: str | None = None
-    # Accepted only in their "off" form (checked by `unsupported`): nothing here can honour them.
-    reasoning: dict[str, Any] | None = None
-    background: bool | None = None
-    conversation: str | dict[str, Any] | None = None
-    prompt: dict[str, Any] | None = None
+    # Accepted only in their "off" form: nothing here can honour them.
+    reasoning: Reasoning | None = None
+    background: Annotated[bool, AfterValidator(_off), WithJsonSchema({"const": False})] | None = Field(
+        None, description="background responses are not supported: use stream")
+    conversation: None = Field(None, description="not supported: chain responses with previous_response_id")
+    prompt: None = Field(None, description="prompt templates are not supported: send `input`")
 
     @field_validator("metadata")
     @classmethod
@@ -79,9 +191,16 @@ class ResponsesRequest(BaseModel):
         return v
 
 
+def plain(value):
+    """Request models back to the plain values the functions below read (unset fields left out)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True, exclude_none=True)
+    return [plain(v) for v in value] if isinstance(value, list) else value
+
+
 def unsupported(req: ResponsesRequest) -> None:
     """Fields this server cannot honour: a 400 naming the field, as OpenAI answers for a model without them."""
-    reasoning = req.reasoning or {}
+    reasoning = plain(req.reasoning) or {}
     for key in ("effort", "summary", "generate_summary"):
         if reasoning.get(key) not in (None, "none"):
             raise InvalidParameterError(f"reasoning.{key}", reasoning[key], "is not supported by this model (it "
@@ -246,7 +365,7 @@ def tool_choice(choice, chat_tools: list[dict] | None):
 
 def text_format(config: TextConfig | None) -> tuple[dict, dict | None]:
     """-> (`text` as the response echoes it, the chat `response_format` for `render`; None for plain text)."""
-    fmt = config.format if config and config.format else TextFormat()
+    fmt = config.format if config and config.format else TextFormatPlain()
     echo = {"format": fmt.model_dump(by_alias=True, exclude_none=True)}
     if config and config.verbosity:
         echo["verbosity"] = config.verbosity
@@ -254,10 +373,135 @@ def text_format(config: TextConfig | None) -> tuple[dict, dict | None]:
         return echo, None
     if fmt.type == "json_object":
         return echo, {"type": "json_object"}
-    if not isinstance(fmt.name, str) or not NAME_RE.match(fmt.name):
-        raise InvalidParameterError("text.format.name", fmt.name, "is required: 1 to 64 letters, digits, _ or -")
-    if fmt.schema_ is None:
-        raise InvalidParameterError("text.format.schema", None, "is required for a json_schema format")
     schema = {k: v for k, v in (("name", fmt.name), ("description", fmt.description), ("schema", fmt.schema_),
                                 ("strict", fmt.strict)) if v is not None}
     return echo, {"type": "json_schema", "json_schema": schema}
+
+
+# --- response bodies (documented in the OpenAPI schema) -----------------------------------------------------
+
+class _Out(BaseModel):
+    """A response body: documentation of what the routes send, not validated on the way out."""
+
+
+class OutputTextPart(_Out):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+    logprobs: list[dict[str, Any]]
+
+
+class InputTextPart(_Out):
+    type: Literal["input_text"]
+    text: str
+
+
+class MessageItem(_Out):
+    id: str
+    type: Literal["message"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["user", "system", "developer", "assistant"]
+    content: list[OutputTextPart | InputTextPart]
+
+
+class FunctionCallItem(_Out):
+    id: str
+    type: Literal["function_call"]
+    status: Literal["in_progress", "completed"]
+    arguments: str
+    call_id: str
+    name: str
+
+
+class FunctionCallOutputItem(_Out):
+    id: str
+    type: Literal["function_call_output"]
+    status: Literal["completed"]
+    call_id: str
+    output: str
+
+
+Item = MessageItem | FunctionCallItem | FunctionCallOutputItem
+
+
+class ResponseUsage(_Out):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseError(_Out):
+    code: str
+    message: str
+
+
+class ResponseObject(_Out):
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    background: bool
+    completed_at: int | None
+    error: ResponseError | None
+    incomplete_details: dict[str, str] | None
+    instructions: str | None
+    max_output_tokens: int | None
+    max_tool_calls: int | None
+    model: str
+    output: list[Item]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    prompt_cache_key: str | None
+    reasoning: dict[str, Any]
+    safety_identifier: str | None
+    service_tier: str
+    store: bool
+    temperature: float
+    text: dict[str, Any]
+    tool_choice: str | dict[str, Any]
+    tools: list[dict[str, Any]]
+    top_logprobs: int
+    top_p: float
+    truncation: Literal["auto", "disabled"]
+    usage: ResponseUsage | None
+    user: str | None
+    metadata: dict[str, str]
+
+
+class DeletedResponse(_Out):
+    id: str
+    object: Literal["response"]
+    deleted: Literal[True]
+
+
+class InputItemList(_Out):
+    object: Literal["list"]
+    data: list[Item]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class ResponseStreamEvent(_Out):
+    """One event of a streamed response: `event: <type>` and this object as its `data:`."""
+    type: Literal["response.created", "response.in_progress", "response.output_item.added",
+                  "response.content_part.added", "response.output_text.delta", "response.output_text.done",
+                  "response.content_part.done", "response.output_item.done", "response.function_call_arguments.delta",
+                  "response.function_call_arguments.done", "response.completed", "response.incomplete",
+                  "response.failed", "error"]
+    sequence_number: int
+    response: ResponseObject | None = None
+    item: Item | None = None
+    item_id: str | None = None
+    output_index: int | None = None
+    content_index: int | None = None
+    part: OutputTextPart | None = None
+    delta: str | None = None
+    text: str | None = None
+    arguments: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    code: str | None = None
+    message: str | None = None
+    param: str | None = None

@@ -20,11 +20,11 @@ from ..engine.sampling_params import SamplingParams
 from ..errors import GlmkitError, InvalidParameterError, excerpt
 from . import responses_protocol as rp
 from . import streaming as sse
-from .errors import APIError, from_glmkit
+from .errors import APIError, error_responses, from_glmkit
 from .generation import admitted_collect, admitted_stream
 from .limits import check_prompt_size
 from .response_store import ResponseStore, StoredResponse
-from .responses_protocol import ResponsesRequest
+from .responses_protocol import DeletedResponse, InputItemList, ResponseObject, ResponsesRequest
 
 router = APIRouter()
 LOGPROBS = "message.output_text.logprobs"
@@ -85,7 +85,7 @@ def _echo(req: ResponsesRequest, echo_tools: list, echo_text: dict, store: bool)
             "reasoning": {"effort": None, "summary": None}, "safety_identifier": req.safety_identifier,
             "service_tier": "default", "store": store,
             "temperature": 1.0 if req.temperature is None else req.temperature,
-            "text": echo_text, "tool_choice": req.tool_choice or "auto", "tools": echo_tools,
+            "text": echo_text, "tool_choice": rp.plain(req.tool_choice) or "auto", "tools": echo_tools,
             "top_logprobs": req.top_logprobs or 0, "top_p": 1.0 if req.top_p is None else req.top_p,
             "truncation": req.truncation or "disabled", "usage": None, "user": req.user, "metadata": req.metadata or {}}
 
@@ -120,7 +120,9 @@ def _render(client, req: ResponsesRequest, messages, chat_tools, choice, respons
         messages = messages[:cut[0]] + messages[cut[1]:]
 
 
-@router.post("/v1/responses")
+@router.post("/v1/responses", responses={
+    200: {"model": ResponseObject, "description": "The response; with `stream: true` an SSE stream of events"},
+    **error_responses(400, 404, 408, 413, 429, 503)})
 async def create_response(req: ResponsesRequest, request: Request):
     state = request.app.state.glmkit
     client = state.require_model(req.model)
@@ -135,10 +137,10 @@ async def create_response(req: ResponsesRequest, request: Request):
         history = previous.conversation
     try:
         rp.unsupported(req)
-        echo_tools, chat_tools = rp.tools(req.tools)
-        choice, shown_tools = rp.tool_choice(req.tool_choice, chat_tools)
+        echo_tools, chat_tools = rp.tools(rp.plain(req.tools))
+        choice, shown_tools = rp.tool_choice(rp.plain(req.tool_choice), chat_tools)
         echo_text, response_format = rp.text_format(req.text)
-        items = rp.input_items(req.input, store.item)
+        items = rp.input_items(rp.plain(req.input), store.item)
         if not history and not items:
             raise InvalidParameterError("input", req.input, "is required: a string or a list of input items")
         messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) \
@@ -261,7 +263,8 @@ def _open_message(event: _Events, message: dict, index: int):
                 part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
 
 
-@router.get("/v1/responses/{response_id}")
+@router.get("/v1/responses/{response_id}", responses={
+    200: {"model": ResponseObject, "description": "The stored response"}, **error_responses(404, 503)})
 async def get_response(response_id: str, request: Request):
     entry = response_store(request.app).get(response_id)
     if entry is None:
@@ -269,14 +272,17 @@ async def get_response(response_id: str, request: Request):
     return entry.response
 
 
-@router.delete("/v1/responses/{response_id}")
+@router.delete("/v1/responses/{response_id}", responses={
+    200: {"model": DeletedResponse, "description": "The response is deleted"}, **error_responses(404, 503)})
 async def delete_response(response_id: str, request: Request):
     if not response_store(request.app).delete(response_id):
         raise _not_found(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
-@router.get("/v1/responses/{response_id}/input_items")
+@router.get("/v1/responses/{response_id}/input_items", responses={
+    200: {"model": InputItemList, "description": "A page of the response's input items"},
+    **error_responses(400, 404, 503)})
 async def list_input_items(response_id: str, request: Request, limit: int = Query(20, ge=1, le=100),
                            order: str = Query("desc", pattern="^(asc|desc)$"), after: str | None = None):
     entry = response_store(request.app).get(response_id)
