@@ -39,7 +39,8 @@ class ScriptedBackend:
     parse; it keeps each round's rendered prompt (decoded, special tokens shown)."""
     name, max_model_len, interruptible = "scripted", None, False
 
-    def __init__(self, chat_format, outputs: list[list[int]]):
+    def __init__(self, chat_format, outputs: list[list[int] | tuple[list[int], str]]):
+        """`outputs`: each round's ids, or (ids, finish_reason) for a round that does not end in "stop"."""
         self.serving, self.outputs, self.prompts, self.offered = ChatServing(chat_format), list(outputs), [], []
 
     def count_tokens(self, messages):
@@ -50,12 +51,14 @@ class ScriptedBackend:
         self.offered.append([t["function"]["name"] for t in tools or []])
         tokenizer = self.serving.chat_format.tokenizer
         self.prompts.append(tokenizer.decode(prompt.prompt_ids, skip_special_tokens=False))
-        ids = self.outputs.pop(0)
+        ids, finish = self.outputs.pop(0), "stop"
+        if isinstance(ids, tuple):
+            ids, finish = ids
         stream = self.serving.stream(prompt)
         for i in ids[:-1]:
             yield Chunk(stream.feed([i]), 1)
         text = stream.feed(ids[-1:], finished=True)
-        yield Chunk(text, 1, "stop", tool_calls=list(stream.result.tool_calls) if tools else [])
+        yield Chunk(text, 1, finish, tool_calls=list(stream.result.tool_calls) if tools else [])
 
     def close(self):
         pass
@@ -120,6 +123,49 @@ def test_chatglm3_interpreter_runs_in_a_real_kernel(sp):
     [done] = [e for e in events if isinstance(e, ToolFinished)]
     assert done.call.name == "interpreter" and done.observation.text.strip() == str(2**100)
     assert str(2**100) in backend.prompts[1]
+
+
+def test_glm4_python_turn_runs_in_a_real_kernel(g4):
+    """GLM-4's own code-interpreter form: the template's `python` block in the tools prompt, and a segment whose
+    metadata line is `python` with a code fence (no JSON); it runs as the python tool and goes back in that form."""
+    f = get_chat_format("glm4", tokenizer=g4, model_type="test")
+    code = g4.encode("python\n```python\nprint(2**100)\n```")
+    backend = ScriptedBackend(f, [code, answer_ids(f, "算好了。")])
+    with Agent(backend, code_interpreter=True) as agent:
+        events = run(agent, [{"role": "user", "content": "2 的 100 次方是多少？"}])
+    [done] = [e for e in events if isinstance(e, ToolFinished)]
+    assert done.call.name == "python" and json.loads(done.call.arguments) == {"code": "print(2**100)"}
+    assert done.observation.text.strip() == str(2**100)
+    first, second = backend.prompts
+    assert "## python\n\n当你向 `python` 发送包含 Python 代码的消息时" in first and '"code"' not in first
+    assert "<|assistant|>python\n```python\nprint(2**100)\n```<|observation|>" in second
+    assert str(2**100) in second and events[-1].text.strip() == "算好了。"
+
+
+def test_calls_written_as_bare_json_after_an_observation_are_a_round(hf):
+    """The default model, offered several tools, answered an observation with a column of bare JSON "calls"
+    cut by max_tokens. They are a round of calls (the complete ones run, the cut one is dropped); when the
+    model then repeats them, the guard asks for an answer in words."""
+    f = get_chat_format("jinja", tokenizer=hf, model_type="test", template=HERMES_TEMPLATE)
+    column = ('{"name": "calculator", "arguments": {"expression": "6*7+0"}}\n'
+              '{"name": "get_weather", "arguments": {"city": "北京"}}\n{"name": "calcu')
+    backend = ScriptedBackend(f, [call_ids(f, "calculator", {"expression": "6*7"}),
+                                  (hf.encode(column), "length"),
+                                  hf.encode(column.rsplit("\n", 1)[0]),  # the same two, whole: parsed as calls
+                                  answer_ids(f, "是 42。")])
+    events = run(Agent(backend, tools=[calculator, get_weather]))
+    finished = [e for e in events if isinstance(e, ToolFinished)]
+    assert [e.call.name for e in finished] == ["calculator", "calculator", "get_weather"]
+    assert [e.observation.text for e in finished[:2]] == ["42", "42"]
+    assert backend.offered[-1] == [] and "Do not call a tool" in backend.prompts[-1]
+    final = events[-1]
+    assert final.text.strip() == "是 42。" and final.finish_reason == "stop"
+    assert [m["role"] for m in final.messages] == ["user", "assistant", "tool", "assistant", "tool", "tool",
+                                                   "assistant"]
+    assert not final.messages[3]["content"]  # the JSON text became calls, not words
+    assert final.total_tokens == sum(len(o[0] if isinstance(o, tuple) else o) for o in [
+        call_ids(f, "calculator", {"expression": "6*7"}), hf.encode(column), hf.encode(column.rsplit("\n", 1)[0]),
+        answer_ids(f, "是 42。")])
 
 
 def test_parallel_calls_run_together_and_come_back_in_order(hf):

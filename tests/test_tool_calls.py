@@ -230,8 +230,11 @@ def test_jinja_bare_json_call_only_for_declared_tools(hf):
     assert out.content == "" and [(c.name, args(c)) for c in out.tool_calls] == [("get_weather", {"city": "北京"})]
     bare = '[{"name": "get_weather", "arguments": {"city": "a"}}, {"name": "search", "arguments": {"q": "b"}}]'
     assert [c.name for c in f.parse(hf.encode(bare), TOOLS).tool_calls] == ["get_weather", "search"]
-    # without tools, with an undeclared name, or with other text around it: an ordinary answer
+    column = '{"name": "get_weather", "arguments": {"city": "a"}}\n{"name": "search", "arguments": {"q": "b"}}\n'
+    assert [c.name for c in f.parse(hf.encode(column), TOOLS).tool_calls] == ["get_weather", "search"]
+    # without tools, with an undeclared name, with other text around it, or one object cut short: an answer
     for text, tools in ((fenced, None), ('{"name": "rm", "arguments": {}}', TOOLS),
-                        ('Here: {"name": "search", "arguments": {}}', TOOLS)):
+                        ('Here: {"name": "search", "arguments": {}}', TOOLS),
+                        ('{"name": "search", "arguments": {}} done', TOOLS), (column + '{"name": "sea', TOOLS)):
         out = f.parse(hf.encode(text), tools)
-        assert out.tool_calls == [] and out.content == text
+        assert out.tool_calls == [] and out.content == text.strip()

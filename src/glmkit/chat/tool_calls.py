@@ -175,23 +175,40 @@ def parse_hermes_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
 
 
 _JSON_FENCE_RE = re.compile(r"\A```(?:json)?[ \t]*\n(.*?)\n?```\Z", re.S)
+_DECODER = json.JSONDecoder()
+
+
+def _leading_calls(text: str, names: set[str]) -> tuple[list[ToolCall], str]:
+    """The declared-tool call objects (or lists of them) at the start of `text`, one after another with only
+    whitespace between, and the text after the last one."""
+    calls, pos = [], 0
+    while True:
+        start = len(text) - len(text[pos:].lstrip())
+        try:
+            obj, end = _DECODER.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            return calls, text[start:]
+        items = obj if isinstance(obj, list) and obj else [obj]
+        found = [_call_from_object(item) if isinstance(item, dict) and item.get("name") in names else None
+                 for item in items]
+        if None in found:
+            return calls, text[start:]
+        calls += found
+        pos = end
 
 
 def parse_bare_json_tool_calls(text: str, names: set[str]) -> list[ToolCall] | None:
-    """Small Qwen models often answer a tool call without the tags: the whole reply is one JSON object (or a
-    list of them), maybe in a ```json fence. Accepted only for declared tool names, so ordinary JSON answers
-    stay text."""
+    """Small Qwen models often answer a tool call without the tags: the whole reply is JSON call objects (one,
+    a list, or several one after another), maybe in a ```json fence. Accepted only for declared tool names,
+    so ordinary JSON answers stay text."""
     text = text.strip()
     fence = _JSON_FENCE_RE.match(text)
-    try:
-        obj = json.loads(fence.group(1) if fence else text)
-    except (ValueError, RecursionError):
-        return None
-    items = obj if isinstance(obj, list) and obj else [obj]
-    calls = []
-    for item in items:
-        call = _call_from_object(item) if isinstance(item, dict) and item.get("name") in names else None
-        if call is None:
-            return None
-        calls.append(call)
-    return calls
+    calls, rest = _leading_calls(fence.group(1) if fence else text, names)
+    return calls if calls and not rest.strip() else None
+
+
+def leading_bare_json_tool_calls(text: str, names: set[str]) -> tuple[list[ToolCall], str]:
+    """The complete call objects a reply starts with, and what follows them (prose, or an object cut short by
+    the token limit): for a caller that knows the reply is a turn of calls (an agent whose model writes its
+    calls as text after the first round)."""
+    return _leading_calls(text, names)

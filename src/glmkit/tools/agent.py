@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..chat.tool_calls import ToolCall
+from ..chat.tool_calls import ToolCall, leading_bare_json_tool_calls
 from ..ui.backends import Backend, BackendError
-from .base import Observation
+from .base import Closeable, Observation
 from .registry import Toolbox
 
 ALIASES = {"interpreter": "python"}  # ChatGLM3's name for its code interpreter
@@ -57,6 +57,8 @@ class Final:
     text: str
     finish_reason: str | None
     messages: list[dict] = field(default_factory=list)  # the conversation with this turn's calls and answer
+    num_tokens: int = 0    # tokens of the last generation (the one `finish_reason` is about)
+    total_tokens: int = 0  # tokens of every generation of the turn
 
 
 @dataclass
@@ -67,7 +69,7 @@ class AgentError:
 Event = TextDelta | ToolStarted | ToolFinished | Final | AgentError
 
 
-class Agent:
+class Agent(Closeable):
     def __init__(self, model, tools=(), *, code_interpreter=False, max_rounds: int = 5,
                  settings: dict | None = None, api_key: str | None = None, model_name: str | None = None):
         """`model`: an LLM, a Backend, or the URL of an OpenAI-compatible server (`api_key`, `model_name` for
@@ -93,16 +95,18 @@ class Agent:
         messages = list(messages)
         specs = self.tools.specs() or None
         made: set[tuple[str, str]] = set()  # the calls run this turn
-        last_round = False
+        names = set(self.tools.names()) | {alias for alias, name in ALIASES.items() if name in self.tools}
+        last_round, total = False, 0
         for round_ in range(self.max_rounds + 1):
             last_round = last_round or round_ == self.max_rounds
             # The last round answers in words: no tools, and (after calls) a note saying so, without which a
             # small model goes on writing calls as text
             sent = messages + [ANSWER_NOW] if last_round and made else messages
-            text, finish, calls = "", None, []
+            text, finish, calls, num_tokens = "", None, [], 0
             stream = self.backend.stream(sent, self.settings, tools=None if last_round else specs)
             try:
                 for chunk in stream:
+                    num_tokens = chunk.total_tokens or num_tokens + chunk.num_tokens
                     if chunk.text:
                         text += chunk.text
                         yield TextDelta(chunk.text, chunk.num_tokens)
@@ -116,9 +120,18 @@ class Agent:
                 return
             finally:
                 stream.close()
-            if not calls or self._cancelled or finish == "length":
+            total += num_tokens
+            if made and specs and not last_round and not calls and not self._cancelled:
+                # After a round of calls, a small model may write its next calls as bare JSON text (one after
+                # another, the last often cut by max_tokens): they are calls, so rounds and the guard apply
+                calls, rest = leading_bare_json_tool_calls(text, names)
+                if calls:  # what follows them is words, or one more call cut short (dropped)
+                    text = "" if rest.lstrip().startswith(("{", "[")) else rest.strip()
+            elif finish == "length":
+                calls = []  # a reply cut short ends the turn: its calls may be cut too
+            if not calls or self._cancelled:
                 messages.append({"role": "assistant", "content": text})
-                yield Final(text, finish, messages)
+                yield Final(text, finish, messages, num_tokens, total)
                 return
             keys = {(c.name, _canonical(c.arguments)) for c in calls}
             if keys <= made:  # only calls already answered: a model going round in circles; answer now
@@ -159,12 +172,6 @@ class Agent:
         if self._own_kernel and self._kernel is not None:
             self._kernel.close()
         self.backend.close()
-
-    def __enter__(self) -> Agent:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _canonical(arguments: str) -> str:

@@ -41,3 +41,16 @@ class Tool:
         """The OpenAI tool definition ({"type": "function", "function": {...}})."""
         return {"type": "function", "function": {"name": self.name, "description": self.description,
                                                  "parameters": self.parameters}}
+
+
+class Closeable:
+    """`with X(...) as x:` closes x at the end; subclasses define `close` (safe to call twice)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

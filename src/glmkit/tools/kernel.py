@@ -46,7 +46,7 @@ from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
 from ..errors import GlmkitError
-from .base import Image, Observation, Tool
+from .base import Closeable, Image, Observation, Tool
 from .sandbox import bwrap_command, check_bwrap
 
 TIMEOUT_S = 30.0
@@ -85,7 +85,7 @@ class PoolFullError(GlmkitError, RuntimeError):
     """A KernelPool already runs as many kernels as it may."""
 
 
-class KernelSession:
+class KernelSession(Closeable):
     """One Jupyter kernel for one conversation, started at once (errors surface here, not at the first cell).
 
     `workdir` is the kernel's working directory (a new temporary one, deleted on close, when not given).
@@ -155,11 +155,6 @@ class KernelSession:
         """A cell is running."""
         return self._lock.locked()
 
-    def __enter__(self) -> KernelSession:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # --- the kernel process -------------------------------------------------------------------------------
 
@@ -294,7 +289,7 @@ class KernelSession:
         return Observation(out.text(), error=error, images=images)
 
 
-class KernelPool:
+class KernelPool(Closeable):
     """Sessions by conversation id, for a server that chats with many users: at most `max_kernels` live at
     once, each closed after `idle_s` seconds unused (by a background thread); `session_options` go to each
     KernelSession. A conversation whose kernel was closed for idleness gets a new one, and is told so."""
@@ -383,11 +378,6 @@ class KernelPool:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __enter__(self) -> KernelPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _reap_loop(self) -> None:
         while not self._stop.wait(REAP_EVERY_S):

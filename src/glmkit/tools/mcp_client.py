@@ -40,7 +40,7 @@ from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult
 
 from .. import __version__
 from ..errors import GlmkitError, excerpt
-from .base import Image, Observation, Tool
+from .base import Closeable, Image, Observation, Tool
 
 log = logging.getLogger("glmkit")
 
@@ -210,7 +210,7 @@ class _Server:
         log.warning("MCP server '%s' is unavailable: %s", config.name, problem)
 
 
-class McpTools:
+class McpTools(Closeable):
     """The tools of every configured MCP server, callable from any thread. Starting waits (at most
     `start_timeout_s`) for all servers at once; each call waits at most `timeout_s`."""
 
@@ -252,11 +252,6 @@ class McpTools:
         self._loop.close()
         self._stderr_dir.cleanup()
 
-    def __enter__(self) -> McpTools:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     async def _start_all(self, timeout_s: float) -> None:
         await asyncio.gather(*(self._start(index, server, timeout_s) for index, server in enumerate(self._servers)))

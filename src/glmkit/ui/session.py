@@ -10,9 +10,11 @@ slash commands or command-line flags.
 from __future__ import annotations
 
 import signal
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from .backends import Backend, BackendError, ContextOverflow
 from .console import Console
@@ -23,7 +25,8 @@ from .conversation import Conversation
 class Reply:
     text: str = ""
     finish_reason: str | None = None   # "stop" | "length" | "stopped" (Ctrl-C) | "error"
-    num_tokens: int = 0
+    num_tokens: int = 0                # every token of the answer (with tools: of all its generations)
+    last_tokens: int | None = None     # with tools: those of the generation that ended it (for the cut mark)
     first_token_s: float | None = None
     elapsed_s: float = 0.0
     messages: list[dict] | None = None  # with tools: the conversation after this turn (calls, observations)
@@ -59,6 +62,8 @@ class ChatSession:
         """`agent`: a tools.agent.Agent over the same backend; then each answer may call tools first."""
         self.backend, self.console, self.conversation = backend, console, conversation
         self.settings, self.show_stats, self.agent = settings, show_stats, agent
+        self.image_dir: Path | None = None  # where tool images are saved (kept after the session: paths were shown)
+        self.num_images = 0
 
     def ask(self, text: str) -> Reply | None:
         """Answer one user message; None when it could not be sent (a one-line reason was printed)."""
@@ -165,7 +170,6 @@ class ChatSession:
                         if isinstance(event, TextDelta):
                             if reply.first_token_s is None:
                                 reply.first_token_s = time.monotonic() - start
-                            reply.num_tokens += event.num_tokens
                             reply.text += event.text
                             view.show(event.text)
                         elif isinstance(event, ToolStarted):
@@ -173,11 +177,12 @@ class ChatSession:
                             self.console.write("\n")
                             self.console.tool_call(event.call.name, event.call.arguments)
                         elif isinstance(event, ToolFinished):
-                            files = save_images(event.observation.images)
+                            files = self._save_images(event.observation.images)
                             self.console.tool_result(event.observation.text, event.observation.error, event.seconds,
                                                      files)
                         elif isinstance(event, Final):
                             reply.finish_reason, reply.messages = event.finish_reason, event.messages
+                            reply.num_tokens, reply.last_tokens = event.total_tokens, event.num_tokens
                         elif isinstance(event, AgentError):
                             if not view.started:
                                 raise BackendError(event.message)
@@ -198,13 +203,28 @@ class ChatSession:
         reply.elapsed_s = time.monotonic() - start
         return reply
 
+    def _save_images(self, images) -> list[str]:
+        """Tool images as PNG files in this session's own temporary folder (made on first use); their paths."""
+        if not images:
+            return []
+        if self.image_dir is None:
+            self.image_dir = Path(tempfile.mkdtemp(prefix="glmkit-images-"))
+        paths = []
+        for image in images:
+            self.num_images += 1
+            path = self.image_dir / f"image-{self.num_images}.png"
+            path.write_bytes(image.png)
+            paths.append(str(path))
+        return paths
+
     def _after(self, reply: Reply) -> None:
         """The marks after an answer, its newline, and the stats line."""
         console = self.console
         if reply.finish_reason == "stopped":
             console.marker("[stopped]")
         elif reply.finish_reason == "length":
-            by_max_tokens = reply.num_tokens >= (self.settings["max_tokens"] or float("inf"))
+            num_tokens = reply.num_tokens if reply.last_tokens is None else reply.last_tokens
+            by_max_tokens = num_tokens >= (self.settings["max_tokens"] or float("inf"))
             console.marker("[cut: max tokens reached]" if by_max_tokens else "[cut: context full]")
         if reply.finish_reason != "error":
             console.write("\n")
@@ -249,24 +269,3 @@ class _AnswerView:
 
     def stop_spinner(self) -> None:
         self.spinner.stop()
-
-
-def save_images(images) -> list[str]:
-    """Tool images as PNG files in this process's own temporary folder; their paths."""
-    if not images:
-        return []
-    import tempfile
-    from pathlib import Path
-
-    global _IMAGE_DIR
-    if _IMAGE_DIR is None:
-        _IMAGE_DIR = Path(tempfile.mkdtemp(prefix="glmkit-images-"))
-    paths = []
-    for image in images:
-        path = _IMAGE_DIR / f"image-{len(list(_IMAGE_DIR.iterdir())) + 1}.png"
-        path.write_bytes(image.png)
-        paths.append(str(path))
-    return paths
-
-
-_IMAGE_DIR = None
