@@ -7,14 +7,13 @@ answer's cut mark counts the tokens of the generation that was cut.
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from scripted_server import ScriptedServer
 
 from glmkit.tools.agent import Agent
 from glmkit.tools.builtins import calculator
@@ -24,60 +23,6 @@ from glmkit.ui.conversation import Conversation
 from glmkit.ui.session import ChatSession
 
 pexpect = pytest.importorskip("pexpect")
-
-
-class ScriptedServer:
-    """`POST /v1/chat/completions` streams the next scripted reply: ("call", name, arguments) or
-    ("text", words, finish_reason, completion_tokens). The request bodies are kept in `requests`."""
-
-    def __init__(self, script: list[tuple]):
-        self.script, self.requests = list(script), []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                self._send(200, "application/json", json.dumps({"object": "list", "data": [
-                    {"id": "scripted", "object": "model", "owned_by": "test"}]}).encode())
-
-            def do_POST(self):
-                server.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self._send(200, "text/event-stream", b"".join(
-                    b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
-                    for event in server.events(server.script.pop(0))) + b"data: [DONE]\n\n")
-
-            def _send(self, status, content_type, body):
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    @staticmethod
-    def events(reply: tuple) -> list[dict]:
-        def chunk(delta, finish=None):
-            return {"object": "chat.completion.chunk", "model": "scripted",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-        if reply[0] == "call":
-            _, name, arguments = reply
-            call = {"index": 0, "id": f"call_{name}", "type": "function",
-                    "function": {"name": name, "arguments": json.dumps(arguments)}}
-            return [chunk({"role": "assistant", "tool_calls": [call]}), chunk({}, "tool_calls")]
-        _, words, finish, tokens = reply
-        return [chunk({"role": "assistant", "content": words}), chunk({}, finish),
-                {"object": "chat.completion.chunk", "model": "scripted", "choices": [],
-                 "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}}]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_ctrl_c_interrupts_a_running_cell_and_the_session_goes_on(tmp_path):

@@ -117,11 +117,17 @@ def test_a_bad_flag_and_help_do_not_import_torch():
     assert proc.stdout.strip().splitlines()[-1] == "2 False", proc.stdout + proc.stderr
 
 
+def sigint_default() -> None:
+    """In the child before exec: Ctrl-C raises KeyboardInterrupt there even when this test run was started in
+    the background of a shell without job control, which starts it with SIGINT ignored (inherited)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_waiting_for_stdin():
     """generate reads its prompt before loading; Ctrl-C there is one line and 130."""
     code = "import sys\nfrom glmkit import cli\nprint('ready', flush=True)\nsys.exit(cli.main(sys.argv[1:]))"
     proc = subprocess.Popen([PYTHON, "-c", code, "generate", "--prompt", "-"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -135,7 +141,7 @@ def test_ctrl_c_while_the_chat_loads(glm_dir):
             "def held(*a, **k):\n    print('loading', flush=True)\n    time.sleep(60)\n    return real(*a, **k)\n"
             "llm.load_model = held\nsys.exit(cli.main(sys.argv[1:]))")
     proc = subprocess.Popen([PYTHON, "-c", code, "chat", "--model", str(glm_dir)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     deadline = time.monotonic() + 120
     while proc.stdout.readline().strip() != "loading":
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()

@@ -156,7 +156,8 @@ def test_cli_ctrl_c_stops_the_answer_and_keeps_the_session():
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "glmkit.cli", "chat", "--temperature", "0", "--max-tokens", "400",
-                             "--line-mode"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--line-mode"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_cli_errors
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
     reader.start()

@@ -21,7 +21,8 @@ COMMANDS = {
     "chat": ("glmkit.ui.terminal", "chat in the terminal with a local model (default: the embedded one) or a "
              "server (--url)"),
     "generate": ("glmkit.commands.generate", "complete one prompt and stream it to standard output"),
-    "serve": ("glmkit.commands.serve", "serve the OpenAI-compatible and ChatGLM APIs over HTTP"),
+    "serve": ("glmkit.commands.serve", "serve the OpenAI-compatible and ChatGLM APIs over HTTP, and the web page"),
+    "web": ("glmkit.commands.web", "the web chat page alone, for any OpenAI-compatible server (--url)"),
     "info": ("glmkit.commands.info", "show the resolved model, chat format and limits"),
     "quantize": ("glmkit.commands.quantize", "save an int8/int4 copy of a model that loads without quantizing again"),
     "cache": ("glmkit.commands.cache", "list or clean glmkit's cache of converted and quantized models"),

@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 from ..errors import InvalidParameterError
+from ..ui.web import options as web_options
 from .args import add_model_arguments, engine_kwargs, existing_path, integer, number, size
 
 log = logging.getLogger("glmkit")
@@ -68,6 +69,7 @@ def add_arguments(p) -> None:
                    "API key (with a key set they need it by default)")
     g.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="do not log one line per request (the glmkit.access logger)")
+    web_options.add_arguments(p, serve=True)
 
 
 def api_keys(args) -> list[str]:
@@ -112,6 +114,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def main(args) -> int:
+    if args.ui:
+        web_options.check(args)
     sock = bind(args.host, args.port)  # first: before minutes of loading
     import uvicorn
 
@@ -131,13 +135,42 @@ def main(args) -> int:
                       max_connections=args.max_connections, request_timeout_s=args.request_timeout or None))
     log.info("glmkit serve: http://%s:%d (auth %s)", args.host, args.port, "on" if settings.api_keys else "off")
     app = create_app(settings)
+    closing = mount_page(app, settings, args) if args.ui else []
     # Our drain runs first (GlmkitServer); uvicorn's graceful timeout only bounds the final close after it.
     # Our HTTP/1.1 protocol adds a header deadline and a connection cap to uvicorn's (server/connections.py).
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
                             http=guarded_protocol(settings.limits))
     server = GlmkitServer(config, app.state.glmkit, args.shutdown_timeout)
-    with sock:
-        server.run(sockets=[sock])
+    try:
+        with sock:
+            server.run(sockets=[sock])
+    finally:
+        for thing in reversed(closing):
+            thing.close()
     if not server.started:  # uvicorn logged why (e.g. the app's start-up failed)
         return 1
     return server.exit_code
+
+
+def mount_page(app, settings, args) -> list:
+    """The web page at /ui, calling this server over the loopback with each user's key; what to close after."""
+    if not web_options.available():
+        log.warning("glmkit: no web page at /ui: it needs the web extra (pip install 'glmkit[web]'); serving the "
+                    "API only")
+        return []
+    import hmac
+
+    from ..ui.web.app import mount
+
+    keys = settings.api_keys
+
+    def check_key(key: str) -> bool:
+        return any(hmac.compare_digest(key.encode(), k.encode()) for k in keys)
+
+    loopback = "[::1]" if ":" in args.host else "127.0.0.1"
+    config, closing = web_options.web_config(args, f"http://{loopback}:{args.port}/v1",
+                                             check_key=check_key if keys else None)
+    settings.ui_path = "/ui"
+    mount(app, config, settings.ui_path)
+    log.info("glmkit serve: the web page at http://%s:%d/ui", args.host, args.port)
+    return closing

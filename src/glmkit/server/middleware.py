@@ -97,7 +97,8 @@ class RequestGate:
             if refusal is not None:
                 await refusal(scope, receive, send_noted)
                 return
-            tracked = path not in DRAIN_EXEMPT
+            # The web page's own long-lived event streams are not work a drain waits for
+            tracked = path not in DRAIN_EXEMPT and not self._is_page(path)
             if tracked:
                 self.state.active.add(record)
             try:
@@ -118,8 +119,8 @@ class RequestGate:
                                   "shortly (another instance may answer)", "server_error", None,
                                   "server_shutting_down", {"Retry-After": "5", "Connection": "close"})
         keys = state.settings.api_keys
-        if not keys or path in PROBE_PATHS or scope["method"] == "OPTIONS":
-            return None
+        if not keys or path in PROBE_PATHS or scope["method"] == "OPTIONS" or self._is_page(path):
+            return None  # the page asks for a key at its own login, and sends it with each API request
         if state.settings.open_docs and path in DOC_PATHS:
             return None
         header = headers.get(b"authorization", b"").decode("latin-1")
@@ -132,14 +133,20 @@ class RequestGate:
         return error_response(path, 401, f"missing or invalid API key; send {how}", "authentication_error", None,
                               "invalid_api_key")
 
+    def _is_page(self, path: str) -> bool:
+        page = self.state.settings.ui_path
+        return page is not None and (path == page or path.startswith(page + "/"))
+
     def _count(self, scope, record: RequestRecord) -> None:
         route = getattr(scope.get("route"), "path", None)
         elapsed = time.monotonic() - record.start
+        if self._is_page(record.path):  # its assets, events and heartbeats: one metrics row, debug log lines
+            route = self.state.settings.ui_path
         key, requests, seconds = route or "other", self.state.http_requests, self.state.http_seconds
         requests[(key, record.status)] = requests.get((key, record.status), 0) + 1
         seconds[key] = seconds.get(key, 0.0) + elapsed
         if self.state.settings.access_log:
-            log_access(record, route or record.path, elapsed)
+            log_access(record, route or record.path, elapsed, quiet=self._is_page(record.path))
 
 
 def _logfmt(value) -> str:
@@ -149,7 +156,7 @@ def _logfmt(value) -> str:
     return json.dumps(text)
 
 
-def log_access(record: RequestRecord, route: str, elapsed_s: float) -> None:
+def log_access(record: RequestRecord, route: str, elapsed_s: float, quiet: bool = False) -> None:
     """One line per request, `key=value` pairs (values quoted when they need it); the same fields ride on the
     log record as `access` for a structured handler."""
     fields = {"method": record.method, "route": route, "status": record.status,
@@ -158,7 +165,7 @@ def log_access(record: RequestRecord, route: str, elapsed_s: float) -> None:
         fields["prompt_tokens"], fields["completion_tokens"] = record.prompt_tokens, record.completion_tokens
     if record.abort:
         fields["abort"] = record.abort
-    level = logging.DEBUG if record.path in PROBE_PATHS else logging.INFO
+    level = logging.DEBUG if quiet or record.path in PROBE_PATHS else logging.INFO
     if access_log.isEnabledFor(level):
         access_log.log(level, " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items()), extra={"access": fields})
 

@@ -36,6 +36,7 @@ class ServerSettings:
     access_log: bool = True                              # one `glmkit.access` line per request
     engine_stall_s: float = 120.0                        # /health fails when one engine step runs longer
     limits: Limits = field(default_factory=Limits)       # body size, read/request timeouts, connections
+    ui_path: str | None = None                           # where the web page is mounted (its own login)
 
 
 class ServerState:

@@ -1,0 +1,350 @@
+"""The web chat page (Gradio Blocks): Chat, Tools, Code Interpreter and Character modes over one HTTP API.
+
+The page is a client of an OpenAI-compatible server (`ui/backends.RemoteBackend`), nothing more: mounted in
+`glmkit serve` it calls its own server over the loopback; `glmkit web --url` points it at any server. Each
+answer runs through the agent loop (tools/agent.py) with the mode's tools: none, the configured tools, or the
+conversation's own Python kernel (a KernelPool keyed by conversation id). Conversations are kept per user in
+SQLite (store.py) and listed in the sidebar. With API keys, the page asks for one at login (the password; the
+user name is only a label): each key sees its own conversations and kernels, and its requests carry that key.
+
+Stop asks the running turn's agent to cancel: the HTTP stream closes (the server aborts the request and frees
+its KV blocks) and a running cell is interrupted; the partial answer is kept and marked. Many users at once:
+the queue has no concurrency limit, so their requests meet in the server's batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gradio as gr
+
+from ...chat.messages import persona_system_prompt
+from ..backends import BackendError, RemoteBackend
+from .i18n import translations
+from .store import ConversationNotFound, ConversationStore, export_json, export_markdown
+from .turns import Turn, api_messages, display
+
+log = logging.getLogger("glmkit")
+
+MODES = ("chat", "tools", "code", "character")
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
+DEFAULTS = {"max_tokens": 1024, "temperature": 0.95, "top_p": 0.8}  # the ChatGLM3 composite demo's sampling
+LOCAL_OWNER = "local"
+
+
+@dataclass
+class WebConfig:
+    url: str                                   # the API root, e.g. http://127.0.0.1:8000/v1
+    store: ConversationStore
+    api_key: str | None = None                 # the key the page sends when users do not log in
+    check_key: Callable[[str], bool] | None = None  # with API keys: is this login's key accepted?
+    tools: list = field(default_factory=list)  # the Tools mode's tools (glmkit.tools.Tool)
+    kernels: object | None = None              # a tools.kernel.KernelPool for the Code Interpreter mode
+    max_rounds: int = 5
+    language: str | None = None                # "en" / "zh": fixed labels; None: the browser's language
+    glmkit_server: bool = True                 # the far side takes glmkit's `character` field
+
+
+class WebApp:
+    def __init__(self, config: WebConfig):
+        self.config = config
+        self._keys: dict[str, str] = {}          # login name -> its key (this process's logins)
+        self._running: dict[str, object] = {}    # browser session -> the agent answering it
+        self._backends: dict[tuple, RemoteBackend] = {}
+        self._lock = threading.Lock()
+
+    # --- users -----------------------------------------------------------------------------------------------
+    def login(self, username: str, password: str) -> bool:
+        """Gradio's auth: the password is an API key the server accepts; a name stays bound to its key."""
+        if self.config.check_key is None or not self.config.check_key(password):
+            return False
+        with self._lock:
+            bound = self._keys.setdefault(username, password)
+        return hmac.compare_digest(bound.encode(), password.encode())
+
+    def _key(self, request: gr.Request | None) -> str | None:
+        if self.config.check_key is None:
+            return self.config.api_key
+        return self._keys.get(getattr(request, "username", None) or "")
+
+    def _owner(self, request: gr.Request | None) -> str:
+        key = self._key(request)
+        if self.config.check_key is None or key is None:
+            return LOCAL_OWNER
+        return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+    def _backend(self, request, model: str | None, character: dict | None = None) -> RemoteBackend:
+        key = self._key(request)
+        cache_key = (key, model, repr(sorted(character.items())) if character else None)
+        with self._lock:
+            backend = self._backends.get(cache_key)
+        if backend is None:
+            backend = RemoteBackend(self.config.url, api_key=key, model=model or None, character=character)
+            with self._lock:
+                self._backends.setdefault(cache_key, backend)
+        return backend
+
+    # --- page events -----------------------------------------------------------------------------------------
+    def on_load(self, request: gr.Request):
+        models = self.models(request)
+        rows = self.config.store.list(self._owner(request))
+        current = rows[0].id if rows else ""
+        shown, stats, mode, system = self._open(request, current)
+        return (gr.Dropdown(choices=models, value=models[0] if models else None), self._sidebar(request, current),
+                current, shown, stats, mode, system, rows[0].title if rows else "")
+
+    def models(self, request) -> list[str]:
+        try:
+            backend = self._backend(request, None)
+            r = backend.client.get(backend.base + "/models")
+            return [m["id"] for m in r.json().get("data", [])] if r.status_code == 200 else []
+        except (BackendError, ValueError, OSError):
+            return []
+
+    def _sidebar(self, request, current: str):
+        rows = self.config.store.list(self._owner(request))
+        return gr.Radio(choices=[(row.title or "…", row.id) for row in rows], value=current or None)
+
+    def _open(self, request, conversation_id: str):
+        if not conversation_id:
+            return [], "", "chat", ""
+        conversation = self.config.store.get(self._owner(request), conversation_id)
+        settings = conversation.settings
+        last = next((m for m in reversed(conversation.messages) if m.get("glmkit", {}).get("line")), None)
+        return (display(conversation.messages).messages, last["glmkit"]["line"] if last else "",
+                conversation.mode, settings.get("system", ""))
+
+    def open(self, conversation_id: str, request: gr.Request):
+        shown, stats, mode, system = self._open(request, conversation_id)
+        title = self.config.store.get(self._owner(request), conversation_id).title if conversation_id else ""
+        return conversation_id, shown, stats, mode, system, title
+
+    def new(self, request: gr.Request):
+        return "", [], "", self._sidebar(request, ""), ""
+
+    def rename(self, conversation_id: str, title: str, request: gr.Request):
+        if conversation_id:
+            self.config.store.rename(self._owner(request), conversation_id, title)
+        return self._sidebar(request, conversation_id)
+
+    def delete(self, conversation_id: str, request: gr.Request):
+        if conversation_id:
+            self.config.store.delete(self._owner(request), conversation_id)
+            if self.config.kernels is not None:
+                self.config.kernels.close_session(conversation_id)
+        return self.new(request)
+
+    def _export(self, conversation_id: str, kind: str, request: gr.Request):
+        if not conversation_id:
+            return None
+        conversation = self.config.store.get(self._owner(request), conversation_id)
+        folder = self.config.store.image_dir(conversation_id)
+        path = folder / f"conversation.{'json' if kind == 'json' else 'md'}"
+        path.write_text(export_json(conversation) if kind == "json" else export_markdown(conversation),
+                        encoding="utf-8")
+        return str(path)
+
+    def stop(self, request: gr.Request):
+        agent = self._running.get(request.session_hash)
+        if agent is not None:
+            agent.cancel()
+
+    # --- answers ---------------------------------------------------------------------------------------------
+    def send(self, values: dict, request: gr.Request):
+        text = values[self.ui.text]
+        if not text.strip():
+            yield gr.skip(), gr.skip(), values[self.ui.conversation_id], gr.skip(), text
+            return
+        yield from self._answer(request, values, lambda messages: messages + [{"role": "user", "content": text}],
+                                clear_input=True)
+
+    def retry(self, values: dict, data: gr.RetryData, request: gr.Request):
+        k = self._user_index(request, values[self.ui.conversation_id], data.index)
+        yield from self._answer(request, values, lambda messages: messages[:k + 1])
+
+    def edit(self, values: dict, data: gr.EditData, request: gr.Request):
+        k = self._user_index(request, values[self.ui.conversation_id], data.index)
+        value = data.value if isinstance(data.value, str) else str(data.value)
+        yield from self._answer(request, values, lambda messages: messages[:k] + [{"role": "user", "content": value}])
+
+    def undo(self, conversation_id: str, data: gr.UndoData, request: gr.Request):
+        """The user message and what followed it are removed; its text goes back to the input box."""
+        owner = self._owner(request)
+        conversation = self.config.store.get(owner, conversation_id)
+        k = self._user_index(request, conversation_id, data.index)
+        text = conversation.messages[k]["content"]
+        conversation = self.config.store.save(owner, conversation_id, conversation.messages[:k])
+        return display(conversation.messages).messages, text if isinstance(text, str) else ""
+
+    def _user_index(self, request, conversation_id: str, shown_index) -> int:
+        conversation = self.config.store.get(self._owner(request), conversation_id)
+        index = shown_index[0] if isinstance(shown_index, (list, tuple)) else shown_index
+        return display(conversation.messages).sources[int(index)]
+
+    def _answer(self, request, values: dict, change, clear_input: bool = False):
+        """Stream one answer into the page: (chatbot, stats, conversation id, sidebar, input box) at each step."""
+        ui, store, owner = self.ui, self.config.store, self._owner(request)
+        mode, system, model = values[ui.mode], values[ui.system].strip(), values[ui.model]
+        conversation_id = values[ui.conversation_id]
+        new = not conversation_id
+        conversation = store.create(owner, mode) if new else store.get(owner, conversation_id)
+        conversation_id = conversation.id
+        messages = change(conversation.messages)
+        character = self._character(values) if mode == "character" else None
+        if character and not conversation.messages and character.get("greeting"):
+            messages = [{"role": "assistant", "content": character["greeting"]}] + messages
+        sent = messages
+        if character and not self.config.glmkit_server:
+            sent = [{"role": "system", "content": persona_system_prompt(character)}] + messages
+        elif system and mode != "character":
+            sent = [{"role": "system", "content": system}] + messages
+        turn = Turn(messages, lambda png: store.save_image(owner, conversation_id, png))
+        yield (turn.shown(), "", conversation_id, self._sidebar(request, conversation_id) if new else gr.skip(),
+               "" if clear_input else gr.skip())
+        settings = {"max_tokens": int(values[ui.max_tokens]), "temperature": float(values[ui.temperature]),
+                    "top_p": float(values[ui.top_p])}
+        agent = self._agent(request, model, mode, conversation_id, character, settings)
+        self._running[request.session_hash] = agent
+        try:
+            events = agent.run(api_messages(sent))
+            try:
+                for event in events:
+                    turn.feed(event)
+                    yield turn.shown(), turn.figures.line(), conversation_id, gr.skip(), gr.skip()
+            finally:
+                events.close()
+            if turn.error:
+                gr.Warning(turn.error)
+        finally:
+            self._running.pop(request.session_hash, None)
+            kept = {"system": system, "model": model, **({"character": character} if character else {})}
+            store.save(owner, conversation_id, turn.messages, mode=mode, settings=kept)
+        yield turn.shown(), turn.figures.line(), conversation_id, self._sidebar(request, conversation_id), gr.skip()
+
+    def _character(self, values: dict) -> dict:
+        ui = self.ui
+        bot_name, bot_info, user_name, user_info, greeting = (str(values[c] or "").strip() for c in (
+            ui.bot_name, ui.bot_info, ui.user_name, ui.user_info, ui.greeting))
+        return {"bot_name": bot_name or "角色", "bot_info": bot_info or "一个友好的角色",
+                "user_name": user_name or "用户", "user_info": user_info, **({"greeting": greeting} if greeting else {})}
+
+    def _agent(self, request, model, mode, conversation_id, character, settings):
+        """An agent for this turn (its backend is shared between turns: the agent is never closed)."""
+        from ...tools.agent import Agent
+
+        profile = ({k: v for k, v in character.items() if k != "greeting"}
+                   if character and self.config.glmkit_server else None)
+        tools = []
+        if mode == "tools":
+            tools = list(self.config.tools)
+        elif mode == "code" and self.config.kernels is not None:
+            from ...tools.kernel import python_tool
+
+            tools = [python_tool(self.config.kernels, conversation_id)]
+        return Agent(self._backend(request, model, profile), tools, max_rounds=self.config.max_rounds,
+                     settings=settings)
+
+    def export_json(self, conversation_id: str, request: gr.Request):
+        return self._export(conversation_id, "json", request)
+
+    def export_markdown(self, conversation_id: str, request: gr.Request):
+        return self._export(conversation_id, "md", request)
+
+    # --- the page --------------------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        i18n = self.i18n = gr.I18n(**translations(self.config.language))
+        with gr.Blocks(title="glmkit", fill_height=True) as page:
+            ui = self.ui = _Components()
+            ui.conversation_id = gr.State("")
+            with gr.Sidebar(open=True):
+                ui.new = gr.Button(i18n("new"), elem_id="new")
+                ui.conversations = gr.Radio(label=i18n("conversations"), choices=[], elem_id="conversations")
+                ui.title = gr.Textbox(label=i18n("title"), elem_id="title", max_length=200)
+                with gr.Row():
+                    ui.rename = gr.Button(i18n("rename"), elem_id="rename", size="sm")
+                    ui.delete = gr.Button(i18n("delete"), elem_id="delete", size="sm", variant="stop")
+                with gr.Row():
+                    ui.export_json = gr.Button(i18n("export_json"), elem_id="export-json", size="sm")
+                    ui.export_md = gr.Button(i18n("export_md"), elem_id="export-md", size="sm")
+                ui.exported = gr.File(label=i18n("export"), elem_id="exported", interactive=False, height=80)
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=4):
+                    self._chat_column(ui, i18n)
+                with gr.Column(scale=1, min_width=240):
+                    ui.model = gr.Dropdown(label=i18n("model"), choices=[], elem_id="model", allow_custom_value=True)
+                    ui.system = gr.Textbox(label=i18n("system"), lines=3, elem_id="system")
+                    ui.max_tokens = gr.Slider(1, 32000, value=DEFAULTS["max_tokens"], step=1,
+                                              label=i18n("max_tokens"), elem_id="max-tokens")
+                    ui.temperature = gr.Slider(0.0, 1.5, value=DEFAULTS["temperature"], step=0.01,
+                                               label=i18n("temperature"), elem_id="temperature")
+                    ui.top_p = gr.Slider(0.0, 1.0, value=DEFAULTS["top_p"], step=0.01, label=i18n("top_p"),
+                                         elem_id="top-p")
+            self._wire(ui, page)
+        page.queue(default_concurrency_limit=None)
+        return page
+
+    def _chat_column(self, ui, i18n) -> None:
+        ui.mode = gr.Radio([(i18n(f"mode_{m}"), m) for m in MODES], value="chat", label=i18n("mode"), elem_id="mode")
+        with gr.Accordion(i18n("character"), visible=False, elem_id="character") as ui.character_box:
+            with gr.Row():
+                ui.bot_name = gr.Textbox(label=i18n("bot_name"), elem_id="bot-name")
+                ui.user_name = gr.Textbox(label=i18n("user_name"), elem_id="user-name")
+            ui.bot_info = gr.Textbox(label=i18n("bot_info"), lines=2, elem_id="bot-info")
+            ui.user_info = gr.Textbox(label=i18n("user_info"), lines=1, elem_id="user-info")
+            ui.greeting = gr.Textbox(label=i18n("greeting"), elem_id="greeting")
+        ui.chatbot = gr.Chatbot(elem_id="chat", editable="user", latex_delimiters=LATEX, height="62vh",
+                                buttons=["copy", "copy_all"], feedback_options=None, show_label=False)
+        ui.stats = gr.Markdown(elem_id="stats")
+        with gr.Row():
+            ui.text = gr.Textbox(show_label=False, placeholder=i18n("placeholder"), elem_id="message", scale=8,
+                                 lines=1, max_lines=12, autofocus=True)
+            ui.send = gr.Button(i18n("send"), elem_id="send", variant="primary", scale=1, min_width=80)
+            ui.stop = gr.Button(i18n("stop"), elem_id="stop", variant="stop", scale=1, min_width=80)
+
+    def _wire(self, ui, page) -> None:
+        values = {ui.text, ui.conversation_id, ui.model, ui.mode, ui.system, ui.max_tokens, ui.temperature,
+                  ui.top_p, ui.bot_name, ui.bot_info, ui.user_name, ui.user_info, ui.greeting}
+        answer = [ui.chatbot, ui.stats, ui.conversation_id, ui.conversations, ui.text]
+        ui.text.submit(self.send, values, answer)
+        ui.send.click(self.send, values, answer)
+        ui.stop.click(self.stop, None, None, queue=False)
+        ui.chatbot.retry(self.retry, values, answer)
+        ui.chatbot.edit(self.edit, values, answer)
+        ui.chatbot.undo(self.undo, ui.conversation_id, [ui.chatbot, ui.text])
+        ui.chatbot.clear(self.new, None, [ui.conversation_id, ui.chatbot, ui.stats, ui.conversations, ui.title])
+        ui.mode.change(lambda m: gr.Accordion(visible=m == "character", open=True), ui.mode, ui.character_box)
+        opened = [ui.conversation_id, ui.chatbot, ui.stats, ui.mode, ui.system, ui.title]
+        ui.conversations.input(self.open, ui.conversations, opened)
+        cleared = [ui.conversation_id, ui.chatbot, ui.stats, ui.conversations, ui.title]
+        ui.new.click(self.new, None, cleared)
+        ui.rename.click(self.rename, [ui.conversation_id, ui.title], ui.conversations)
+        ui.delete.click(self.delete, ui.conversation_id, cleared)
+        ui.export_json.click(self.export_json, ui.conversation_id, ui.exported)
+        ui.export_md.click(self.export_markdown, ui.conversation_id, ui.exported)
+        page.load(self.on_load, None, [ui.model, ui.conversations, ui.conversation_id, ui.chatbot, ui.stats, ui.mode,
+                                       ui.system, ui.title])
+
+
+class _Components:
+    """The page's components, by name (set in WebApp.build)."""
+
+
+def page_options(web: WebApp) -> dict:
+    """What both mount_gradio_app and launch need besides the page: login, languages, servable folders."""
+    return {"auth": web.login if web.config.check_key is not None else None, "i18n": web.i18n,
+            "allowed_paths": [str(web.config.store.path.parent / "web-images")], "footer_links": ["settings"],
+            "auth_message": "API key as the password (the name is yours to choose) · 以 API key 作密码"}
+
+
+def mount(app, config: WebConfig, path: str = "/ui"):
+    """The page inside a FastAPI app (glmkit serve) at `path`."""
+    web = WebApp(config)
+    page = web.build()
+    return gr.mount_gradio_app(app, page, path=path, **page_options(web))
