@@ -1,10 +1,11 @@
 """A scripted OpenAI-compatible server for tests of clients (the terminal's tool turns, the web page): a stdlib
 HTTP server in the test process whose `POST /v1/chat/completions` streams the next scripted reply.
 
-Replies: ("call", name, arguments) for one tool call; ("text", words, finish_reason, completion_tokens) for an
-answer, streamed in pieces of `piece_chars` characters `delay_s` apart (a slow answer can be stopped). The
-script is a list (one reply per request, in order) or a function of the request body. Request bodies are kept
-in `requests`; a client that goes away mid-answer is counted in `aborted`.
+Replies: ("call", name, arguments) for one tool call; ("text", words, finish_reason, completion_tokens[,
+delay_s]) for an answer, streamed in pieces of `piece_chars` characters `delay_s` apart (a slow answer can be
+stopped). The script is a list (one reply per request, in order) or a function of the request body. Request
+bodies are kept in `requests`; a client that goes away mid-answer is counted in `aborted`. With `keys`, every
+request needs `Authorization: Bearer <one of them>` (else 401).
 """
 
 from __future__ import annotations
@@ -18,31 +19,42 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class ScriptedServer:
 
-    def __init__(self, script, delay_s: float = 0.0, piece_chars: int = 4):
+    def __init__(self, script, delay_s: float = 0.0, piece_chars: int = 4, keys: tuple[str, ...] = ()):
         self.script, self.requests, self.aborted = script if callable(script) else list(script), [], 0
-        self.delay_s, self.piece_chars = delay_s, piece_chars
+        self.delay_s, self.piece_chars, self.keys = delay_s, piece_chars, keys
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
+            def refused(self) -> bool:
+                if server.keys and self.headers.get("Authorization", "") not in {f"Bearer {k}" for k in server.keys}:
+                    self._send(401, "application/json", b'{"error": {"message": "invalid API key"}}')
+                    return True
+                return False
+
             def do_GET(self):
+                if self.refused():
+                    return
                 self._send(200, "application/json", json.dumps({"object": "list", "data": [
                     {"id": "scripted", "object": "model", "owned_by": "test"}]}).encode())
 
             def do_POST(self):
+                if self.refused():
+                    return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(body)
                 reply = server.script(body) if callable(server.script) else server.script.pop(0)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
+                delay_s = reply[4] if reply[0] == "text" and len(reply) > 4 else server.delay_s
                 try:
-                    for event in server.events(reply, server.piece_chars):
+                    for event in server.events(reply[:4], server.piece_chars):
                         self.wfile.write(b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
                         self.wfile.flush()
-                        time.sleep(server.delay_s)
+                        time.sleep(delay_s)
                     self.wfile.write(b"data: [DONE]\n\n")
                 except (BrokenPipeError, ConnectionResetError):
                     server.aborted += 1

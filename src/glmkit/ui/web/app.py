@@ -143,13 +143,13 @@ class WebApp:
 
     def _export(self, conversation_id: str, kind: str, request: gr.Request):
         if not conversation_id:
-            return None
+            return gr.File(value=None, visible=False)
         conversation = self.config.store.get(self._owner(request), conversation_id)
         folder = self.config.store.image_dir(conversation_id)
         path = folder / f"conversation.{'json' if kind == 'json' else 'md'}"
         path.write_text(export_json(conversation) if kind == "json" else export_markdown(conversation),
                         encoding="utf-8")
-        return str(path)
+        return gr.File(value=str(path), visible=True)
 
     def stop(self, request: gr.Request):
         agent = self._running.get(request.session_hash)
@@ -273,7 +273,7 @@ class WebApp:
                 with gr.Row():
                     ui.export_json = gr.Button(i18n("export_json"), elem_id="export-json", size="sm")
                     ui.export_md = gr.Button(i18n("export_md"), elem_id="export-md", size="sm")
-                ui.exported = gr.File(label=i18n("export"), elem_id="exported", interactive=False, height=80)
+                ui.exported = gr.File(label=i18n("export"), elem_id="exported", interactive=False, visible=False)
             with gr.Row(equal_height=False):
                 with gr.Column(scale=4):
                     self._chat_column(ui, i18n)

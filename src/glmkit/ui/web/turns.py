@@ -64,7 +64,7 @@ def display(messages: list[dict]) -> Shown:
                 function = call["function"]
                 steps[call["id"]] = shown.add({"role": "assistant", "content": call_text(function["name"],
                                                                                       function["arguments"]),
-                                               "metadata": {"title": f"🛠️ {function['name']}", "id": call["id"],
+                                               "metadata": {"title": f"⚙ {function['name']}", "id": call["id"],
                                                             "status": "pending"}}, i)
         elif m["role"] == "tool":
             step = steps.get(m.get("tool_call_id"))
@@ -93,12 +93,15 @@ class Figures:
     finish_reason: str | None = None
 
     def line(self) -> str:
+        """While the answer streams: tokens so far; when it has ended: tokens, speed, first token, how it ended."""
         if self.first_token_s is None:
             return ""
+        if self.finish_reason is None:
+            return f"{self.num_tokens} tokens · first token {self.first_token_s:.2f} s …"
         decode_s = self.elapsed_s - self.first_token_s
         rate = (self.num_tokens - 1) / decode_s if self.num_tokens > 1 and decode_s > 0 else 0.0
         mark = {"length": " · cut: max tokens", "stopped": " · stopped", "error": " · error"}.get(
-            self.finish_reason or "", "")
+            self.finish_reason, "")
         return (f"{self.num_tokens} tokens · {rate:.1f} tokens/s · first token {self.first_token_s:.2f} s"
                 f"{mark}")
 
@@ -134,6 +137,7 @@ class Turn:
         if isinstance(event, TextDelta):
             if self.figures.first_token_s is None:
                 self.figures.first_token_s = time.monotonic() - self._start
+            self.figures.num_tokens += event.num_tokens
             self.text += event.text
         elif isinstance(event, ToolStarted):
             call = event.call
@@ -149,8 +153,8 @@ class Turn:
                        "content": event.observation.text, EXTRAS: extras}
             self.done.append(message)
         elif isinstance(event, Final):
-            self.figures.num_tokens = event.total_tokens
-            self.figures.finish_reason = event.finish_reason
+            self.figures.num_tokens = event.total_tokens or self.figures.num_tokens
+            self.figures.finish_reason = event.finish_reason or "stop"
             self.text = event.text
         elif isinstance(event, AgentError):
             self.error = event.message
