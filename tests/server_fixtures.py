@@ -18,10 +18,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, ready_timeout_s: float = 180.0, env: dict | None = None):
+    def __init__(self, *args: str, ready_timeout_s: float = 180.0, env: dict | None = None, ui: bool = False):
+        """`ui`: with the web page at /ui (the API tests start without it: Gradio's import costs seconds)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "glmkit.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        cmd = [sys.executable, "-m", "glmkit.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args,
+               *([] if ui else ["--no-ui"])]
         self.log_path = f"/tmp/glmkit-test-server-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from scripted_server import ScriptedServer
-from web_support import (WebProcess, bot_texts, need_browser, open_page, send, shot, user_texts,
+from web_support import (WebProcess, bot_texts, choose_mode, need_browser, open_page, send, shot, user_texts,
                          wait_for_answer)
 
 PLOT = ("import matplotlib.pyplot as plt\nplt.figure(figsize=(4, 3))\nplt.plot([1, 2, 3], [1, 4, 9])\n"
@@ -140,7 +140,7 @@ def test_undo_puts_the_message_back_in_the_box(page):
 
 
 def test_code_interpreter_shows_the_plot(page, model):
-    page.click("#mode label:has-text('代码解释器')")
+    choose_mode(page, "code")
     send(page, "画一张平方的图")
     wait_for_answer(page, "运行结果")
     image = page.locator("#chat img").first
@@ -155,7 +155,7 @@ def test_code_interpreter_shows_the_plot(page, model):
 
 
 def test_character_mode_greets_and_keeps_the_persona(page, model):
-    page.click("#mode label:has-text('角色扮演')")
+    choose_mode(page, "character")
     page.fill("#bot-name textarea", "苏梦远")
     page.fill("#bot-info textarea", "一位温柔的古琴老师")
     page.fill("#user-name textarea", "小林")
@@ -201,13 +201,13 @@ def test_two_users_with_their_own_keys_see_only_their_own(browser, tmp_path):
         bo = open_page(browser, process.address, login=("bo", "key-bo"))
         send(anna, "安娜的秘密")
         wait_for_answer(anna, "：安娜的秘密")
-        anna.click("#mode label:has-text('代码解释器')")
+        choose_mode(anna, "code")
         send(anna, "运行 secret = 'anna'; print(secret)")
         wait_for_answer(anna, "运行结果：anna")
         bo.reload()
         bo.wait_for_selector("#message textarea")
         assert "安娜" not in bo.inner_text("#conversations")
-        bo.click("#mode label:has-text('代码解释器')")
+        choose_mode(bo, "code")
         send(bo, "运行 print(secret)")
         wait_for_answer(bo, "运行结果")
         assert "NameError" in bot_texts(bo)[-1] or "NameError" in bo.inner_text("#chat")

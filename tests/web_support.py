@@ -107,3 +107,10 @@ def shot(page, name: str) -> Path:
     path = ARTIFACTS / f"web-{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def choose_mode(page, mode: str) -> None:
+    """Click a mode by its value (labels depend on the language)."""
+    from glmkit.ui.web.app import MODES
+
+    page.locator("#mode label").nth(MODES.index(mode)).click()

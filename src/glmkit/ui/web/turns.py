@@ -140,6 +140,8 @@ class Turn:
             self.figures.num_tokens += event.num_tokens
             self.text += event.text
         elif isinstance(event, ToolStarted):
+            if self.figures.first_token_s is None:  # the call's tokens were the answer's first
+                self.figures.first_token_s = time.monotonic() - self._start
             call = event.call
             if self.text or not self.done or self.done[-1]["role"] != "assistant":
                 self.done.append({"role": "assistant", "content": self.text or None, "tool_calls": []})

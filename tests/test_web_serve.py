@@ -1,0 +1,76 @@
+"""The web page as `glmkit serve` mounts it at /ui, in a real browser, over a tiny model: the page asks for an
+API key at login while the API keeps refusing requests without one, its answers go through the server's API
+(the server counts them), and `--language en` labels the page in English. Stop against a real server, and the
+real default model's plot, are in test_web_default.py (slow).
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from server_fixtures import ServerProcess
+from web_support import CHROMIUM, need_browser, open_page, send, shot
+
+KEY = "sk-web-test"
+# Fresh, the tiny model answers this with 300+ tokens (no stop token) at temperature 0: long enough to stop.
+LONG_ANSWER_QUESTION = "晚上睡不着应该怎么办"
+
+
+@pytest.fixture(scope="module")
+def server(glm_dir, tmp_path_factory):
+    need_browser()
+    home = tmp_path_factory.mktemp("glmkit-home")
+    process = ServerProcess("--model", str(glm_dir), "--api-key", KEY, "--language", "en", "--threads", "1",
+                            "--kv-cache-memory", "0.02", "--embedding-model", "none", ui=True,
+                            env={"GLMKIT_HOME": str(home)})
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = need_browser()
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    match = re.search(rf"^glmkit_{name} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_the_page_asks_for_a_key_and_the_api_still_needs_one(server):
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    page = httpx.get(server.url + "/ui/")
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+
+
+def test_the_mounted_page_answers_through_the_api_with_the_users_key(server, browser):
+    page = open_page(browser, server.url + "/ui/", login=("ann", KEY))
+    assert page.inner_text("#new").strip() == "New conversation"  # --language en
+    finished = metric(server, "requests_finished_total")
+    send(page, LONG_ANSWER_QUESTION)
+    page.wait_for_function("() => document.querySelector('#stats').innerText.includes('tokens/s')")
+    assert metric(server, "requests_finished_total") == finished + 1
+    assert metric(server, "kv_blocks_used") == 0
+    assert page.locator('#chat [data-testid="bot"]').count() == 1
+    shot(page, "serve-english")
+    page.context.close()
+
+
+def test_a_wrong_key_is_refused_at_login(server, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/ui/")
+    page.fill("input[type=text]", "eve")
+    page.fill("input[type=password]", "not-the-key")
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(1500)
+    assert page.locator("#message").count() == 0
+    context.close()
