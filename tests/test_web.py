@@ -35,6 +35,8 @@ class Answers:
             return "text", f"运行结果：{last['content'].strip()[:60]}", "stop", 9
         if body.get("tools") and user.startswith("画"):
             return "call", "python", {"code": PLOT}
+        if body.get("tools") and user.startswith("算 "):
+            return "call", "calculator", {"expression": user[2:]}
         if body.get("tools") and user.startswith("运行 "):
             return "call", "python", {"code": user[3:]}
         if user.startswith("慢"):
@@ -152,6 +154,36 @@ def test_code_interpreter_shows_the_plot(page, model):
     page.locator("#chat").get_by_text("⚙ python").first.click()  # the step opens: code and observation
     page.get_by_text("plt.title").first.wait_for()
     shot(page, "code-interpreter")
+
+
+def test_tools_mode_shows_each_call_as_a_step(page, model):
+    choose_mode(page, "tools")
+    send(page, "算 123456 * 654321")
+    wait_for_answer(page, "运行结果：80779853376")
+    offered = {t["function"]["name"] for t in model.requests[-1]["tools"]}
+    assert {"calculator", "current_time", "random_number"} <= offered and "python" not in offered
+    page.locator("#chat").get_by_text("⚙ calculator").first.click()
+    page.get_by_text('"expression": "123456 * 654321"').first.wait_for()
+    shot(page, "tools")
+
+
+def test_rename_export_and_delete_a_conversation(page):
+    send(page, "要改名的对话")
+    wait_for_answer(page, "：要改名的对话")
+    page.fill("#title textarea", "我的笔记")
+    page.click("#rename")
+    page.wait_for_function("() => document.querySelector('#conversations').innerText.includes('我的笔记')")
+    page.click("#export-md")
+    link = page.locator("#exported a").first
+    link.wait_for()
+    assert "conversation.md" in page.inner_text("#exported").replace("\n", "")
+    with page.expect_download() as download:
+        link.click()
+    text = open(download.value.path(), encoding="utf-8").read()
+    assert text.startswith("# 我的笔记") and "要改名的对话" in text
+    page.click("#delete")
+    page.wait_for_function("() => !document.querySelector('#conversations').innerText.includes('我的笔记')")
+    assert user_texts(page) == []
 
 
 def test_character_mode_greets_and_keeps_the_persona(page, model):

@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,34 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
          {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
 DEFAULTS = {"max_tokens": 1024, "temperature": 0.95, "top_p": 0.8}  # the ChatGLM3 composite demo's sampling
 LOCAL_OWNER = "local"
+
+
+@dataclass
+class Ask:
+    """What an answer event gets from the page: the message box, the conversation, and the settings."""
+    text: str
+    conversation_id: str
+    model: str | None
+    mode: str
+    system: str
+    max_tokens: float
+    temperature: float
+    top_p: float
+    bot_name: str
+    bot_info: str
+    user_name: str
+    user_info: str
+    greeting: str
+
+    def character(self) -> dict:
+        """The CharacterGLM profile (defaults where a field is empty), with the greeting if there is one."""
+        bot_name, bot_info, user_name, user_info, greeting = (str(v or "").strip() for v in (
+            self.bot_name, self.bot_info, self.user_name, self.user_info, self.greeting))
+        return {"bot_name": bot_name or "角色", "bot_info": bot_info or "一个友好的角色",
+                "user_name": user_name or "用户", "user_info": user_info, **({"greeting": greeting} if greeting else {})}
+
+
+ASK = [f.name for f in fields(Ask)]
 
 
 @dataclass
@@ -157,22 +185,31 @@ class WebApp:
             agent.cancel()
 
     # --- answers ---------------------------------------------------------------------------------------------
-    def send(self, values: dict, request: gr.Request):
-        text = values[self.ui.text]
+    # The three answer events take the same inputs, in ASK order (also the order of the page's /send API).
+    def send(self, text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
+             user_name, user_info, greeting, request: gr.Request):
+        ask = Ask(text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
+                  user_name, user_info, greeting)
         if not text.strip():
-            yield gr.skip(), gr.skip(), values[self.ui.conversation_id], gr.skip(), text
+            yield gr.skip(), gr.skip(), conversation_id, gr.skip(), text
             return
-        yield from self._answer(request, values, lambda messages: messages + [{"role": "user", "content": text}],
+        yield from self._answer(request, ask, lambda messages: messages + [{"role": "user", "content": text}],
                                 clear_input=True)
 
-    def retry(self, values: dict, data: gr.RetryData, request: gr.Request):
-        k = self._user_index(request, values[self.ui.conversation_id], data.index)
-        yield from self._answer(request, values, lambda messages: messages[:k + 1])
+    def retry(self, text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
+              user_name, user_info, greeting, data: gr.RetryData, request: gr.Request):
+        ask = Ask(text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
+                  user_name, user_info, greeting)
+        k = self._user_index(request, conversation_id, data.index)
+        yield from self._answer(request, ask, lambda messages: messages[:k + 1])
 
-    def edit(self, values: dict, data: gr.EditData, request: gr.Request):
-        k = self._user_index(request, values[self.ui.conversation_id], data.index)
+    def edit(self, text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
+             user_name, user_info, greeting, data: gr.EditData, request: gr.Request):
+        ask = Ask(text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
+                  user_name, user_info, greeting)
+        k = self._user_index(request, conversation_id, data.index)
         value = data.value if isinstance(data.value, str) else str(data.value)
-        yield from self._answer(request, values, lambda messages: messages[:k] + [{"role": "user", "content": value}])
+        yield from self._answer(request, ask, lambda messages: messages[:k] + [{"role": "user", "content": value}])
 
     def undo(self, conversation_id: str, data: gr.UndoData, request: gr.Request):
         """The user message and what followed it are removed; its text goes back to the input box."""
@@ -188,16 +225,15 @@ class WebApp:
         index = shown_index[0] if isinstance(shown_index, (list, tuple)) else shown_index
         return display(conversation.messages).sources[int(index)]
 
-    def _answer(self, request, values: dict, change, clear_input: bool = False):
+    def _answer(self, request, ask: Ask, change, clear_input: bool = False):
         """Stream one answer into the page: (chatbot, stats, conversation id, sidebar, input box) at each step."""
-        ui, store, owner = self.ui, self.config.store, self._owner(request)
-        mode, system, model = values[ui.mode], values[ui.system].strip(), values[ui.model]
-        conversation_id = values[ui.conversation_id]
+        store, owner = self.config.store, self._owner(request)
+        mode, system, model, conversation_id = ask.mode, (ask.system or "").strip(), ask.model, ask.conversation_id
         new = not conversation_id
         conversation = store.create(owner, mode) if new else store.get(owner, conversation_id)
         conversation_id = conversation.id
         messages = change(conversation.messages)
-        character = self._character(values) if mode == "character" else None
+        character = ask.character() if mode == "character" else None
         if character and not conversation.messages and character.get("greeting"):
             messages = [{"role": "assistant", "content": character["greeting"]}] + messages
         sent = messages
@@ -208,8 +244,8 @@ class WebApp:
         turn = Turn(messages, lambda png: store.save_image(owner, conversation_id, png))
         yield (turn.shown(), "", conversation_id, self._sidebar(request, conversation_id) if new else gr.skip(),
                "" if clear_input else gr.skip())
-        settings = {"max_tokens": int(values[ui.max_tokens]), "temperature": float(values[ui.temperature]),
-                    "top_p": float(values[ui.top_p])}
+        settings = {"max_tokens": int(ask.max_tokens), "temperature": float(ask.temperature),
+                    "top_p": float(ask.top_p)}
         agent = self._agent(request, model, mode, conversation_id, character, settings)
         self._running[request.session_hash] = agent
         try:
@@ -227,13 +263,6 @@ class WebApp:
             kept = {"system": system, "model": model, **({"character": character} if character else {})}
             store.save(owner, conversation_id, turn.messages, mode=mode, settings=kept)
         yield turn.shown(), turn.figures.line(), conversation_id, self._sidebar(request, conversation_id), gr.skip()
-
-    def _character(self, values: dict) -> dict:
-        ui = self.ui
-        bot_name, bot_info, user_name, user_info, greeting = (str(values[c] or "").strip() for c in (
-            ui.bot_name, ui.bot_info, ui.user_name, ui.user_info, ui.greeting))
-        return {"bot_name": bot_name or "角色", "bot_info": bot_info or "一个友好的角色",
-                "user_name": user_name or "用户", "user_info": user_info, **({"greeting": greeting} if greeting else {})}
 
     def _agent(self, request, model, mode, conversation_id, character, settings):
         """An agent for this turn (its backend is shared between turns: the agent is never closed)."""
@@ -309,8 +338,7 @@ class WebApp:
             ui.stop = gr.Button(i18n("stop"), elem_id="stop", variant="stop", scale=1, min_width=80)
 
     def _wire(self, ui, page) -> None:
-        values = {ui.text, ui.conversation_id, ui.model, ui.mode, ui.system, ui.max_tokens, ui.temperature,
-                  ui.top_p, ui.bot_name, ui.bot_info, ui.user_name, ui.user_info, ui.greeting}
+        values = [getattr(ui, name) for name in ASK]
         answer = [ui.chatbot, ui.stats, ui.conversation_id, ui.conversations, ui.text]
         ui.text.submit(self.send, values, answer)
         ui.send.click(self.send, values, answer)
