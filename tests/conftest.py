@@ -86,3 +86,15 @@ def server():
     proc = ServerProcess("--served-model-name", MODEL, "--served-model-name", ALIAS)
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium through Playwright (never a downloaded browser), one per test module."""
+    from web_support import CHROMIUM, need_browser
+
+    playwright = need_browser()
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()

@@ -13,8 +13,7 @@ import json
 import pytest
 
 from scripted_server import ScriptedServer
-from web_support import (WebProcess, bot_texts, choose_mode, need_browser, open_page, send, shot, user_texts,
-                         wait_for_answer)
+from web_support import WebProcess, bot_texts, choose_mode, open_page, send, shot, user_texts, wait_for_answer
 
 PLOT = ("import matplotlib.pyplot as plt\nplt.figure(figsize=(4, 3))\nplt.plot([1, 2, 3], [1, 4, 9])\n"
         "plt.title('平方')\nplt.show()")
@@ -45,15 +44,6 @@ class Answers:
         return "text", f"回答 #{self.count}：{user}", "stop", 7
 
 
-@pytest.fixture(scope="module")
-def browser():
-    playwright = need_browser()
-    with playwright.sync_playwright() as p:
-        from web_support import CHROMIUM
-
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +64,6 @@ def web(model, tmp_path_factory):
 @pytest.fixture
 def page(browser, web):
     page = open_page(browser, web.address)
-    page.click("#new")
     yield page
     page.context.close()
 
@@ -151,6 +140,7 @@ def test_code_interpreter_shows_the_plot(page, model):
     sent = model.requests[-1]
     assert [t["function"]["name"] for t in sent["tools"]] == ["python"]
     assert "[image 1 shown to the user" in sent["messages"][-1]["content"]
+    page.wait_for_timeout(700)  # the answer's last update (the sidebar) re-renders the steps closed
     page.locator("#chat").get_by_text("⚙ python").first.click()  # the step opens: code and observation
     page.get_by_text("plt.title").first.wait_for()
     shot(page, "code-interpreter")
@@ -162,6 +152,7 @@ def test_tools_mode_shows_each_call_as_a_step(page, model):
     wait_for_answer(page, "运行结果：80779853376")
     offered = {t["function"]["name"] for t in model.requests[-1]["tools"]}
     assert {"calculator", "current_time", "random_number"} <= offered and "python" not in offered
+    page.wait_for_timeout(700)  # the answer's last update (the sidebar) re-renders the steps closed
     page.locator("#chat").get_by_text("⚙ calculator").first.click()
     page.get_by_text('"expression": "123456 * 654321"').first.wait_for()
     shot(page, "tools")
@@ -201,6 +192,18 @@ def test_character_mode_greets_and_keeps_the_persona(page, model):
         assert body["messages"][0]["role"] == "system" and "苏梦远" in body["messages"][0]["content"]
         assert body["messages"][1] == {"role": "assistant", "content": "你好，我是苏梦远。今天想学哪首曲子？"}
     shot(page, "character")
+    page.reload()  # the most recent conversation opens as it was left: mode and profile included
+    page.wait_for_function("() => document.querySelector('#bot-name textarea')?.value === '苏梦远'")
+    assert page.input_value("#greeting textarea").startswith("你好，我是苏梦远")
+
+
+def test_the_system_prompt_goes_first(page, model):
+    choose_mode(page, "chat")  # a new conversation keeps the mode the page was in
+    page.fill("#system textarea", "你是一位诗人。")
+    send(page, "写一句诗")
+    wait_for_answer(page, "：写一句诗")
+    assert model.requests[-1]["messages"][:2] == [{"role": "system", "content": "你是一位诗人。"},
+                                                  {"role": "user", "content": "写一句诗"}]
 
 
 def test_conversations_survive_a_restart_of_the_page(browser, model, tmp_path):
@@ -215,7 +218,7 @@ def test_conversations_survive_a_restart_of_the_page(browser, model, tmp_path):
         process.stop()
     process = WebProcess(model.url, store)
     try:
-        page = open_page(browser, process.address)
+        page = open_page(browser, process.address, new=False)
         page.wait_for_function("() => document.querySelector('#conversations').innerText.includes('记住这句话')")
         page.wait_for_function("() => [...document.querySelectorAll('#chat [data-testid=\"user\"]')]"
                                ".some(e => e.innerText.includes('记住这句话'))")

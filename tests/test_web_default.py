@@ -5,14 +5,12 @@ Interpreter mode a plot request comes back as an image the model's own code drew
 
 from __future__ import annotations
 
-import re
 import time
 
-import httpx
 import pytest
 
 from server_fixtures import ServerProcess
-from web_support import CHROMIUM, bot_texts, choose_mode, need_browser, open_page, send, shot
+from web_support import bot_texts, choose_mode, metric, need_browser, open_page, send, shot
 
 pytestmark = pytest.mark.slow
 
@@ -26,18 +24,8 @@ def server(tmp_path_factory):
     process.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    playwright = need_browser()
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
-def metric(server, name: str) -> float:
-    match = re.search(rf"^glmkit_{name} (\S+)$", httpx.get(server.url + "/metrics").text, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 def set_number(page, elem_id: str, value) -> None:
@@ -50,17 +38,17 @@ def test_stop_aborts_the_answer_on_the_server(server, browser):
     page = open_page(browser, server.url + "/ui/")
     set_number(page, "temperature", 0)
     set_number(page, "max-tokens", 600)
-    aborted = metric(server, "requests_aborted_total")
+    aborted = metric(server.url, "requests_aborted_total")
     send(page, "Write a very long story about a dragon who learns to paint.")
     page.wait_for_function("() => document.querySelector('#chat [data-testid=\"bot\"]')?.innerText.length > 40")
     page.click("#stop")
     page.wait_for_function("() => document.querySelector('#stats').innerText.includes('stopped')")
     shown = bot_texts(page)[-1]
     deadline = time.monotonic() + 20
-    while metric(server, "requests_aborted_total") == aborted and time.monotonic() < deadline:
+    while metric(server.url, "requests_aborted_total") == aborted and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert metric(server, "requests_aborted_total") == aborted + 1
-    assert metric(server, "kv_blocks_used") == 0
+    assert metric(server.url, "requests_aborted_total") == aborted + 1
+    assert metric(server.url, "kv_blocks_used") == 0
     page.wait_for_timeout(1000)
     assert bot_texts(page)[-1] == shown  # nothing more arrived
     shot(page, "default-stopped")

@@ -6,13 +6,11 @@ real default model's plot, are in test_web_default.py (slow).
 
 from __future__ import annotations
 
-import re
-
 import httpx
 import pytest
 
 from server_fixtures import ServerProcess
-from web_support import CHROMIUM, need_browser, open_page, send, shot
+from web_support import metric, need_browser, open_page, send, shot
 
 KEY = "sk-web-test"
 # Fresh, the tiny model answers this with 300+ tokens (no stop token) at temperature 0: long enough to stop.
@@ -30,19 +28,8 @@ def server(glm_dir, tmp_path_factory):
     process.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    playwright = need_browser()
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
-def metric(server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    match = re.search(rf"^glmkit_{name} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_the_page_asks_for_a_key_and_the_api_still_needs_one(server):
@@ -54,11 +41,11 @@ def test_the_page_asks_for_a_key_and_the_api_still_needs_one(server):
 def test_the_mounted_page_answers_through_the_api_with_the_users_key(server, browser):
     page = open_page(browser, server.url + "/ui/", login=("ann", KEY))
     assert page.inner_text("#new").strip() == "New conversation"  # --language en
-    finished = metric(server, "requests_finished_total")
+    finished = metric(server.url, "requests_finished_total", KEY)
     send(page, LONG_ANSWER_QUESTION)
     page.wait_for_function("() => document.querySelector('#stats').innerText.includes('tokens/s')")
-    assert metric(server, "requests_finished_total") == finished + 1
-    assert metric(server, "kv_blocks_used") == 0
+    assert metric(server.url, "requests_finished_total", KEY) == finished + 1
+    assert metric(server.url, "kv_blocks_used", KEY) == 0
     assert page.locator('#chat [data-testid="bot"]').count() == 1
     shot(page, "serve-english")
     page.context.close()

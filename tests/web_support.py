@@ -19,6 +19,17 @@ ARTIFACTS = Path(os.environ.get("GLMKIT_TEST_ARTIFACTS", Path(__file__).parent.p
 PAGE_S = 60    # a page load or an answer on a loaded 2-core machine (ms below)
 
 
+def metric(url: str, name: str, key: str | None = None) -> float:
+    """A glmkit_<name> value from a server's /metrics (0 when absent)."""
+    import re
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    match = re.search(rf"^glmkit_{name} (\S+)$", httpx.get(url + "/metrics", headers=headers).text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
 def need_browser():
     pytest.importorskip("gradio")
     playwright = pytest.importorskip("playwright.sync_api")
@@ -67,7 +78,9 @@ class WebProcess:
         self.log.close()
 
 
-def open_page(browser, address: str, *, login: tuple[str, str] | None = None):
+def open_page(browser, address: str, *, login: tuple[str, str] | None = None, new: bool = True):
+    """A new browser context on the page, logged in if asked; with `new` on a new conversation (the page
+    opens the most recent one)."""
     context = browser.new_context(viewport={"width": 1400, "height": 950}, locale="en-US")  # Gradio's own labels
     page = context.new_page()
     page.set_default_timeout(PAGE_S * 1000)
@@ -78,6 +91,9 @@ def open_page(browser, address: str, *, login: tuple[str, str] | None = None):
         page.keyboard.press("Enter")
     page.wait_for_selector("#message textarea")
     page.wait_for_function("document.querySelector('#model input') && document.querySelector('#model input').value")
+    if new:
+        page.click("#new")
+        page.wait_for_function("() => !document.querySelector('#chat [data-testid=\"user\"]')")
     return page
 
 

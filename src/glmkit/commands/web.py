@@ -36,17 +36,16 @@ def main(args) -> int:
 
     url = api_base(args.url)
     needs_key, glmkit_server = _probe(url, args.api_key)
-    check_key = None
-    if needs_key and args.api_key is None:
-        def check_key(key: str) -> bool:
-            try:
-                RemoteBackend(url, api_key=key).close()
-                return True
-            except BackendError:
-                return False
 
-    import gradio as gr  # noqa: F401  (the web extra is there: checked above)
+    def accepted(key: str) -> bool:
+        """A login's key, as the server judges it."""
+        try:
+            RemoteBackend(url, api_key=key).close()
+            return True
+        except BackendError:
+            return False
 
+    check_key = accepted if needs_key and args.api_key is None else None
     from ..ui.web.app import WebApp, page_options
 
     config, closing = options.web_config(args, url, api_key=args.api_key, check_key=check_key,

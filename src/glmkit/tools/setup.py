@@ -77,13 +77,7 @@ def build_agent(args, backend, settings: dict):
         else:
             tools += load_tools_file(source)
     if args.mcp_config:
-        from .mcp_client import McpTools, load_config
-
-        mcp = McpTools(load_config(args.mcp_config))
-        closing.append(mcp)
-        for name, problem in mcp.problems().items():
-            log.warning("glmkit: MCP server %r is unavailable: %s", name, problem)
-        tools += mcp.tools()
+        tools += mcp_tools(args.mcp_config, closing)
     kernel = None
     if args.code_interpreter:
         from .kernel import KernelSession
@@ -92,3 +86,15 @@ def build_agent(args, backend, settings: dict):
         closing.append(kernel)
     agent = Agent(backend, tools, code_interpreter=kernel or False, max_rounds=args.max_rounds, settings=settings)
     return agent, closing
+
+
+def mcp_tools(config_path, closing: list) -> list:
+    """The tools of the MCP servers in an mcpServers file (those that fail to start are logged and left out);
+    the client goes into `closing`."""
+    from .mcp_client import McpTools, load_config
+
+    mcp = McpTools(load_config(config_path))
+    closing.append(mcp)
+    for name, problem in mcp.problems().items():
+        log.warning("glmkit: MCP server %r is unavailable: %s", name, problem)
+    return mcp.tools()

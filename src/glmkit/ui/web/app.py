@@ -18,16 +18,17 @@ import hashlib
 import hmac
 import logging
 import threading
+import time
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Callable
 
 import gradio as gr
 
 from ...chat.messages import persona_system_prompt
+from ...tools.agent import TextDelta
 from ..backends import BackendError, RemoteBackend
 from .i18n import translations
-from .store import ConversationNotFound, ConversationStore, export_json, export_markdown
+from .store import ConversationStore, export_json, export_markdown
 from .turns import Turn, api_messages, display
 
 log = logging.getLogger("glmkit")
@@ -37,6 +38,8 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
          {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
 DEFAULTS = {"max_tokens": 1024, "temperature": 0.95, "top_p": 0.8}  # the ChatGLM3 composite demo's sampling
 LOCAL_OWNER = "local"
+UPDATES_PER_S = 20  # page updates while an answer streams
+MAX_BACKENDS = 64  # HTTP clients kept, one per (key, model, character profile)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Ask:
 
 
 ASK = [f.name for f in fields(Ask)]
+PROFILE = ASK[-5:]  # the character fields: bot_name, bot_info, user_name, user_info, greeting
 
 
 @dataclass
@@ -116,17 +120,18 @@ class WebApp:
         if backend is None:
             backend = RemoteBackend(self.config.url, api_key=key, model=model or None, character=character)
             with self._lock:
-                self._backends.setdefault(cache_key, backend)
+                if len(self._backends) >= MAX_BACKENDS:  # the oldest goes (a turn using it keeps its reference)
+                    self._backends.pop(next(iter(self._backends)))
+                backend = self._backends.setdefault(cache_key, backend)
         return backend
 
     # --- page events -----------------------------------------------------------------------------------------
     def on_load(self, request: gr.Request):
+        """The models, the sidebar, and the most recent conversation opened (see `open` for the rest)."""
         models = self.models(request)
         rows = self.config.store.list(self._owner(request))
-        current = rows[0].id if rows else ""
-        shown, stats, mode, system = self._open(request, current)
-        return (gr.Dropdown(choices=models, value=models[0] if models else None), self._sidebar(request, current),
-                current, shown, stats, mode, system, rows[0].title if rows else "")
+        return (gr.Dropdown(choices=models, value=models[0] if models else None),
+                *self.open(rows[0].id if rows else "", request))
 
     def models(self, request) -> list[str]:
         try:
@@ -140,19 +145,18 @@ class WebApp:
         rows = self.config.store.list(self._owner(request))
         return gr.Radio(choices=[(row.title or "…", row.id) for row in rows], value=current or None)
 
-    def _open(self, request, conversation_id: str):
+    def open(self, conversation_id: str, request: gr.Request):
+        """(sidebar, conversation id, chatbot, stats, mode, system, title, the five character fields): the
+        conversation as it was left."""
         if not conversation_id:
-            return [], "", "chat", ""
+            return self._sidebar(request, ""), "", [], "", "chat", "", "", *[""] * len(PROFILE)
         conversation = self.config.store.get(self._owner(request), conversation_id)
         settings = conversation.settings
         last = next((m for m in reversed(conversation.messages) if m.get("glmkit", {}).get("line")), None)
-        return (display(conversation.messages).messages, last["glmkit"]["line"] if last else "",
-                conversation.mode, settings.get("system", ""))
-
-    def open(self, conversation_id: str, request: gr.Request):
-        shown, stats, mode, system = self._open(request, conversation_id)
-        title = self.config.store.get(self._owner(request), conversation_id).title if conversation_id else ""
-        return conversation_id, shown, stats, mode, system, title
+        character = settings.get("character") or {}
+        return (self._sidebar(request, conversation_id), conversation_id, display(conversation.messages).messages,
+                last["glmkit"]["line"] if last else "", conversation.mode, settings.get("system", ""),
+                conversation.title, *[character.get(name, "") for name in PROFILE])
 
     def new(self, request: gr.Request):
         return "", [], "", self._sidebar(request, ""), ""
@@ -251,9 +255,14 @@ class WebApp:
         try:
             events = agent.run(api_messages(sent))
             try:
+                shown_at = 0.0
                 for event in events:
                     turn.feed(event)
-                    yield turn.shown(), turn.figures.line(), conversation_id, gr.skip(), gr.skip()
+                    # Text at most UPDATES_PER_S times a second (each update re-sends the conversation to the
+                    # browser); tool steps at once
+                    if not isinstance(event, TextDelta) or time.monotonic() - shown_at >= 1 / UPDATES_PER_S:
+                        shown_at = time.monotonic()
+                        yield turn.shown(), turn.figures.line(), conversation_id, gr.skip(), gr.skip()
             finally:
                 events.close()
             if turn.error:
@@ -348,7 +357,8 @@ class WebApp:
         ui.chatbot.undo(self.undo, ui.conversation_id, [ui.chatbot, ui.text])
         ui.chatbot.clear(self.new, None, [ui.conversation_id, ui.chatbot, ui.stats, ui.conversations, ui.title])
         ui.mode.change(lambda m: gr.Accordion(visible=m == "character", open=True), ui.mode, ui.character_box)
-        opened = [ui.conversation_id, ui.chatbot, ui.stats, ui.mode, ui.system, ui.title]
+        opened = [ui.conversations, ui.conversation_id, ui.chatbot, ui.stats, ui.mode, ui.system, ui.title,
+                  *[getattr(ui, name) for name in PROFILE]]
         ui.conversations.input(self.open, ui.conversations, opened)
         cleared = [ui.conversation_id, ui.chatbot, ui.stats, ui.conversations, ui.title]
         ui.new.click(self.new, None, cleared)
@@ -356,8 +366,7 @@ class WebApp:
         ui.delete.click(self.delete, ui.conversation_id, cleared)
         ui.export_json.click(self.export_json, ui.conversation_id, ui.exported)
         ui.export_md.click(self.export_markdown, ui.conversation_id, ui.exported)
-        page.load(self.on_load, None, [ui.model, ui.conversations, ui.conversation_id, ui.chatbot, ui.stats, ui.mode,
-                                       ui.system, ui.title])
+        page.load(self.on_load, None, [ui.model, *opened])
 
 
 class _Components:

@@ -85,11 +85,7 @@ def _tools(args, closing: list) -> list:
     for source in args.tools:
         tools += load_tools_file(source)
     if args.mcp_config:
-        from ...tools.mcp_client import McpTools, load_config
+        from ...tools.setup import mcp_tools
 
-        mcp = McpTools(load_config(args.mcp_config))
-        closing.append(mcp)
-        for name, problem in mcp.problems().items():
-            log.warning("glmkit: MCP server %r is unavailable: %s", name, problem)
-        tools += mcp.tools()
+        tools += mcp_tools(args.mcp_config, closing)
     return tools
