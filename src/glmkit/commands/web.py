@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     if not options.available():
-        raise InvalidParameterError("glmkit web", "", "needs the web extra (Gradio): pip install 'glmkit[web]'")
+        raise GlmkitError("glmkit web needs the web extra (Gradio): pip install 'glmkit[web]'")
     options.check(args)
     from ..ui.backends import BackendError, RemoteBackend, api_base
 

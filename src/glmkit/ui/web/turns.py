@@ -162,6 +162,3 @@ class Turn:
             self.error = event.message
             self.figures.finish_reason = "error"
         self.figures.elapsed_s = time.monotonic() - self._start
-
-    def stop(self) -> None:
-        self.figures.finish_reason = "stopped"
