@@ -5,7 +5,8 @@ Replies: ("call", name, arguments) for one tool call; ("text", words, finish_rea
 delay_s]) for an answer, streamed in pieces of `piece_chars` characters `delay_s` apart (a slow answer can be
 stopped). The script is a list (one reply per request, in order) or a function of the request body. Request
 bodies are kept in `requests`; a client that goes away mid-answer is counted in `aborted`. With `keys`, every
-request needs `Authorization: Bearer <one of them>` (else 401).
+request needs `Authorization: Bearer <one of them>` (else 401); with `refuse_tools`, a request with tools is a
+400 (as vLLM answers without --enable-auto-tool-choice).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class ScriptedServer:
 
-    def __init__(self, script, delay_s: float = 0.0, piece_chars: int = 4, keys: tuple[str, ...] = ()):
+    def __init__(self, script, delay_s: float = 0.0, piece_chars: int = 4, keys: tuple[str, ...] = (),
+                 refuse_tools: bool = False):
         self.script, self.requests, self.aborted = script if callable(script) else list(script), [], 0
-        self.delay_s, self.piece_chars, self.keys = delay_s, piece_chars, keys
+        self.delay_s, self.piece_chars, self.keys, self.refuse_tools = delay_s, piece_chars, keys, refuse_tools
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,6 +47,10 @@ class ScriptedServer:
                     return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(body)
+                if server.refuse_tools and body.get("tools"):  # as vLLM without --enable-auto-tool-choice
+                    self._send(400, "application/json", b'{"error": {"message": "\\"auto\\" tool choice requires '
+                               b'--enable-auto-tool-choice and --tool-call-parser to be set"}}')
+                    return
                 reply = server.script(body) if callable(server.script) else server.script.pop(0)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")

@@ -274,3 +274,23 @@ def test_a_wrong_key_does_not_log_in(browser, tmp_path):
     finally:
         process.stop()
         keyed.close()
+
+
+def test_a_server_without_tool_calling_hides_the_tool_modes(browser, tmp_path):
+    plain = ScriptedServer(Answers(), refuse_tools=True)
+    process = WebProcess(plain.url, tmp_path / "web.sqlite3")
+    try:
+        page = open_page(browser, process.address)
+        assert page.locator("#mode label").count() == 4
+        choose_mode(page, "tools")
+        send(page, "算 1+1")
+        page.wait_for_function("() => document.querySelector('#stats').innerText.includes('does not take tools')")
+        page.reload()
+        page.wait_for_selector("#message textarea")
+        page.wait_for_function("() => document.querySelectorAll('#mode label').length === 2")
+        send(page, "普通的问题")
+        wait_for_answer(page, "：普通的问题")
+        page.context.close()
+    finally:
+        process.stop()
+        plain.close()

@@ -34,6 +34,7 @@ from .turns import Turn, api_messages, display
 log = logging.getLogger("glmkit")
 
 MODES = ("chat", "tools", "code", "character")
+TOOL_MODES = ("tools", "code")
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
          {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
 DEFAULTS = {"max_tokens": 1024, "temperature": 0.95, "top_p": 0.8}  # the ChatGLM3 composite demo's sampling
@@ -89,6 +90,7 @@ class WebApp:
         self.config = config
         self._keys: dict[str, str] = {}          # login name -> its key (this process's logins)
         self._running: dict[str, object] = {}    # browser session -> the agent answering it
+        self.tools_refused = False               # the server answered a request with tools with a refusal
         self._backends: dict[tuple, RemoteBackend] = {}
         self._lock = threading.Lock()
 
@@ -127,11 +129,15 @@ class WebApp:
 
     # --- page events -----------------------------------------------------------------------------------------
     def on_load(self, request: gr.Request):
-        """The models, the sidebar, and the most recent conversation opened (see `open` for the rest)."""
+        """The models, the modes the server can run, the sidebar, and the most recent conversation opened (see
+        `open` for the rest)."""
         models = self.models(request)
         rows = self.config.store.list(self._owner(request))
-        return (gr.Dropdown(choices=models, value=models[0] if models else None),
-                *self.open(rows[0].id if rows else "", request))
+        modes = [m for m in MODES if not (self.tools_refused and m in TOOL_MODES)]
+        opened = list(self.open(rows[0].id if rows else "", request))
+        opened[4] = gr.Radio(choices=[(self.i18n(f"mode_{m}"), m) for m in modes],
+                             value=opened[4] if opened[4] in modes else "chat")
+        return (gr.Dropdown(choices=models, value=models[0] if models else None), *opened)
 
     def models(self, request) -> list[str]:
         try:
@@ -265,13 +271,17 @@ class WebApp:
                         yield turn.shown(), turn.figures.line(), conversation_id, gr.skip(), gr.skip()
             finally:
                 events.close()
+            if turn.error and mode in TOOL_MODES and refuses_tools(turn.error):
+                self.tools_refused = True  # hidden from now on: a server without tool calling cannot run them
+                turn.error += " (this server does not take tools: the Tools and Code Interpreter modes are hidden)"
             if turn.error:
                 gr.Warning(turn.error)
         finally:
             self._running.pop(request.session_hash, None)
             kept = {"system": system, "model": model, **({"character": character} if character else {})}
             store.save(owner, conversation_id, turn.messages, mode=mode, settings=kept)
-        yield turn.shown(), turn.figures.line(), conversation_id, self._sidebar(request, conversation_id), gr.skip()
+        stats = turn.figures.line() or (f"error: {turn.error}" if turn.error else "")
+        yield turn.shown(), stats, conversation_id, self._sidebar(request, conversation_id), gr.skip()
 
     def _agent(self, request, model, mode, conversation_id, character, settings):
         """An agent for this turn (its backend is shared between turns: the agent is never closed)."""
@@ -367,6 +377,11 @@ class WebApp:
         ui.export_json.click(self.export_json, ui.conversation_id, ui.exported)
         ui.export_md.click(self.export_markdown, ui.conversation_id, ui.exported)
         page.load(self.on_load, None, [ui.model, *opened])
+
+
+def refuses_tools(error: str) -> bool:
+    """A 400 that names tools (vLLM without --enable-auto-tool-choice, servers without tool calling)."""
+    return " 400" in error and "tool" in error.lower()
 
 
 class _Components:
