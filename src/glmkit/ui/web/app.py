@@ -25,7 +25,7 @@ from typing import Callable
 import gradio as gr
 
 from ...chat.messages import persona_system_prompt
-from ...tools.agent import TextDelta
+from ...tools.agent import Agent, TextDelta
 from ..backends import BackendError, RemoteBackend
 from .i18n import translations
 from .store import ConversationStore, export_json, export_markdown
@@ -285,8 +285,6 @@ class WebApp:
 
     def _agent(self, request, model, mode, conversation_id, character, settings):
         """An agent for this turn (its backend is shared between turns: the agent is never closed)."""
-        from ...tools.agent import Agent
-
         profile = ({k: v for k, v in character.items() if k != "greeting"}
                    if character and self.config.glmkit_server else None)
         tools = []
