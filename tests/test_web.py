@@ -13,7 +13,8 @@ import json
 import pytest
 
 from scripted_server import ScriptedServer
-from web_support import WebProcess, bot_texts, choose_mode, open_page, send, shot, user_texts, wait_for_answer
+from web_support import (WebProcess, bot_texts, choose_mode, login_refused, open_page, send, shot, user_texts,
+                         wait_for_answer)
 
 PLOT = ("import matplotlib.pyplot as plt\nplt.figure(figsize=(4, 3))\nplt.plot([1, 2, 3], [1, 4, 9])\n"
         "plt.title('平方')\nplt.show()")
@@ -262,15 +263,7 @@ def test_a_wrong_key_does_not_log_in(browser, tmp_path):
     keyed = ScriptedServer(Answers(), keys=("right",))
     process = WebProcess(keyed.url, tmp_path / "web.sqlite3")
     try:
-        context = browser.new_context()
-        page = context.new_page()
-        page.goto(process.address)
-        page.fill("input[type=text]", "mallory")
-        page.fill("input[type=password]", "wrong")
-        page.keyboard.press("Enter")
-        page.wait_for_timeout(1500)
-        assert page.locator("#message").count() == 0
-        context.close()
+        assert login_refused(browser, process.address, "wrong")
     finally:
         process.stop()
         keyed.close()

@@ -97,6 +97,21 @@ def open_page(browser, address: str, *, login: tuple[str, str] | None = None, ne
     return page
 
 
+def login_refused(browser, address: str, key: str) -> bool:
+    """Whether the page's login turns this key away (the chat never appears)."""
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(address)
+        page.fill("input[type=text]", "someone")
+        page.fill("input[type=password]", key)
+        page.keyboard.press("Enter")
+        page.wait_for_timeout(1500)
+        return page.locator("#message").count() == 0
+    finally:
+        context.close()
+
+
 def send(page, text: str) -> None:
     page.fill("#message textarea", text)
     page.press("#message textarea", "Enter")
