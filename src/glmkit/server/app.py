@@ -33,7 +33,7 @@ from .middleware import PROBE_PATHS, RequestGate
 from .protocol import (ChatCompletionChunk, CompletionChunk, EmbeddingList, EmbeddingRequest, ModelCard, ModelList,
                        Status)
 from .anthropic_protocol import MessageStreamEvent
-from .responses_protocol import ResponseStreamEvent
+from .responses_schema import ResponseStreamEvent
 from .state import ServerSettings, ServerState
 
 

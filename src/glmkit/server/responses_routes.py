@@ -24,7 +24,8 @@ from .errors import APIError, error_responses, from_glmkit
 from .generation import admitted_collect, admitted_stream
 from .limits import check_prompt_size
 from .response_store import ResponseStore, StoredResponse
-from .responses_protocol import DeletedResponse, InputItemList, ResponseObject, ResponsesRequest
+from .responses_protocol import ResponsesRequest
+from .responses_schema import DeletedResponse, InputItemList, ResponseObject
 
 router = APIRouter()
 LOGPROBS = "message.output_text.logprobs"
