@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from glmkit.chat.tool_calls import ParsedOutput, ToolCall
-from server_api_support import WEATHER, state_of
+from glmkit.chat.tool_calls import ToolCall
+from server_api_support import WEATHER, fix_tool_calls, state_of
 
 MESSAGES, COUNT = "/v1/messages", "/v1/messages/count_tokens"
 HEADERS = {"anthropic-version": "2023-06-01"}
@@ -82,12 +82,4 @@ FIXED_CALL = ToolCall("get_weather", '{"city": "北京"}', "call_fixed")
 @pytest.fixture
 def fixed_tool_call(app, monkeypatch):
     """The tiny model never writes a parsable call: parse() (given tools) returns a fixed one."""
-    fmt = state_of(app).llm.chat_format
-    original = fmt.parse
-
-    def parse(output_ids, tools=None):
-        if tools:
-            return ParsedOutput("", [ToolCall(FIXED_CALL.name, FIXED_CALL.arguments, FIXED_CALL.id)])
-        return original(output_ids, tools)
-
-    monkeypatch.setattr(fmt, "parse", parse)
+    fix_tool_calls(app, monkeypatch, FIXED_CALL)

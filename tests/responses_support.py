@@ -8,8 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from glmkit.chat.tool_calls import ParsedOutput, ToolCall
-from server_api_support import FIXED_CALL, WEATHER, state_of
+from server_api_support import WEATHER, fix_tool_calls, state_of
 
 RESPONSES = "/v1/responses"
 WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": WEATHER["function"]["description"],
@@ -61,16 +60,7 @@ def length_is_stop(app, monkeypatch):
 def fixed_tool_call(app, monkeypatch, length_is_stop):
     """The tiny model never writes a readable call: parse() (given tools) returns a fixed one instead, and the
     output ends as if the call were complete (the random model may run a forced call's string to the limit)."""
-    fmt = state_of(app).llm.chat_format
-    parse = fmt.parse
-
-    def fixed(output_ids, tools=None):
-        if tools:
-            return ParsedOutput(content="", tool_calls=[ToolCall(FIXED_CALL.name, FIXED_CALL.arguments,
-                                                                  FIXED_CALL.id)])
-        return parse(output_ids, tools)
-
-    monkeypatch.setattr(fmt, "parse", fixed)
+    fix_tool_calls(app, monkeypatch)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 
 from checkpoint_fixtures import make_chatglm_dir
 
-from glmkit.chat.tool_calls import ToolCall
+from glmkit.chat.tool_calls import ParsedOutput, ToolCall
 from glmkit.server.app import create_app
 from glmkit.server.state import ServerSettings, ServerState
 
@@ -68,6 +68,20 @@ def app(tiny_dir):
 def client(app):
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
+
+
+def fix_tool_calls(app, monkeypatch, call: ToolCall = FIXED_CALL) -> None:
+    """The tiny model never writes a parsable call: its format's parse() (given tools) returns `call` instead (a
+    new copy each time); without tools it parses as before."""
+    fmt = state_of(app).llm.chat_format
+    original = fmt.parse
+
+    def parse(output_ids, tools=None):
+        if tools:
+            return ParsedOutput(content="", tool_calls=[ToolCall(call.name, call.arguments, call.id)])
+        return original(output_ids, tools)
+
+    monkeypatch.setattr(fmt, "parse", parse)
 
 
 def state_of(app) -> ServerState:

@@ -9,10 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
-from glmkit.chat.tool_calls import ParsedOutput, ToolCall
 from glmkit.engine.outputs import Delta
 from server_api_support import (
     CHAT, COMPLETIONS, FIXED_CALL, GOLDEN_DIR, LEGACY, UPDATE_GOLDEN, WEATHER, assert_openai_error, chat_body,
+    fix_tool_calls,
     is_content_chunk, make_app, parse_sse, state_of,
 )
 
@@ -117,16 +117,7 @@ def test_chat_stream_n2_frames_each_choice(client, deterministic_length):
 @pytest.fixture
 def fixed_tool_call(app, monkeypatch):
     """The tiny model never writes a parsable call: parse() (given tools) returns a fixed one instead."""
-    fmt = state_of(app).llm.chat_format
-    original = fmt.parse
-
-    def parse(output_ids, tools=None):
-        if tools:
-            return ParsedOutput(content="", tool_calls=[ToolCall(FIXED_CALL.name, FIXED_CALL.arguments,
-                                                                  FIXED_CALL.id)])
-        return original(output_ids, tools)
-
-    monkeypatch.setattr(fmt, "parse", parse)
+    fix_tool_calls(app, monkeypatch)
 
 
 # The grammar of a forced call with this tool lets the random model write one of two cities, then end: a whole
