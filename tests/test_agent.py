@@ -163,6 +163,7 @@ def test_calls_written_as_bare_json_after_an_observation_are_a_round(hf):
     assert [m["role"] for m in final.messages] == ["user", "assistant", "tool", "assistant", "tool", "tool",
                                                    "assistant"]
     assert not final.messages[3]["content"]  # the JSON text became calls, not words
+    assert not any('"name"' in e.text for e in events if isinstance(e, TextDelta))  # and never showed as words
     assert final.total_tokens == sum(len(o[0] if isinstance(o, tuple) else o) for o in [
         call_ids(f, "calculator", {"expression": "6*7"}), hf.encode(column), hf.encode(column.rsplit("\n", 1)[0]),
         answer_ids(f, "是 42。")])

@@ -105,11 +105,15 @@ class Agent(Closeable):
             text, finish, calls, num_tokens = "", None, [], 0
             stream = self.backend.stream(sent, self.settings, tools=None if last_round else specs)
             try:
+                shown = 0  # characters of `text` given out as TextDeltas
                 for chunk in stream:
                     num_tokens = chunk.total_tokens or num_tokens + chunk.num_tokens
-                    if chunk.text:
-                        text += chunk.text
-                        yield TextDelta(chunk.text, chunk.num_tokens)
+                    text += chunk.text
+                    # After a round of calls, a reply that starts like JSON may be calls written as text (below):
+                    # held until the round ends, so calls never show as words
+                    if chunk.text and not (made and text.lstrip().startswith(("{", "["))):
+                        yield TextDelta(text[shown:], chunk.num_tokens)
+                        shown = len(text)
                     finish = chunk.finish_reason or finish
                     calls = chunk.tool_calls or calls
                     if self._cancelled:
@@ -129,6 +133,8 @@ class Agent(Closeable):
                     text = "" if rest.lstrip().startswith(("{", "[")) else rest.strip()
             elif finish == "length":
                 calls = []  # a reply cut short ends the turn: its calls may be cut too
+            if text[shown:]:  # what was held back, now known to be words
+                yield TextDelta(text[shown:], 0)
             if not calls or self._cancelled:
                 messages.append({"role": "assistant", "content": text})
                 yield Final(text, finish, messages, num_tokens, total)
