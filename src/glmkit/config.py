@@ -27,6 +27,7 @@ class EngineConfig:
     enforce_eager: bool = False         # CUDA: no CUDA graphs for the decode step (slower; for debugging)
     quantization: str = "auto"          # none, int8, int4; auto: what the checkpoint holds, and for the embedded
                                         # default model on a CPU with bf16 instructions the measured fastest mode
+    adapter: str | None = None          # a LoRA adapter directory (peft format), folded into the weights at load
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -29,6 +29,7 @@ from .errors import InvalidParameterError, ModelLoadError
 from .models import default
 from .models.default import CPU_QUANTIZATION as DEFAULT_MODEL_CPU_QUANTIZATION, cpu_has_bf16  # noqa: F401
 from .models.loader import load_model, read_config
+from .models.lora import read_adapter
 from .models.quant import QuantPlan, bits_of, plan_for
 from .tokenizers import load_tokenizer
 
@@ -136,7 +137,11 @@ class LLM:
             torch.set_num_threads(self.config.num_threads)
         self.device = _device(self.config)  # first: a missing GPU is reported before a conversion, not after
         requested = _requested_quantization(self.config, self.device)
-        self.model_dir = default_model_dir(requested) if model is None else resolve_model_dir(model)
+        adapter = read_adapter(self.config.adapter) if self.config.adapter else None
+        if model is None:  # an adapter is folded into float weights, so not into the cached quantized copy
+            self.model_dir = default.ensure_float_dir() if adapter else default_model_dir(requested)
+        else:
+            self.model_dir = resolve_model_dir(model)
         raw_config, self.model_config = read_config(self.model_dir)
         if model is None:  # the GGUF's own name field says "... AWQ", which this Q4_K_M file is not
             self.model_config = replace(self.model_config, name=default.NAME)
@@ -144,7 +149,8 @@ class LLM:
         self.dtype = _dtype(self.config, self.device, self.quantization)
         self.tokenizer = load_tokenizer(self.model_dir)
         steps.info("glmkit: loading %s", self.model_dir)
-        self.model = load_model(self.model_dir, self.model_config, self.dtype, self.device, self.quantization)
+        self.model = load_model(self.model_dir, self.model_config, self.dtype, self.device, self.quantization,
+                                deltas=adapter.deltas() if adapter else None)
         mc = self.model_config
         self.chat_format = get_chat_format(self.config.chat_format, tokenizer=self.tokenizer,
                                            model_type=mc.model_type, model_name=mc.name or self.model_dir.name,

@@ -143,6 +143,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default="auto", type=one_of("--quantization", ("auto", "none", "int8", "int4")),
                    help="weight-only quantization of the linear layers: auto, none, int8, int4 (auto: as the "
                    "checkpoint is stored; int8 for the embedded model on a CPU with bf16 instructions)")
+    g.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter directory (glmkit finetune's "
+                   "output, or peft's), folded into the model's weights as it loads",
+                   type=existing_path("--adapter", "pass the directory a LoRA fine-tuning saved"))
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
@@ -164,7 +167,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, chat_format=args.chat_format, max_model_len=args.max_model_len,
                 kv_cache_memory_gb=args.kv_cache_memory, num_threads=args.threads, quantization=args.quantization,
-                enforce_eager=args.enforce_eager)
+                enforce_eager=args.enforce_eager, adapter=getattr(args, "adapter", None))
 
 
 def one_core_free() -> int:

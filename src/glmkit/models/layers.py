@@ -135,21 +135,28 @@ class Rotary:
         angles = torch.outer(torch.arange(n, dtype=torch.float, device=self.device), theta).float()
         self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; positions: [T]. (On CUDA the attention uses kernels/fused.py instead.)"""
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, rotary_dim // 2] at these positions [T]."""
         if not self.fixed and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             self._grow(int(positions.max()) + 1)
-        cos = self.cos.index_select(0, positions)[:, None, :]  # [T, 1, rot/2]
-        sin = self.sin.index_select(0, positions)[:, None, :]
-        rot, rest = x[..., : self.dim], x[..., self.dim:]
-        if self.interleaved:
-            pairs = rot.reshape(*rot.shape[:-1], self.dim // 2, 2)
-            x0, x1 = pairs[..., 0], pairs[..., 1]
-            rot = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2)
-        else:
-            x0, x1 = rot[..., : self.dim // 2], rot[..., self.dim // 2:]
-            rot = torch.cat([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)
-        return torch.cat([rot, rest], -1)
+        return self.cos.index_select(0, positions)[:, None, :], self.sin.index_select(0, positions)[:, None, :]
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim]; positions: [T]. (On CUDA the attention uses kernels/fused.py instead.)"""
+        return rotate(x, *self.tables(positions), self.dim, self.interleaved)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of the first `dim` of each head. x: [T, heads, head_dim]; cos, sin: [T, 1, dim // 2]."""
+    rot, rest = x[..., :dim], x[..., dim:]
+    if interleaved:
+        pairs = rot.reshape(*rot.shape[:-1], dim // 2, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        rot = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2)
+    else:
+        x0, x1 = rot[..., : dim // 2], rot[..., dim // 2:]
+        rot = torch.cat([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)
+    return torch.cat([rot, rest], -1)
 
 
 def expand_kv(kv: torch.Tensor, num_heads: int) -> torch.Tensor:

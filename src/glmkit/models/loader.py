@@ -152,10 +152,28 @@ def _store(state: dict, target: str, tensor: torch.Tensor, dtype: torch.dtype, p
         state[target] = tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def _fold(name: str, tensor: torch.Tensor, deltas: dict[str, torch.Tensor], model_dir: Path) -> torch.Tensor:
+    """A checkpoint weight plus an adapter's update (scale * B @ A) for it, in fp32 (cast when stored)."""
+    delta = deltas.pop(name)
+    if delta.shape != tensor.shape:
+        raise ModelLoadError(f"the adapter's update for {name.removesuffix('.weight')!r} has shape "
+                             f"{tuple(delta.shape)} but {model_dir}'s weight is {tuple(tensor.shape)}; the adapter "
+                             "was trained on a different model")
+    return tensor.float() + delta
+
+
 def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype, plan: QuantPlan | None = None,
-                    device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors under internal names, fused, converted to `dtype`, quantized as `plan` says."""
+                    device: torch.device | None = None,
+                    deltas: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under internal names, fused, converted to `dtype`, quantized as `plan` says.
+    `deltas` (an adapter's updates by checkpoint tensor name) are added to their weights first, so a LoRA is
+    folded in before fusing and quantizing."""
     from tqdm import tqdm
+
+    deltas = dict(deltas or {})
+    if deltas and plan is not None and plan.source != "fresh":
+        raise ModelLoadError(f"{model_dir} is already quantized ({plan.mode}): an adapter cannot be folded into "
+                             "its weights; load the float checkpoint with --quantization instead")
 
     _, names, skip = FAMILIES[model_type]
     if plan is not None and plan.source == "glmkit":  # saved by glmkit: internal names already
@@ -178,6 +196,8 @@ def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype, plan: 
             target = _map_name(name, names, skip)
             if target is None:
                 continue
+            if name in deltas:
+                tensor = _fold(name, tensor, deltas, model_dir)
             if "#" in target:
                 key, part = target.split("#")
                 parts.setdefault(key, {})[part] = tensor
@@ -187,6 +207,10 @@ def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype, plan: 
         fused = torch.cat([pieces[p] for p in sorted(pieces, key=_PART_ORDER.__getitem__)])
         _store(state, key, fused, dtype, plan, device)
     progress.close()
+    if deltas:
+        raise ModelLoadError(f"the adapter adapts {sorted(deltas)[0].removesuffix('.weight')!r}, which {model_dir} "
+                             f"does not have ({len(deltas)} such modules); the adapter was trained on a different "
+                             "model")
     return state
 
 
@@ -203,8 +227,8 @@ def settle_head(state: dict, config: ModelConfig, dtype: torch.dtype, plan: Quan
 
 
 def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               plan: QuantPlan | None = None) -> DecoderModel:
-    state = load_state_dict(model_dir, config.model_type, dtype, plan, device)
+               plan: QuantPlan | None = None, deltas: dict[str, torch.Tensor] | None = None) -> DecoderModel:
+    state = load_state_dict(model_dir, config.model_type, dtype, plan, device, deltas)
     settle_head(state, config, dtype, plan, device)
     with torch.device("meta"):
         model = DecoderModel(config)

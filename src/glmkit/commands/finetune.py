@@ -1,0 +1,141 @@
+"""`glmkit finetune`: train a LoRA adapter on conversations (ChatGLM3 finetune_demo, OpenAI/ShareGPT messages,
+Alpaca, ADGEN), rendered with the model's own chat format, and save it in peft's format:
+
+    glmkit finetune --data train.jsonl --output out/                  # the embedded model, CPU
+    glmkit finetune --model /models/chatglm3-6b --data train.jsonl --eval dev.jsonl --output out/ --resume
+
+The defaults suit a small data set (tens of conversations) on a CPU: LoRA r=8 on every linear layer, lr 2e-4,
+batches of 4, as many epochs as give about 60 optimizer steps (at least 3). Then `glmkit chat --adapter out/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import InvalidParameterError
+from .args import _device, existing_path, integer, number, one_of
+
+MIN_STEPS = 60     # the default epochs give at least this many optimizer steps (small data needs repetition)
+MAX_AUTO_EPOCHS = 30
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="base model directory or .gguf (default: the embedded model)",
+                   type=existing_path("--model", "pass a local model directory or .gguf file"))
+    p.add_argument("--method", default="lora", type=one_of("--method", ("lora",)), help="lora (default)")
+    p.add_argument("--data", required=True, help="training conversations (.jsonl or .json)",
+                   type=existing_path("--data", "pass the training data file"))
+    p.add_argument("--eval", default=None, help="held-out conversations: their loss is logged as training goes",
+                   type=existing_path("--eval", "pass the evaluation data file"))
+    p.add_argument("--output", required=True, help="directory for the adapter, checkpoints and log.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", default=None, type=integer("--epochs", 1),
+                   help=f"passes over the data (default: enough for ~{MIN_STEPS} steps, at least 3)")
+    g.add_argument("--max-steps", default=None, type=integer("--max-steps", 1), help="optimizer steps (overrides "
+                   "--epochs)")
+    g.add_argument("--learning-rate", "--lr", default=2e-4, type=number("--learning-rate", 0, 1, low_open=True),
+                   help="peak learning rate (default 2e-4)")
+    g.add_argument("--batch-size", default=4, type=integer("--batch-size", 1), help="samples per step (default 4)")
+    g.add_argument("--micro-batch-size", default=None, type=integer("--micro-batch-size", 1),
+                   help="samples per forward pass (default: --batch-size; lower it if memory runs out)")
+    g.add_argument("--max-length", default=1024, type=integer("--max-length", 2), help="tokens per sample; longer "
+                   "ones are cut (default 1024)")
+    g.add_argument("--pack", action="store_true", help="pack short samples into --max-length sequences")
+    g.add_argument("--schedule", default="cosine", type=one_of("--schedule", ("cosine", "linear", "constant")))
+    g.add_argument("--warmup-ratio", default=0.1, type=number("--warmup-ratio", 0, 0.9))
+    g.add_argument("--seed", default=42, type=integer("--seed", 0))
+    g.add_argument("--save-every", default=None, type=integer("--save-every", 1),
+                   help="steps between checkpoints (default: each epoch)")
+    g.add_argument("--eval-every", default=None, type=integer("--eval-every", 1),
+                   help="steps between evaluations (default: each epoch)")
+    g.add_argument("--compile", default="auto", type=one_of("--compile", ("auto", "on", "off")),
+                   help="torch.compile the decoder layer (auto: on with a GPU; the first steps take a minute "
+                   "longer while it compiles)")
+    g.add_argument("--recompute", default="auto", type=one_of("--recompute", ("auto", "on", "off")),
+                   help="activation checkpointing: recompute layers in the backward pass (auto: on with a GPU)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-r", default=8, type=integer("--lora-r", 1, 1024))
+    g.add_argument("--lora-alpha", default=16.0, type=number("--lora-alpha", 0, low_open=True))
+    g.add_argument("--lora-dropout", default=0.05, type=number("--lora-dropout", 0, 0.9))
+    g.add_argument("--target-modules", default="all-linear",
+                   help="comma-separated linear layers by the checkpoint's names (query_key_value, dense, "
+                   "dense_h_to_4h, dense_4h_to_h; q_proj, ..., down_proj) or all-linear (default)")
+    g = p.add_argument_group("model")
+    g.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto", type=one_of("--dtype", ("auto", "float32", "bfloat16", "float16")),
+                   help="the frozen base weights' dtype (auto: bfloat16 on GPU and on CPUs with bf16 instructions)")
+    g.add_argument("--threads", default=None, type=integer("--threads", 1), help="CPU threads (default: all)")
+
+
+def _train_config(args, num_samples: int, on_gpu: bool):
+    from ..finetune.train import TrainConfig
+    from ..models.lora import LoraConfig
+
+    micro = args.micro_batch_size or args.batch_size
+    if args.batch_size % micro:
+        raise InvalidParameterError("--batch-size", args.batch_size, f"must be a multiple of --micro-batch-size "
+                                    f"({micro})")
+    steps_per_epoch = math.ceil(num_samples / args.batch_size)
+    epochs = args.epochs or min(MAX_AUTO_EPOCHS, max(3, math.ceil(MIN_STEPS / steps_per_epoch)))
+    lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()])
+    recompute = on_gpu if args.recompute == "auto" else args.recompute == "on"
+    compiled = on_gpu if args.compile == "auto" else args.compile == "on"
+    return TrainConfig(lora=lora, learning_rate=args.learning_rate, epochs=epochs, max_steps=args.max_steps,
+                       batch_size=args.batch_size, micro_batch_size=micro, warmup_ratio=args.warmup_ratio,
+                       schedule=args.schedule, seed=args.seed, eval_every=args.eval_every,
+                       save_every=args.save_every, recompute=recompute, one_row=not on_gpu,
+                       compiled=compiled)
+
+
+def _samples(path: str, chat_format, max_length: int, pack: bool, what: str):
+    from ..finetune.data import load_samples, pack as pack_samples
+
+    samples, stats = load_samples(path, chat_format, max_length)
+    print(f"{what}: {stats.num_records} conversations, {stats.num_tokens} tokens ({stats.num_target_tokens} "
+          f"to learn) from {path}")
+    if stats.num_truncated:
+        print(f"warning: {stats.num_truncated} conversations were longer than --max-length={max_length} and were "
+              f"cut" + (f"; {stats.num_empty} lost every answer token and were dropped" if stats.num_empty else ""))
+    return pack_samples(samples, max_length) if pack else samples
+
+
+def main(args) -> int:
+    import torch
+
+    from ..finetune.train import Trainer, latest_checkpoint, load_base
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output).expanduser()
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if args.resume and resume_from is None:
+        raise InvalidParameterError("--output", args.output, "holds no checkpoint to resume from; run without --resume")
+    if not args.resume and (out / "adapter_config.json").exists():
+        raise InvalidParameterError("--output", args.output, "already holds an adapter; choose a new directory (or "
+                                    "--resume an unfinished run there)")
+    base = load_base(args.model, args.device, args.dtype)
+    train = _samples(args.data, base.chat_format, args.max_length, args.pack, "train")
+    dev = _samples(args.eval, base.chat_format, args.max_length, False, "eval") if args.eval else None
+    on_gpu = next(base.model.parameters()).is_cuda
+    config = _train_config(args, len(train), on_gpu)
+    trainer = Trainer(base.model, base.tensor_names, base.name, config, out, train, dev)
+    if resume_from is not None:
+        trainer.resume_from(resume_from)
+        print(f"resuming from {resume_from} (step {trainer.step} of {trainer.total_steps})")
+    print(f"LoRA r={config.lora.r} alpha={config.lora.alpha:g} on {len(trainer.parts)} modules "
+          f"({trainer.num_trainable / 1e6:.2f}M trainable parameters); {trainer.total_steps} steps of "
+          f"{config.batch_size} samples, lr {config.learning_rate:g}, {base.chat_format.name} format")
+    last = trainer.fit()
+    if "stopped" in last:
+        print(f"stopped at step {trainer.step}; checkpoint saved in {last['stopped']}. Continue with the same "
+              "command plus --resume")
+        return 130
+    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items() if k in
+               ("step", "loss", "eval_loss", "tokens_per_s")}
+    print(f"done: {json.dumps(summary)}; adapter saved in {out}. Chat with it: glmkit chat"
+          + (f" --model {args.model}" if args.model else "") + f" --adapter {out}")
+    return 0
