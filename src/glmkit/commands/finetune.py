@@ -5,7 +5,7 @@ Alpaca, ADGEN), rendered with the model's own chat format, and save it in peft's
     glmkit finetune --model /models/chatglm3-6b --data train.jsonl --eval dev.jsonl --output out/ --resume
 
 The defaults suit a small data set (tens of conversations) on a CPU: LoRA r=8 on every linear layer, lr 2e-4,
-batches of 4, as many epochs as give about 60 optimizer steps (at least 3). Then `glmkit chat --adapter out/`.
+batches of 4, as many epochs as give about 30 optimizer steps (at least 3). Then `glmkit chat --adapter out/`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import InvalidParameterError
 from .args import _device, existing_path, integer, number, one_of
 
-MIN_STEPS = 60     # the default epochs give at least this many optimizer steps (small data needs repetition)
+MIN_STEPS = 30     # the default epochs give at least this many optimizer steps (small data needs repetition)
 MAX_AUTO_EPOCHS = 30
 
 

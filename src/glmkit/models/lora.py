@@ -123,30 +123,26 @@ def select_targets(targets: dict[str, Target], wanted: list[str]) -> list[Target
 class LoraLinear(nn.Module):
     """A frozen linear (float or quantized) plus low-rank updates of some of its output rows, one per target.
 
-    The targets' A matrices are stacked ([targets * r, in]) and their B matrices laid out block-diagonally
-    ([out, targets * r], zero outside each target's rows and rank columns; a mask keeps it so), so the whole
-    update is two products, the second fused with the add into the base output (addmm) — q, k and v of a fused
-    projection cost what one target does. A and B stay in fp32 (the optimizer's master copy) and are cast to the
-    activations' dtype in the forward pass, whose autograd returns their gradients in fp32."""
+    The targets' A matrices are stacked ([targets * r, in]) and their B matrices kept one under the other
+    ([sum of the targets' rows, r]); the forward pass lays B out block-diagonally ([out, targets * r], zero outside
+    each target's rows and rank columns; a small tensor), so the whole update is two products, the second fused
+    with the add into the base output (addmm): q, k and v of a fused projection cost what one target does. A and
+    B stay in fp32 (the optimizer's master copy) and are cast to the activations' dtype in the forward pass, whose
+    autograd returns their gradients in fp32."""
 
     def __init__(self, base: nn.Module, targets: list[Target], r: int, scale: float, dropout: float):
         super().__init__()
         self.base, self.r, self.scale = base, r, scale
         self.targets = sorted(targets, key=lambda t: t.rows.start)
-        out_features, in_features = base.out_features, base.in_features
-        rank = r * len(self.targets)
+        self.offsets = [0]  # each target's first row in lora_B
+        for t in self.targets:
+            self.offsets.append(self.offsets[-1] + t.rows.stop - t.rows.start)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(r * len(self.targets), base.in_features, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.offsets[-1], r, dtype=torch.float32))
         for i in range(len(self.targets)):  # as peft: A uniform (Kaiming), B zero, so the update starts at 0
             nn.init.kaiming_uniform_(self.lora_A.data[i * r:(i + 1) * r], a=math.sqrt(5))
-        whole = len(self.targets) == 1 and self.targets[0].rows == slice(0, out_features)
-        mask = None
-        if not whole:
-            mask = torch.zeros(out_features, rank, dtype=torch.bool)
-            for i, t in enumerate(self.targets):
-                mask[t.rows, i * r:(i + 1) * r] = True
-        self.register_buffer("block_mask", mask, persistent=False)
+        self.whole = len(self.targets) == 1 and self.targets[0].rows == slice(0, base.out_features)
 
     @property
     def in_features(self) -> int:
@@ -160,9 +156,9 @@ class LoraLinear(nn.Module):
         return next(i for i, t in enumerate(self.targets) if t.path == path)
 
     def get(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [r, in], B [rows, r]) of one target, as peft stores them."""
+        """(A [r, in], B [rows, r]) of one target, as peft stores them (views of the parameters)."""
         i, r = self._index(path), self.r
-        return self.lora_A.data[i * r:(i + 1) * r], self.lora_B.data[self.targets[i].rows, i * r:(i + 1) * r]
+        return self.lora_A.data[i * r:(i + 1) * r], self.lora_B.data[self.offsets[i]:self.offsets[i + 1]]
 
     def set(self, path: str, a: torch.Tensor, b: torch.Tensor) -> None:
         mine_a, mine_b = self.get(path)
@@ -172,12 +168,26 @@ class LoraLinear(nn.Module):
         mine_a.copy_(a)
         mine_b.copy_(b)
 
+    def _block_b(self, dtype: torch.dtype) -> torch.Tensor:
+        """B laid out over the whole output: [out, targets * r]."""
+        b = self.lora_B.to(dtype)
+        if self.whole:
+            return b
+        rank, rows, end = self.r * len(self.targets), [], 0
+        for i, t in enumerate(self.targets):
+            if t.rows.start > end:  # rows no target adapts (e.g. k when q and v are the targets)
+                rows.append(b.new_zeros(t.rows.start - end, rank))
+            rows.append(F.pad(b[self.offsets[i]:self.offsets[i + 1]], (i * self.r, rank - (i + 1) * self.r)))
+            end = t.rows.stop
+        if end < self.out_features:
+            rows.append(b.new_zeros(self.out_features - end, rank))
+        return torch.cat(rows)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        b = self.lora_B if self.block_mask is None else self.lora_B * self.block_mask
         z = F.linear(self.dropout(x), self.lora_A.to(x.dtype))                  # [..., targets * r]
         rows = y.reshape(-1, y.shape[-1])
-        out = torch.addmm(rows, z.reshape(-1, z.shape[-1]), b.to(x.dtype).t(), alpha=self.scale)
+        out = torch.addmm(rows, z.reshape(-1, z.shape[-1]), self._block_b(x.dtype).t(), alpha=self.scale)
         return out.view(y.shape)
 
 

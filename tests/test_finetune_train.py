@@ -1,0 +1,122 @@
+"""`glmkit finetune` on a tiny Qwen2 checkpoint: it trains (the loss falls), writes a peft-format adapter that
+`--adapter` serves, and a run stopped by a signal resumes where it stopped with the same losses as a run that
+was never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
+from glmkit import LLM, SamplingParams
+
+STEPS = 10
+ARGS = ["--max-steps", str(STEPS), "--save-every", "2", "--learning-rate", "2e-2", "--batch-size", "2",
+        "--lora-r", "8", "--lora-dropout", "0.1", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, hf_tokenizer_dir, hf):
+    config = llama_config(hf.vocab_size)
+    return make_hf_dir(tmp_path_factory.mktemp("ft-qwen"), random_llama_state(config, seed=11), config,
+                       hf_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ft-data") / "train.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "world"}]}
+            for i in range(6)]
+    rows.append({"instruction": "say hi", "input": "", "output": "hi there"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def finetune(model_dir, data, out, *extra, **popen):
+    cmd = [sys.executable, "-m", "glmkit", "finetune", "--model", str(model_dir), "--data", str(data), "--output",
+           str(out), *ARGS, *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+
+
+def losses(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model_dir, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft-full") / "run"
+    proc = finetune(model_dir, data, out)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    return out, output
+
+
+def test_trains_and_serves_the_adapter(uninterrupted, model_dir):
+    out, output = uninterrupted
+    assert "7 conversations" in output and "adapter saved in" in output
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert curve[STEPS] < curve[1] / 2  # it learns the answers
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]  # the newest 2
+    params = SamplingParams(temperature=0, max_tokens=4)
+    tuned = LLM(str(model_dir), dtype="float32", device="cpu", adapter=str(out))
+    base = LLM(str(model_dir), dtype="float32", device="cpu")
+    messages = [{"role": "user", "content": "hello 3"}]
+    assert tuned.chat(messages, params)[0].text.startswith("world")
+    assert not base.chat(messages, params)[0].text.startswith("world")
+
+
+def wait_for_checkpoint(out, step: int, proc, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (out / f"checkpoint-{step}" / "trainer_state.pt").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_run_resumes_with_the_same_losses(sig, uninterrupted, model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    proc = finetune(model_dir, data, out, start_new_session=True)
+    wait_for_checkpoint(out, 4, proc)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:  # it finishes its step, saves a checkpoint and says how to go on
+        assert proc.returncode == 130, output
+        assert "--resume" in output
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not (out / "adapter_config.json").exists()
+    resumed = finetune(model_dir, data, out, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "resuming from" in output
+    expected, got = losses(uninterrupted[0]), losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+
+
+def test_bad_input_is_one_line(model_dir, data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    proc = finetune(model_dir, bad, tmp_path / "o")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert output.strip().splitlines()[-1].startswith("glmkit: error: ")
+    assert "bad.jsonl:1" in output and "assistant" in output
+    proc = finetune(model_dir, data, tmp_path / "o2", "--resume")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "no checkpoint to resume" in output
