@@ -47,6 +47,8 @@ def finetune(model_dir, data, out, *extra, **popen):
 
 def losses(out) -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), steps  # a resumed run's log has each step once, in order
     return {r["step"]: r["loss"] for r in rows}
 
 

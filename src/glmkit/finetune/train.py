@@ -211,6 +211,11 @@ class Trainer:
         self.step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+        log_path = self.out_dir / LOG_FILE  # steps after the checkpoint are run again: their old rows go
+        if log_path.is_file():
+            rows = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            log_path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict:
