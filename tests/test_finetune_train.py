@@ -122,3 +122,58 @@ def test_bad_input_is_one_line(model_dir, data, tmp_path):
     proc = finetune(model_dir, data, tmp_path / "o2", "--resume")
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "no checkpoint to resume" in output
+
+
+DEMO_LORA_YAML = """\
+data_config:
+  train_file: train.jsonl
+  val_file: train.jsonl
+  test_file: train.jsonl
+  num_proc: 16
+max_input_length: 64
+max_output_length: 64
+training_args:
+  output_dir: {output}
+  max_steps: 4
+  learning_rate: 5e-3
+  per_device_train_batch_size: 2
+  gradient_accumulation_steps: 2
+  dataloader_num_workers: 16
+  save_strategy: steps
+  save_steps: 2
+  logging_steps: 10
+  eval_steps: 2
+  predict_with_generate: true
+peft_config:
+  peft_type: LORA
+  task_type: CAUSAL_LM
+  r: 4
+  lora_alpha: 32
+  lora_dropout: 0.1
+  target_modules: [q_proj, v_proj]
+"""
+
+
+def test_the_official_demos_lora_yaml(model_dir, data, tmp_path):
+    """ChatGLM3 finetune_demo's configs/lora.yaml shape: data beside the config, training_args, peft_config; a
+    flag on the command line wins over the file."""
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(data.read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "out"
+    (folder / "lora.yaml").write_text(DEMO_LORA_YAML.format(output=out), encoding="utf-8")
+    cmd = [sys.executable, "-m", "glmkit", "finetune", "--model", str(model_dir), "--config",
+           str(folder / "lora.yaml"), "--threads", "1", "--device", "cpu", "--lora-r", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 steps of 4 samples" in proc.stdout  # 2 per device x 2 accumulated
+    assert "ignored: training_args.dataloader_num_workers" in proc.stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 32 and sorted(config["target_modules"]) == ["q_proj",
+                                                                                                    "v_proj"]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "eval_loss" in rows[1]
+    (folder / "ptuning.yaml").write_text("peft_config:\n  peft_type: PREFIX_TUNING\n  num_virtual_tokens: 128\n")
+    proc = subprocess.run(cmd[:7] + [str(folder / "ptuning.yaml")] + cmd[8:], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "PREFIX_TUNING" in proc.stderr and "not supported yet" in proc.stderr

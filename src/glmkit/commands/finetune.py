@@ -21,53 +21,81 @@ MIN_STEPS = 30     # the default epochs give at least this many optimizer steps 
 MAX_AUTO_EPOCHS = 30
 
 
+# Flags a --config file may set, with their defaults (defaults < config file < flags given on the command line).
+DEFAULTS = {"data": None, "eval": None, "output": None, "epochs": None, "max_steps": None, "learning_rate": 2e-4,
+            "batch_size": 4, "micro_batch_size": None, "max_length": 1024, "schedule": "cosine",
+            "warmup_ratio": 0.1, "seed": 42, "save_every": None, "eval_every": None, "recompute": "auto",
+            "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "target_modules": "all-linear"}
+
+
 def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="base model directory or .gguf (default: the embedded model)",
                    type=existing_path("--model", "pass a local model directory or .gguf file"))
     p.add_argument("--method", default="lora", type=one_of("--method", ("lora",)), help="lora (default)")
-    p.add_argument("--data", required=True, help="training conversations (.jsonl or .json)",
+    p.add_argument("--config", default=None, metavar="YAML", help="settings from a file: ChatGLM3 finetune_demo's "
+                   "lora.yaml (data_config, max_input/output_length, training_args, peft_config) or these flags' "
+                   "names; flags given here win", type=existing_path("--config", "pass a YAML file"))
+    p.add_argument("--data", help="training conversations (.jsonl or .json)",
                    type=existing_path("--data", "pass the training data file"))
-    p.add_argument("--eval", default=None, help="held-out conversations: their loss is logged as training goes",
+    p.add_argument("--eval", help="held-out conversations: their loss is logged as training goes",
                    type=existing_path("--eval", "pass the evaluation data file"))
-    p.add_argument("--output", required=True, help="directory for the adapter, checkpoints and log.jsonl")
+    p.add_argument("--output", help="directory for the adapter, checkpoints and log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", default=None, type=integer("--epochs", 1),
+    g.add_argument("--epochs", type=integer("--epochs", 1),
                    help=f"passes over the data (default: enough for ~{MIN_STEPS} steps, at least 3)")
-    g.add_argument("--max-steps", default=None, type=integer("--max-steps", 1), help="optimizer steps (overrides "
-                   "--epochs)")
-    g.add_argument("--learning-rate", "--lr", default=2e-4, type=number("--learning-rate", 0, 1, low_open=True),
+    g.add_argument("--max-steps", type=integer("--max-steps", 1), help="optimizer steps (overrides --epochs)")
+    g.add_argument("--learning-rate", "--lr", type=number("--learning-rate", 0, 1, low_open=True),
                    help="peak learning rate (default 2e-4)")
-    g.add_argument("--batch-size", default=4, type=integer("--batch-size", 1), help="samples per step (default 4)")
-    g.add_argument("--micro-batch-size", default=None, type=integer("--micro-batch-size", 1),
+    g.add_argument("--batch-size", type=integer("--batch-size", 1), help="samples per step (default 4)")
+    g.add_argument("--micro-batch-size", type=integer("--micro-batch-size", 1),
                    help="samples per forward pass (default: --batch-size; lower it if memory runs out)")
-    g.add_argument("--max-length", default=1024, type=integer("--max-length", 2), help="tokens per sample; longer "
-                   "ones are cut (default 1024)")
+    g.add_argument("--max-length", type=integer("--max-length", 2), help="tokens per sample; longer ones are cut "
+                   "(default 1024)")
     g.add_argument("--pack", action="store_true", help="pack short samples into --max-length sequences")
-    g.add_argument("--schedule", default="cosine", type=one_of("--schedule", ("cosine", "linear", "constant")))
-    g.add_argument("--warmup-ratio", default=0.1, type=number("--warmup-ratio", 0, 0.9))
-    g.add_argument("--seed", default=42, type=integer("--seed", 0))
-    g.add_argument("--save-every", default=None, type=integer("--save-every", 1),
+    g.add_argument("--schedule", type=one_of("--schedule", ("cosine", "linear", "constant")),
+                   help="learning-rate decay after the warm-up (default cosine)")
+    g.add_argument("--warmup-ratio", type=number("--warmup-ratio", 0, 0.9), help="share of steps (default 0.1)")
+    g.add_argument("--seed", type=integer("--seed", 0), help="data order and initial adapters (default 42)")
+    g.add_argument("--save-every", type=integer("--save-every", 1),
                    help="steps between checkpoints (default: each epoch)")
-    g.add_argument("--eval-every", default=None, type=integer("--eval-every", 1),
+    g.add_argument("--eval-every", type=integer("--eval-every", 1),
                    help="steps between evaluations (default: each epoch)")
     g.add_argument("--compile", default="auto", type=one_of("--compile", ("auto", "on", "off")),
                    help="torch.compile the decoder layer (auto: on with a GPU; the first steps take a minute "
                    "longer while it compiles)")
-    g.add_argument("--recompute", default="auto", type=one_of("--recompute", ("auto", "on", "off")),
+    g.add_argument("--recompute", type=one_of("--recompute", ("auto", "on", "off")),
                    help="activation checkpointing: recompute layers in the backward pass (auto: on with a GPU)")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", default=8, type=integer("--lora-r", 1, 1024))
-    g.add_argument("--lora-alpha", default=16.0, type=number("--lora-alpha", 0, low_open=True))
-    g.add_argument("--lora-dropout", default=0.05, type=number("--lora-dropout", 0, 0.9))
-    g.add_argument("--target-modules", default="all-linear",
-                   help="comma-separated linear layers by the checkpoint's names (query_key_value, dense, "
-                   "dense_h_to_4h, dense_4h_to_h; q_proj, ..., down_proj) or all-linear (default)")
+    g.add_argument("--lora-r", type=integer("--lora-r", 1, 1024), help="rank (default 8)")
+    g.add_argument("--lora-alpha", type=number("--lora-alpha", 0, low_open=True), help="scale numerator "
+                   "(default 16)")
+    g.add_argument("--lora-dropout", type=number("--lora-dropout", 0, 0.9), help="default 0.05")
+    g.add_argument("--target-modules", help="comma-separated linear layers by the checkpoint's names "
+                   "(query_key_value, dense, dense_h_to_4h, dense_4h_to_h; q_proj, ..., down_proj) or all-linear "
+                   "(default)")
     g = p.add_argument_group("model")
     g.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", type=one_of("--dtype", ("auto", "float32", "bfloat16", "float16")),
                    help="the frozen base weights' dtype (auto: bfloat16 on GPU and on CPUs with bf16 instructions)")
     g.add_argument("--threads", default=None, type=integer("--threads", 1), help="CPU threads (default: all)")
+
+
+def resolve(args) -> None:
+    """Fill every flag not given on the command line from --config, else from DEFAULTS; check what must be set."""
+    from ..finetune.config import read_config
+
+    from_file = read_config(args.config) if args.config else {}
+    for name, default in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, from_file.get(name, default))
+    for name in ("data", "output"):
+        if getattr(args, name) is None:
+            raise InvalidParameterError(f"--{name}", None, "is required (on the command line or in --config)")
+    if not Path(args.data).expanduser().is_file():
+        raise InvalidParameterError("--data", args.data, "does not exist; pass the training data file")
+    if args.eval is not None and not Path(args.eval).expanduser().is_file():
+        raise InvalidParameterError("--eval", args.eval, "does not exist; pass the evaluation data file")
 
 
 def _train_config(args, num_samples: int, on_gpu: bool):
@@ -108,6 +136,7 @@ def main(args) -> int:
 
     from ..finetune.train import Trainer, latest_checkpoint, load_base
 
+    resolve(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output).expanduser()
