@@ -1,7 +1,8 @@
 """LoRA training speed and memory on a GPU: glmkit against transformers + peft, same shape, same run.
 
     python benchmarks/finetune_gpu.py [--shape chatglm3-6b] [--batch 4] [--seq 768] [--rank 32] [--steps 10]
-        [--recompute on|off] [--sides hf glmkit] [--repeats 1]
+        [--recompute on|off] [--compile on|off] [--sides hf glmkit] [--repeats 1]
+        [--quantization int4 --sides glmkit]      # LoRA on an int4 base: its training peak
 
 Each side runs in a subprocess of its own (so the peak memory of one does not count against the other) on a
 random-weight bf16 model of the ChatGLM3-6B shape (transformers' GlmForCausalLM, the -hf layout, for both:
@@ -89,6 +90,9 @@ def run_glmkit(args) -> list[float]:
     torch.set_default_dtype(torch.float32)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    if args.quantization != "none":
+        quantize_linears(model, int(args.quantization[3:]))
+        torch.cuda.reset_peak_memory_stats()  # a checkpoint loads quantizing tensor by tensor: count training only
     model.finish_loading()
     names = [f"model.layers.{i}.{m}.weight" for i in range(config.num_layers) for m in
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_up_proj",
@@ -100,6 +104,23 @@ def run_glmkit(args) -> list[float]:
                         recompute=args.recompute == "on", compiled=args.compile == "on")
     trainer = Trainer(model, names, "bench", train, Path("/tmp/glmkit-bench-unused"), samples)
     return timed(trainer.train_step, args)
+
+
+def quantize_linears(model, bits: int) -> None:
+    """Replace every decoder linear by a QuantLinear in the portable layout (what `--quantization` trains on)."""
+    from glmkit.models.quant import QuantLinear, QuantPlan, quantize
+
+    plan = QuantPlan.fresh(bits)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.startswith("layers."):
+            parent, _, child = name.rpartition(".")
+            b = plan.bits_for(name)
+            q = QuantLinear(module.in_features, module.out_features, module.bias is not None, b, plan.group_size)
+            q.qweight, q.scales = quantize(b, module.weight.data, plan.group_size)
+            if module.bias is not None:
+                q.bias = torch.nn.Parameter(module.bias.data)
+            setattr(model.get_submodule(parent), child, q)
+    torch.cuda.empty_cache()
 
 
 def timed(step, args) -> list[float]:
@@ -135,6 +156,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--recompute", default="on", choices=("on", "off"))
     p.add_argument("--compile", default="off", choices=("on", "off"), help="glmkit: torch.compile the layer")
+    p.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
+                   help="glmkit: LoRA on an int8/int4 copy of the base (the peak counts training, not the build)")
     p.add_argument("--budget", type=float, default=None, help="glmkit compiled: the activation memory budget")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per side")
     p.add_argument("--sides", nargs="+", default=["hf", "glmkit"], choices=("hf", "glmkit"))

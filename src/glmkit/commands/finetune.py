@@ -78,6 +78,9 @@ def add_arguments(p) -> None:
     g.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", type=one_of("--dtype", ("auto", "float32", "bfloat16", "float16")),
                    help="the frozen base weights' dtype (auto: bfloat16 on GPU and on CPUs with bf16 instructions)")
+    g.add_argument("--quantization", default=None, type=one_of("--quantization", ("none", "int8", "int4")),
+                   help="train LoRA on an int8 or int4 copy of the base weights (QLoRA: a 6B model in under 8 GB); "
+                   "each layer is dequantized as it runs")
     g.add_argument("--threads", default=None, type=integer("--threads", 1), help="CPU threads (default: all)")
 
 
@@ -146,7 +149,7 @@ def main(args) -> int:
     if not args.resume and (out / "adapter_config.json").exists():
         raise InvalidParameterError("--output", args.output, "already holds an adapter; choose a new directory (or "
                                     "--resume an unfinished run there)")
-    base = load_base(args.model, args.device, args.dtype)
+    base = load_base(args.model, args.device, args.dtype, quantization=args.quantization)
     train = _samples(args.data, base.chat_format, args.max_length, args.pack, "train")
     dev = _samples(args.eval, base.chat_format, args.max_length, False, "eval") if args.eval else None
     on_gpu = next(base.model.parameters()).is_cuda

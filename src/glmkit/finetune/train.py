@@ -294,14 +294,17 @@ class Base:
     chat_format: object
 
 
-def load_base(model: str | None, device: str = "auto", dtype: str = "auto", chat_format: str | None = None) -> Base:
-    """The base model in float (bf16 on a GPU and on a CPU with bf16 instructions, else fp32), its tokenizer and
-    chat format, loaded exactly as inference loads them."""
+def load_base(model: str | None, device: str = "auto", dtype: str = "auto", chat_format: str | None = None,
+              quantization: str | None = None) -> Base:
+    """The base model (bf16 on a GPU and on a CPU with bf16 instructions, else fp32; int8/int4 weights if asked,
+    kept in the portable layout and dequantized one layer at a time), its tokenizer and chat format, loaded as
+    inference loads them."""
     from ..chat import get_chat_format
     from ..config import DTYPES
     from ..llm import resolve_model_dir
     from ..models import default
     from ..models.loader import load_model, read_config
+    from ..models.quant import plan_for
     from ..tokenizers import load_tokenizer
 
     if device == "auto":
@@ -311,12 +314,13 @@ def load_base(model: str | None, device: str = "auto", dtype: str = "auto", chat
     target = torch.device(device)
     name = DTYPES[dtype] or ("bfloat16" if target.type == "cuda" or default.cpu_has_bf16() else "float32")
     model_dir = default.ensure_float_dir() if model is None else resolve_model_dir(model)
-    _, config = read_config(model_dir)
+    raw, config = read_config(model_dir)
+    plan = plan_for(raw, quantization)
     base_name = default.NAME if model is None else str(Path(model).expanduser().resolve())
     tokenizer = load_tokenizer(model_dir)
     fmt = get_chat_format(chat_format, tokenizer=tokenizer, model_type=config.model_type,
                           model_name=(default.NAME if model is None else config.name or model_dir.name),
                           eos_token_ids=config.eos_token_ids)
-    log.info("glmkit: loading %s (%s, %s)", model_dir, name, target)
-    loaded = load_model(model_dir, config, getattr(torch, name), target)
+    log.info("glmkit: loading %s (%s%s, %s)", model_dir, name, f", {plan.mode} weights" if plan else "", target)
+    loaded = load_model(model_dir, config, getattr(torch, name), target, plan, pack=False)
     return Base(loaded, checkpoint_names(model_dir), base_name, fmt)

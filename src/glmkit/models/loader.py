@@ -227,7 +227,10 @@ def settle_head(state: dict, config: ModelConfig, dtype: torch.dtype, plan: Quan
 
 
 def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               plan: QuantPlan | None = None, deltas: dict[str, torch.Tensor] | None = None) -> DecoderModel:
+               plan: QuantPlan | None = None, deltas: dict[str, torch.Tensor] | None = None,
+               pack: bool = True) -> DecoderModel:
+    """`pack=False` keeps quantized weights in the portable layout (what training dequantizes per layer)
+    instead of packing them for the inference kernels."""
     state = load_state_dict(model_dir, config.model_type, dtype, plan, device, deltas)
     settle_head(state, config, dtype, plan, device)
     with torch.device("meta"):
@@ -249,7 +252,7 @@ def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device:
     if config.tie_word_embeddings:  # before the move: the head has no tensor of its own yet
         model.lm_head.weight = model.embed.weight
     model = model.to(device).eval()
-    if plan is not None:
+    if plan is not None and pack:
         prepare_model(model, dtype)
     model.finish_loading()  # after the move: the rotary tables are built on the model's device
     return model

@@ -143,17 +143,37 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).flatten(-2)
 
 
-def dequantize(bits: int, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def dequantize(bits: int, qweight: torch.Tensor, scales: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The portable layout back to a [out, in] weight in `dtype` (computed in it: no fp32 copy on the way)."""
     if bits == 8:
-        return qweight.float() * scales.float()[:, None]
-    q = unpack_int4(qweight).float()
+        return qweight.to(dtype) * scales.to(dtype)[:, None]
+    q = unpack_int4(qweight).to(dtype)
     out_features, in_features = q.shape
     groups = scales.shape[1]
-    return (q.view(out_features, groups, in_features // groups) * scales.float()[..., None]).view(q.shape)
+    return (q.view(out_features, groups, in_features // groups) * scales.to(dtype)[..., None]).view(q.shape)
 
 
 def quantize(bits: int, weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE):
     return quantize_int8(weight) if bits == 8 else quantize_int4(weight, group_size)
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """y = x @ W.T (+ bias) with W rebuilt from a QuantLinear's portable layout in the forward pass and again in
+    the backward pass, so it is never kept in between: training on a quantized base (LoRA on int8/int4) holds one
+    layer's float weight at a time. The frozen weight gets no gradient; the input does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "QuantLinear") -> torch.Tensor:
+        ctx.module = module
+        weight = dequantize(module.bits, module.qweight, module.scales, x.dtype)
+        bias = None if module.bias is None else module.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        m = ctx.module
+        return grad @ dequantize(m.bits, m.qweight, m.scales, grad.dtype), None
 
 
 class QuantLinear(nn.Module):
@@ -222,6 +242,8 @@ class QuantLinear(nn.Module):
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._forward is None:  # not packed for a kernel (loaded for training): dequantize as it goes
+            return _DequantizedLinear.apply(x, self)
         shape = x.shape
         y = self._forward(x.reshape(-1, self.in_features)).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
