@@ -177,3 +177,28 @@ def test_the_official_demos_lora_yaml(model_dir, data, tmp_path):
     proc = subprocess.run(cmd[:7] + [str(folder / "ptuning.yaml")] + cmd[8:], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "PREFIX_TUNING" in proc.stderr and "not supported yet" in proc.stderr
+
+
+def test_two_processes_train_what_one_does(model_dir, data, tmp_path):
+    """torchrun with two gloo processes on a CPU: each takes half of every batch and the gradients are summed,
+    so the losses and the adapter equal one process's on the whole batches."""
+    from safetensors.torch import load_file
+
+    args = ["--model", str(model_dir), "--data", str(data), "--max-steps", "4", "--batch-size", "2",
+            "--lora-r", "4", "--lora-dropout", "0", "--learning-rate", "1e-2", "--threads", "1", "--device", "cpu"]
+    single = subprocess.run([sys.executable, "-m", "glmkit", "finetune", *args, "--output", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stdout + single.stderr
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "glmkit", "finetune", *args, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("adapter saved in") == 1 and "on 2 processes" in run.stdout  # rank 0 speaks
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("one", "two"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-4, key

@@ -122,26 +122,56 @@ def _train_config(args, num_samples: int, on_gpu: bool):
                        compiled=compiled)
 
 
-def _samples(path: str, chat_format, max_length: int, pack: bool, what: str):
+def _samples(path: str, chat_format, max_length: int, pack: bool, what: str, say=print):
     from ..finetune.data import load_samples, pack as pack_samples
 
     samples, stats = load_samples(path, chat_format, max_length)
-    print(f"{what}: {stats.num_records} conversations, {stats.num_tokens} tokens ({stats.num_target_tokens} "
+    say(f"{what}: {stats.num_records} conversations, {stats.num_tokens} tokens ({stats.num_target_tokens} "
           f"to learn) from {path}")
     if stats.num_truncated:
-        print(f"warning: {stats.num_truncated} conversations were longer than --max-length={max_length} and were "
+        say(f"warning: {stats.num_truncated} conversations were longer than --max-length={max_length} and were "
               f"cut" + (f"; {stats.num_empty} lost every answer token and were dropped" if stats.num_empty else ""))
     return pack_samples(samples, max_length) if pack else samples
 
 
+def _start_distributed(device: str) -> tuple[str, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, one per rank; gloo on CPUs) and
+    return this rank's device and rank. Otherwise (device, 0)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    return device, dist.get_rank()
+
+
 def main(args) -> int:
     import torch
-
-    from ..finetune.train import Trainer, latest_checkpoint, load_base
+    import torch.distributed as dist
 
     resolve(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device, rank = _start_distributed(args.device)
+    try:
+        return _train(args, device, rank)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, device: str, rank: int) -> int:
+    from ..finetune.train import Trainer, latest_checkpoint, load_base
+
+    say = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.output).expanduser()
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
@@ -149,25 +179,26 @@ def main(args) -> int:
     if not args.resume and (out / "adapter_config.json").exists():
         raise InvalidParameterError("--output", args.output, "already holds an adapter; choose a new directory (or "
                                     "--resume an unfinished run there)")
-    base = load_base(args.model, args.device, args.dtype, quantization=args.quantization)
-    train = _samples(args.data, base.chat_format, args.max_length, args.pack, "train")
-    dev = _samples(args.eval, base.chat_format, args.max_length, False, "eval") if args.eval else None
+    base = load_base(args.model, device, args.dtype, quantization=args.quantization)
+    train = _samples(args.data, base.chat_format, args.max_length, args.pack, "train", say)
+    dev = _samples(args.eval, base.chat_format, args.max_length, False, "eval", say) if args.eval else None
     on_gpu = next(base.model.parameters()).is_cuda
     config = _train_config(args, len(train), on_gpu)
     trainer = Trainer(base.model, base.tensor_names, base.name, config, out, train, dev)
     if resume_from is not None:
         trainer.resume_from(resume_from)
-        print(f"resuming from {resume_from} (step {trainer.step} of {trainer.total_steps})")
-    print(f"LoRA r={config.lora.r} alpha={config.lora.alpha:g} on {len(trainer.parts)} modules "
-          f"({trainer.num_trainable / 1e6:.2f}M trainable parameters); {trainer.total_steps} steps of "
-          f"{config.batch_size} samples, lr {config.learning_rate:g}, {base.chat_format.name} format")
+        say(f"resuming from {resume_from} (step {trainer.step} of {trainer.total_steps})")
+    world = f" on {trainer.world} processes" if trainer.world > 1 else ""
+    say(f"LoRA r={config.lora.r} alpha={config.lora.alpha:g} on {len(trainer.parts)} modules "
+        f"({trainer.num_trainable / 1e6:.2f}M trainable parameters); {trainer.total_steps} steps of "
+        f"{config.batch_size} samples{world}, lr {config.learning_rate:g}, {base.chat_format.name} format")
     last = trainer.fit()
     if "stopped" in last:
-        print(f"stopped at step {trainer.step}; checkpoint saved in {last['stopped']}. Continue with the same "
-              "command plus --resume")
+        say(f"stopped at step {trainer.step}; checkpoint saved in {last['stopped']}. Continue with the same "
+            "command plus --resume")
         return 130
     summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items() if k in
                ("step", "loss", "eval_loss", "tokens_per_s")}
-    print(f"done: {json.dumps(summary)}; adapter saved in {out}. Chat with it: glmkit chat"
-          + (f" --model {args.model}" if args.model else "") + f" --adapter {out}")
+    say(f"done: {json.dumps(summary)}; adapter saved in {out}. Chat with it: glmkit chat"
+        + (f" --model {args.model}" if args.model else "") + f" --adapter {out}")
     return 0

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..errors import InvalidParameterError, ModelLoadError
 from ..models import training
@@ -66,6 +67,10 @@ class TrainConfig:
             raise InvalidParameterError("schedule", self.schedule, "must be cosine, linear or constant")
         if not 0 <= self.warmup_ratio < 1:
             raise InvalidParameterError("warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -126,6 +131,12 @@ class Trainer:
         self.warmup = int(self.total_steps * config.warmup_ratio)
         self.step = 0
         self.stop_requested = False
+        # Data parallel (torchrun): every rank runs the same steps on its share of each batch; gradients are summed
+        # across ranks, so a step equals the single-process step on the whole batch.
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        if self.world > 1:
+            for p in self.params:  # the same starting adapters everywhere
+                dist.broadcast(p.data, src=0)
 
     @property
     def num_trainable(self) -> int:
@@ -137,10 +148,26 @@ class Trainer:
         order = epoch_order(len(self.train), self.config.seed, epoch)
         return [self.train[i] for i in order[index * self.config.batch_size:(index + 1) * self.config.batch_size]]
 
+    def _all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _sum_gradients(self) -> None:
+        """Sum the adapters' gradients over the ranks (one flat buffer, one all-reduce)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for p, g in zip(self.params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+
     def train_step(self) -> dict:
         cfg = self.config
         batch = self._batch(self.step)
-        num_targets = sum(sum(s.loss_mask[1:]) for s in batch)
+        num_targets = sum(sum(s.loss_mask[1:]) for s in batch)  # of the whole batch: every rank knows it
+        batch = batch[self.rank::self.world]
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup, cfg.schedule)
         self.model.train()
@@ -154,13 +181,16 @@ class Trainer:
             (loss / max(1, num_targets)).backward()
             total_loss += loss.item()
             num_tokens += ids.numel()
+        if self.world > 1:
+            self._sum_gradients()
+            total_loss, num_tokens = self._all_sum([total_loss, num_tokens])
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3),
                 "loss": total_loss / max(1, num_targets), "lr": self.optimizer.param_groups[0]["lr"],
-                "grad_norm": float(norm), "tokens": num_tokens, "target_tokens": num_targets}
+                "grad_norm": float(norm), "tokens": int(num_tokens), "target_tokens": num_targets}
 
     @torch.no_grad()
     def eval_loss(self) -> float | None:
@@ -168,12 +198,14 @@ class Trainer:
             return None
         self.model.eval()
         total, count = 0.0, 0
-        for start in range(0, len(self.dev), self.config.micro_batch_size):
-            chunk = self.dev[start:start + self.config.micro_batch_size]
+        mine = self.dev[self.rank::self.world]
+        for start in range(0, len(mine), self.config.micro_batch_size):
+            chunk = mine[start:start + self.config.micro_batch_size]
             ids, mask, positions, attn_mask = collate(chunk, self.device, self.config.one_row)
             hidden = training.hidden_states(self.model, ids, positions, attn_mask)
             total += training.target_loss(self.model, hidden, ids, mask).item()
             count += int(mask[:, 1:].sum())
+        total, count = self._all_sum([total, count])
         return total / max(1, count)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
@@ -187,14 +219,21 @@ class Trainer:
             tmp.replace(directory / STATE_FILE)
 
     def checkpoint(self) -> Path:
+        """Rank 0 writes it (the ranks hold the same adapters and optimizer state); the others wait for it."""
         directory = self.out_dir / f"checkpoint-{self.step}"
+        if self.rank == 0:
+            self._write_checkpoint(directory)
+        if self.world > 1:
+            dist.barrier()
+        return directory
+
+    def _write_checkpoint(self, directory: Path) -> None:
         self.save(directory, with_state=True)
         kept = sorted(checkpoints(self.out_dir), key=lambda p: int(p.name.rpartition("-")[2]))
         for old in kept[:-self.config.save_total_limit]:
             for f in old.iterdir():
                 f.unlink()
             old.rmdir()
-        return directory
 
     def resume_from(self, directory: Path) -> None:
         """Continue from a checkpoint: its adapter weights, optimizer moments, step and random state."""
@@ -212,54 +251,69 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         log_path = self.out_dir / LOG_FILE  # steps after the checkpoint are run again: their old rows go
-        if log_path.is_file():
+        if self.rank == 0 and log_path.is_file():
             rows = [line for line in log_path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= self.step]
             log_path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict:
+        """Train to the last step (or until asked to stop: then a checkpoint). Rank 0 alone writes the log, the
+        checkpoints and the adapter, and shows the progress bar."""
         from tqdm import tqdm
 
         cfg = self.config
+        lead = self.rank == 0
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save_every = cfg.save_every or self.steps_per_epoch
         eval_every = cfg.eval_every or self.steps_per_epoch
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not (progress and lead), dynamic_ncols=True)
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
             signal.signal(s, self._request_stop)
         last: dict = {}
         started, tokens = time.perf_counter(), 0
+        logf = open(self.out_dir / LOG_FILE, "a", encoding="utf-8") if lead else None
         try:
-            with open(self.out_dir / LOG_FILE, "a", encoding="utf-8") as logf:
-                while self.step < self.total_steps and not self.stop_requested:
-                    last = self.train_step()
-                    tokens += last["tokens"]
-                    last["tokens_per_s"] = round(tokens / (time.perf_counter() - started), 1)
-                    if self.step % eval_every == 0 or self.step == self.total_steps:
-                        eval_loss = self.eval_loss()
-                        if eval_loss is not None:
-                            last["eval_loss"] = eval_loss
-                    if self.step % save_every == 0 and self.step < self.total_steps:
-                        self.checkpoint()
+            while self.step < self.total_steps and not self._stopping():
+                last = self.train_step()
+                tokens += last["tokens"]
+                last["tokens_per_s"] = round(tokens / (time.perf_counter() - started), 1)
+                if self.step % eval_every == 0 or self.step == self.total_steps:
+                    eval_loss = self.eval_loss()
+                    if eval_loss is not None:
+                        last["eval_loss"] = eval_loss
+                if self.step % save_every == 0 and self.step < self.total_steps:
+                    self.checkpoint()
+                if logf:
                     logf.write(json.dumps(last) + "\n")
                     logf.flush()
-                    bar.set_postfix(_postfix(last, self.device), refresh=False)
-                    bar.update()
-                if self.stop_requested and self.step < self.total_steps:
-                    directory = self.checkpoint()
-                    last["stopped"] = str(directory)
-                    return last
+                bar.set_postfix(_postfix(last, self.device), refresh=False)
+                bar.update()
+            if self.stop_requested and self.step < self.total_steps:
+                last["stopped"] = str(self.checkpoint())
+                return last
         finally:
             bar.close()
+            if logf:
+                logf.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        self.save(self.out_dir, with_state=False)
-        (self.out_dir / CONFIG_FILE).write_text(json.dumps(
-            {"base_model": self.base_name, "method": "lora", **asdict(cfg)}, indent=2, default=str), encoding="utf-8")
+        if lead:
+            self.save(self.out_dir, with_state=False)
+            (self.out_dir / CONFIG_FILE).write_text(json.dumps(
+                {"base_model": self.base_name, "method": "lora", "world_size": self.world, **asdict(cfg)},
+                indent=2, default=str), encoding="utf-8")
+        if self.world > 1:
+            dist.barrier()
         return last
+
+    def _stopping(self) -> bool:
+        """Whether any rank was asked to stop (all ranks stop after the same step)."""
+        if self.world > 1:
+            self.stop_requested = self._all_sum([float(self.stop_requested)])[0] > 0
+        return self.stop_requested
 
     def _request_stop(self, signum, frame) -> None:
         if self.stop_requested:  # a second Ctrl-C: stop now, without the checkpoint
