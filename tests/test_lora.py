@@ -95,6 +95,11 @@ def test_target_loss_is_cross_entropy_over_targets(qwen_dir):
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+def lora_on(model, model_dir, modules, config):
+    targets = targets_of(checkpoint_names(model_dir), model.config, model)
+    return add_lora(model, select_targets(targets, modules), config)
+
+
 def randomize(parts, seed=0):
     g = torch.Generator().manual_seed(seed)
     for path, holder in parts.items():
@@ -108,7 +113,7 @@ def test_folded_adapter_equals_lora_modules(which, modules, request, tmp_path):
     model_dir = request.getfixturevalue(which)
     model = load(model_dir)
     config = LoraConfig(r=4, alpha=8, target_modules=modules)
-    parts = add_lora(model, select_targets(targets_of(checkpoint_names(model_dir), model.config, model), modules), config)
+    parts = lora_on(model, model_dir, modules, config)
     randomize(parts)
     ids = [5, 17, 33, 2, 61, 7, 9, 40]
     with_lora = training_logits(model, [ids])[0]
@@ -131,7 +136,7 @@ def test_targets_named_as_the_checkpoint(qwen_dir, chatglm_dir):
 
 def test_adapter_for_another_model_is_refused(qwen_dir, chatglm_dir, tmp_path):
     model = load(qwen_dir)
-    parts = add_lora(model, select_targets(targets_of(checkpoint_names(qwen_dir), model.config, model), ["q_proj"]), LoraConfig(r=2))
+    parts = lora_on(model, qwen_dir, ["q_proj"], LoraConfig(r=2))
     save_adapter(tmp_path, parts, LoraConfig(r=2), "x")
     with pytest.raises(ModelLoadError, match="different model"):
         load(chatglm_dir, deltas=read_adapter(tmp_path).deltas())
@@ -142,7 +147,7 @@ def test_glmkit_adapter_loads_in_transformers_peft(qwen_dir, tmp_path):
     peft = pytest.importorskip("peft")
     model = load(qwen_dir)
     config = LoraConfig(r=4, alpha=8)
-    parts = add_lora(model, select_targets(targets_of(checkpoint_names(qwen_dir), model.config, model), ["all-linear"]), config)
+    parts = lora_on(model, qwen_dir, ["all-linear"], config)
     randomize(parts, seed=1)
     save_adapter(tmp_path / "adapter", parts, config, str(qwen_dir))
     ids = [5, 17, 33, 2, 61, 7, 9, 40]
@@ -200,7 +205,8 @@ def test_peft_made_lora_loads_into_glmkit(chatglm_dir, tmp_path):
     for i in range(config["num_layers"]):
         layer = lora.base_model.model.transformer.encoder.layers[i].self_attention.query_key_value
         key = f"transformer.encoder.layers.{i}.self_attention.query_key_value.weight"
-        state[key] = state[key] + scale * layer.lora_B["default"].weight.detach() @ layer.lora_A["default"].weight.detach()
+        b, a = layer.lora_B["default"].weight.detach(), layer.lora_A["default"].weight.detach()
+        state[key] = state[key] + scale * b @ a
     merged = tmp_path / "merged"
     merged.mkdir()
     (merged / "config.json").write_text(json.dumps(config))

@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from ..errors import InvalidParameterError
+from ..errors import GlmkitError, InvalidParameterError
 from .args import _device, existing_path, integer, number, one_of
 
 MIN_STEPS = 30     # the default epochs give at least this many optimizer steps (small data needs repetition)
@@ -22,7 +22,8 @@ MAX_AUTO_EPOCHS = 30
 
 
 # Flags a --config file may set, with their defaults (defaults < config file < flags given on the command line).
-DEFAULTS = {"data": None, "eval": None, "output": None, "epochs": None, "max_steps": None, "learning_rate": 2e-4,
+DEFAULTS = {"method": "lora", "pre_seq_len": 128, "data": None, "eval": None, "output": None, "epochs": None,
+            "max_steps": None, "learning_rate": 2e-4,
             "batch_size": 4, "micro_batch_size": None, "max_length": 1024, "schedule": "cosine",
             "warmup_ratio": 0.1, "seed": 42, "save_every": None, "eval_every": None, "recompute": "auto",
             "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -31,7 +32,8 @@ DEFAULTS = {"data": None, "eval": None, "output": None, "epochs": None, "max_ste
 def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="base model directory or .gguf (default: the embedded model)",
                    type=existing_path("--model", "pass a local model directory or .gguf file"))
-    p.add_argument("--method", default="lora", type=one_of("--method", ("lora",)), help="lora (default)")
+    p.add_argument("--method", default=None, type=one_of("--method", ("lora", "ptuning")),
+                   help="lora (default) or ptuning (P-Tuning v2, ChatGLM checkpoints; saved in ChatGLM's format)")
     p.add_argument("--config", default=None, metavar="YAML", help="settings from a file: ChatGLM3 finetune_demo's "
                    "lora.yaml (data_config, max_input/output_length, training_args, peft_config) or these flags' "
                    "names; flags given here win", type=existing_path("--config", "pass a YAML file"))
@@ -74,6 +76,9 @@ def add_arguments(p) -> None:
     g.add_argument("--target-modules", help="comma-separated linear layers by the checkpoint's names "
                    "(query_key_value, dense, dense_h_to_4h, dense_4h_to_h; q_proj, ..., down_proj) or all-linear "
                    "(default)")
+    g = p.add_argument_group("P-Tuning v2")
+    g.add_argument("--pre-seq-len", type=integer("--pre-seq-len", 1, 4096), help="prefix length (default 128)")
+    g.add_argument("--prefix-projection", action="store_true", help="ChatGLM's MLP over the prefix embedding")
     g = p.add_argument_group("model")
     g.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", type=one_of("--dtype", ("auto", "float32", "bfloat16", "float16")),
@@ -94,7 +99,7 @@ def resolve(args) -> None:
             setattr(args, name, from_file.get(name, default))
     for name in ("data", "output"):
         if getattr(args, name) is None:
-            raise InvalidParameterError(f"--{name}", None, "is required (on the command line or in --config)")
+            raise GlmkitError(f"--{name} is required: give it on the command line or in the --config file")
     if not Path(args.data).expanduser().is_file():
         raise InvalidParameterError("--data", args.data, "does not exist; pass the training data file")
     if args.eval is not None and not Path(args.eval).expanduser().is_file():
@@ -115,7 +120,8 @@ def _train_config(args, num_samples: int, on_gpu: bool):
                       target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()])
     recompute = on_gpu if args.recompute == "auto" else args.recompute == "on"
     compiled = on_gpu if args.compile == "auto" else args.compile == "on"
-    return TrainConfig(lora=lora, learning_rate=args.learning_rate, epochs=epochs, max_steps=args.max_steps,
+    return TrainConfig(method=args.method, pre_seq_len=args.pre_seq_len, prefix_projection=args.prefix_projection,
+                       lora=lora, learning_rate=args.learning_rate, epochs=epochs, max_steps=args.max_steps,
                        batch_size=args.batch_size, micro_batch_size=micro, warmup_ratio=args.warmup_ratio,
                        schedule=args.schedule, seed=args.seed, eval_every=args.eval_every,
                        save_every=args.save_every, recompute=recompute, one_row=not on_gpu,
@@ -176,7 +182,7 @@ def _train(args, device: str, rank: int) -> int:
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
         raise InvalidParameterError("--output", args.output, "holds no checkpoint to resume from; run without --resume")
-    if not args.resume and (out / "adapter_config.json").exists():
+    if not args.resume and ((out / "adapter_config.json").exists() or (out / "pytorch_model.bin").exists()):
         raise InvalidParameterError("--output", args.output, "already holds an adapter; choose a new directory (or "
                                     "--resume an unfinished run there)")
     base = load_base(args.model, device, args.dtype, quantization=args.quantization)
@@ -184,13 +190,14 @@ def _train(args, device: str, rank: int) -> int:
     dev = _samples(args.eval, base.chat_format, args.max_length, False, "eval", say) if args.eval else None
     on_gpu = next(base.model.parameters()).is_cuda
     config = _train_config(args, len(train), on_gpu)
-    trainer = Trainer(base.model, base.tensor_names, base.name, config, out, train, dev)
+    trainer = Trainer(base.model, base.tensor_names, base.name, config, out, train, dev, base.raw_config)
     if resume_from is not None:
         trainer.resume_from(resume_from)
         say(f"resuming from {resume_from} (step {trainer.step} of {trainer.total_steps})")
     world = f" on {trainer.world} processes" if trainer.world > 1 else ""
-    say(f"LoRA r={config.lora.r} alpha={config.lora.alpha:g} on {len(trainer.parts)} modules "
-        f"({trainer.num_trainable / 1e6:.2f}M trainable parameters); {trainer.total_steps} steps of "
+    what = (f"P-Tuning v2 prefix of {config.pre_seq_len} tokens" if config.method == "ptuning" else
+            f"LoRA r={config.lora.r} alpha={config.lora.alpha:g} on {len(trainer.parts)} modules")
+    say(f"{what} ({trainer.num_trainable / 1e6:.2f}M trainable parameters); {trainer.total_steps} steps of "
         f"{config.batch_size} samples{world}, lr {config.learning_rate:g}, {base.chat_format.name} format")
     last = trainer.fit()
     if "stopped" in last:
@@ -199,6 +206,10 @@ def _train(args, device: str, rank: int) -> int:
         return 130
     summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items() if k in
                ("step", "loss", "eval_loss", "tokens_per_s")}
+    if config.method == "ptuning":  # serving prefixes comes with adapter serving
+        say(f"done: {json.dumps(summary)}; P-Tuning v2 prefix saved in {out} (ChatGLM's format: config.json with "
+            "pre_seq_len, pytorch_model.bin)")
+        return 0
     say(f"done: {json.dumps(summary)}; adapter saved in {out}. Chat with it: glmkit chat"
         + (f" --model {args.model}" if args.model else "") + f" --adapter {out}")
     return 0

@@ -25,7 +25,8 @@ _TRAINING_ARGS = {"output_dir": "output", "max_steps": "max_steps", "num_train_e
 _PEFT = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
          "target_modules": "target_modules"}
 _IGNORED_PEFT = {"peft_type", "task_type", "inference_mode", "bias"}
-_FLAGS = {"data", "eval", "output", "epochs", "max_steps", "learning_rate", "batch_size", "micro_batch_size",
+_FLAGS = {"method", "pre_seq_len", "data", "eval", "output", "epochs", "max_steps", "learning_rate", "batch_size",
+          "micro_batch_size",
           "max_length", "schedule", "warmup_ratio", "seed", "save_every", "eval_every", "recompute", "lora_r",
           "lora_alpha", "lora_dropout", "target_modules"}
 
@@ -69,12 +70,15 @@ def _demo(raw: dict, base: Path, path: Path) -> tuple[dict, list[str]]:
         out["recompute"] = "on" if training["gradient_checkpointing"] else "off"
     peft = raw.get("peft_config") or {}
     peft_type = str(peft.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    if peft_type not in ("LORA", "PREFIX_TUNING"):
         raise InvalidParameterError(f"{path.name}: peft_config.peft_type", peft.get("peft_type"),
-                                    "glmkit finetune trains LoRA (P-Tuning v2 / PREFIX_TUNING is not supported yet); "
-                                    "use the demo's lora.yaml")
+                                    "must be LORA or PREFIX_TUNING (P-Tuning v2), as the demo's configs")
+    if peft_type == "PREFIX_TUNING":
+        out["method"] = "ptuning"
     for key, value in peft.items():
-        if key in _PEFT:
+        if key == "num_virtual_tokens":
+            out["pre_seq_len"] = value
+        elif key in _PEFT:
             out[_PEFT[key]] = ",".join(value) if isinstance(value, list) else value
         elif key not in _IGNORED_PEFT:
             ignored.append(f"peft_config.{key}")
@@ -108,7 +112,7 @@ def read_config(file: str | Path) -> dict:
     for name, kind in (("learning_rate", float), ("lora_alpha", float), ("lora_dropout", float),
                        ("warmup_ratio", float), ("epochs", int), ("max_steps", int), ("lora_r", int),
                        ("batch_size", int), ("micro_batch_size", int), ("max_length", int), ("seed", int),
-                       ("save_every", int), ("eval_every", int)):
+                       ("save_every", int), ("eval_every", int), ("pre_seq_len", int)):
         if out.get(name) is not None:
             out[name] = _number(out[name], f"{path.name}: {name}", kind)
     if out.get("max_steps") is not None and out["max_steps"] <= 0:

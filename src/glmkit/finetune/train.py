@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ..errors import InvalidParameterError, ModelLoadError
 from ..models import training
 from ..models.lora import LoraConfig, add_lora, checkpoint_names, save_adapter, select_targets, targets_of
+from ..models.ptuning import PrefixEncoder, load_prefix, save_prefix
 from .data import PackedSample, Sample
 
 log = logging.getLogger("glmkit")
@@ -35,7 +36,10 @@ LOG_FILE = "log.jsonl"
 
 @dataclass
 class TrainConfig:
+    method: str = "lora"                # lora | ptuning (P-Tuning v2, ChatGLM checkpoints)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    pre_seq_len: int = 128              # ptuning: prefix length
+    prefix_projection: bool = False     # ptuning: ChatGLM's MLP over the prefix embedding
     learning_rate: float = 2e-4
     epochs: int = 3
     max_steps: int | None = None        # optimizer steps; overrides epochs
@@ -54,6 +58,8 @@ class TrainConfig:
     compiled: bool = False              # torch.compile the decoder layer (GPU)
 
     def check(self) -> None:
+        if self.method not in ("lora", "ptuning"):
+            raise InvalidParameterError("method", self.method, "must be lora or ptuning")
         self.lora.check()
         if not self.learning_rate > 0:
             raise InvalidParameterError("learning_rate", self.learning_rate, "must be > 0 (LoRA: 1e-4 to 5e-4)")
@@ -113,16 +119,25 @@ class Trainer:
     adaptable modules) and writes them to `out_dir`."""
 
     def __init__(self, model, tensor_names: list[str], base_name: str, config: TrainConfig, out_dir: Path,
-                 train: list[Sample], dev: list[Sample] | None = None):
+                 train: list[Sample], dev: list[Sample] | None = None, base_config: dict | None = None):
         config.check()
         self.model, self.config, self.out_dir = model, config, out_dir
         self.base_name, self.train, self.dev = base_name, train, dev or []
+        self.base_config = base_config or {}  # config.json of the base: P-Tuning v2 saves it with its prefix
         self.device = next(model.parameters()).device
         torch.manual_seed(config.seed)  # the adapters' initial values
-        targets = select_targets(targets_of(tensor_names, model.config, model), config.lora.target_modules)
-        self.parts = add_lora(model, targets, config.lora)
-        self.params = [p for holder in {id(h): h for h in self.parts.values()}.values()
-                       for p in (holder.lora_A, holder.lora_B)]
+        self.parts: dict = {}
+        self.prefix: PrefixEncoder | None = None
+        if config.method == "ptuning":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.prefix = PrefixEncoder(model.config, config.pre_seq_len, config.prefix_projection).to(self.device)
+            self.params = list(self.prefix.parameters())
+        else:
+            targets = select_targets(targets_of(tensor_names, model.config, model), config.lora.target_modules)
+            self.parts = add_lora(model, targets, config.lora)
+            self.params = [p for holder in {id(h): h for h in self.parts.values()}.values()
+                           for p in (holder.lora_A, holder.lora_B)]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                            fused=self.device.type == "cuda")  # one kernel for every adapter
         per_epoch = math.ceil(len(train) / config.batch_size)
@@ -171,12 +186,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(self.step, self.total_steps, self.warmup, cfg.schedule)
         self.model.train()
+        if self.prefix is not None:
+            self.prefix.train()
         total_loss, num_tokens = 0.0, 0
         for start in range(0, len(batch), cfg.micro_batch_size):
             ids, mask, positions, attn_mask = collate(batch[start:start + cfg.micro_batch_size], self.device,
                                                       cfg.one_row)
             hidden = training.hidden_states(self.model, ids, positions, attn_mask, recompute=cfg.recompute,
-                                            compiled=cfg.compiled)
+                                            compiled=cfg.compiled, prefix=self._prefix_kv())
             loss = training.target_loss(self.model, hidden, ids, mask)
             (loss / max(1, num_targets)).backward()
             total_loss += loss.item()
@@ -197,20 +214,28 @@ class Trainer:
         if not self.dev:
             return None
         self.model.eval()
+        if self.prefix is not None:
+            self.prefix.eval()
         total, count = 0.0, 0
         mine = self.dev[self.rank::self.world]
         for start in range(0, len(mine), self.config.micro_batch_size):
             chunk = mine[start:start + self.config.micro_batch_size]
             ids, mask, positions, attn_mask = collate(chunk, self.device, self.config.one_row)
-            hidden = training.hidden_states(self.model, ids, positions, attn_mask)
+            hidden = training.hidden_states(self.model, ids, positions, attn_mask, prefix=self._prefix_kv())
             total += training.target_loss(self.model, hidden, ids, mask).item()
             count += int(mask[:, 1:].sum())
         total, count = self._all_sum([total, count])
         return total / max(1, count)
 
+    def _prefix_kv(self):
+        return None if self.prefix is None else self.prefix(self.model.embed.weight.dtype)
+
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self, directory: Path, with_state: bool) -> None:
-        save_adapter(directory, self.parts, self.config.lora, self.base_name)
+        if self.prefix is not None:
+            save_prefix(directory, self.prefix, self.base_config)
+        else:
+            save_adapter(directory, self.parts, self.config.lora, self.base_name)
         if with_state:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
@@ -239,7 +264,9 @@ class Trainer:
         """Continue from a checkpoint: its adapter weights, optimizer moments, step and random state."""
         from ..models.lora import read_adapter
 
-        adapter = read_adapter(directory)
+        if self.prefix is not None:
+            load_prefix(directory, self.prefix)
+        adapter = read_adapter(directory) if self.parts else None
         for path, holder in self.parts.items():
             if path not in adapter.weights:
                 raise ModelLoadError(f"checkpoint {directory} has no weights for {path!r}: it was made with other "
@@ -303,7 +330,7 @@ class Trainer:
         if lead:
             self.save(self.out_dir, with_state=False)
             (self.out_dir / CONFIG_FILE).write_text(json.dumps(
-                {"base_model": self.base_name, "method": "lora", "world_size": self.world, **asdict(cfg)},
+                {"base_model": self.base_name, "world_size": self.world, **asdict(cfg)},
                 indent=2, default=str), encoding="utf-8")
         if self.world > 1:
             dist.barrier()
@@ -344,6 +371,7 @@ class Base:
     """A base model loaded for training, with what renders its data."""
     model: torch.nn.Module
     tensor_names: list[str]  # the checkpoint's, which name the modules a LoRA can adapt
+    raw_config: dict         # its config.json
     name: str                # written into the adapter as base_model_name_or_path
     chat_format: object
 
@@ -377,4 +405,4 @@ def load_base(model: str | None, device: str = "auto", dtype: str = "auto", chat
                           eos_token_ids=config.eos_token_ids)
     log.info("glmkit: loading %s (%s%s, %s)", model_dir, name, f", {plan.mode} weights" if plan else "", target)
     loaded = load_model(model_dir, config, getattr(torch, name), target, plan, pack=False)
-    return Base(loaded, checkpoint_names(model_dir), base_name, fmt)
+    return Base(loaded, checkpoint_names(model_dir), raw, base_name, fmt)

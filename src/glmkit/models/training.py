@@ -43,9 +43,11 @@ def positions_and_mask(lengths: list[list[int]], seq_len: int, device) -> tuple[
 
 
 def _layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, rotary_dim: int,
-           interleaved: bool) -> torch.Tensor:
+           interleaved: bool, prefix_k: torch.Tensor | None = None,
+           prefix_v: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, L, hidden] -> [B, L, hidden]: attention and MLP with their residual adds. cos, sin: the rotary
-    tables at each token's position [B * L, 1, rotary_dim // 2] (the same for every layer)."""
+    tables at each token's position [B * L, 1, rotary_dim // 2] (the same for every layer). prefix_k/v
+    [P, groups, head_dim]: a P-Tuning prefix put before the keys and values (unrotated); `mask` then covers it."""
     batch, length, _ = x.shape
     attn = layer.attn
     heads, groups, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -54,11 +56,15 @@ def _layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     q, k = rotate(qkv[:, : heads + groups], cos, sin, rotary_dim, interleaved).split([heads, groups], dim=1)
     v = qkv[:, heads + groups:]
     q = q.view(batch, length, heads, dim).transpose(1, 2)  # [B, H, L, D]
+    k, v = k.view(batch, length, groups, dim), v.view(batch, length, groups, dim)
+    if prefix_k is not None:  # [P, G, D] before every row's keys and values
+        k = torch.cat([prefix_k.expand(batch, *prefix_k.shape), k], dim=1)
+        v = torch.cat([prefix_v.expand(batch, *prefix_v.shape), v], dim=1)
     if q.is_cuda:  # the kernels read each KV group for its heads: no expanded copy
-        k, v = (t.view(batch, length, groups, dim).transpose(1, 2) for t in (k, v))
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     else:
-        k, v = (expand_kv(t.view(batch, length, groups, dim), heads).transpose(1, 2) for t in (k, v))
+        k, v = expand_kv(k, heads).transpose(1, 2), expand_kv(v, heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     x = x + attn.o(out.transpose(1, 2).reshape(batch, length, heads * dim))
     gate, up = layer.mlp.gate_up(layer.mlp_norm(x)).chunk(2, dim=-1)
@@ -97,17 +103,29 @@ def _layer_fn(recompute: bool, compiled: bool):
     return _compiled[recompute]
 
 
+def prefix_mask(mask: torch.Tensor | None, batch: int, length: int, prefix_len: int, device) -> torch.Tensor:
+    """The attention mask with a prefix every query sees: [B, 1, L, P + L]."""
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    mask = mask.expand(batch, 1, length, length)
+    return torch.cat([torch.ones(batch, 1, length, prefix_len, dtype=torch.bool, device=device), mask], dim=-1)
+
+
 def hidden_states(model: DecoderModel, input_ids: torch.Tensor, positions: torch.Tensor, mask=None,
-                  recompute: bool = False, compiled: bool = False) -> torch.Tensor:
-    """input_ids, positions [B, L] -> final hidden states [B, L, hidden] (after the last norm)."""
+                  recompute: bool = False, compiled: bool = False, prefix=None) -> torch.Tensor:
+    """input_ids, positions [B, L] -> final hidden states [B, L, hidden] (after the last norm). `prefix`: per
+    layer (keys, values) [P, groups, head_dim] of a P-Tuning v2 prefix (models/ptuning.py)."""
     x = model.embed(input_ids)
     if recompute and x.requires_grad is False:
         x.requires_grad_(True)  # so checkpointed layers of a frozen base still pass gradients to the adapters
     rotary = model.rotary
     cos, sin = rotary.tables(positions.reshape(-1))
     layer_fn = _layer_fn(recompute, compiled)
-    for layer in model.layers:
-        x = layer_fn(layer, x, cos, sin, mask, rotary.dim, rotary.interleaved)
+    if prefix is not None:
+        mask = prefix_mask(mask, input_ids.shape[0], input_ids.shape[1], prefix[0][0].shape[0], input_ids.device)
+    for i, layer in enumerate(model.layers):
+        kv = prefix[i] if prefix is not None else (None, None)
+        x = layer_fn(layer, x, cos, sin, mask, rotary.dim, rotary.interleaved, *kv)
     return model.norm(x)
 
 

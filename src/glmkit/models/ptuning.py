@@ -1,0 +1,68 @@
+"""P-Tuning v2 as ChatGLM2/3 implement it: a learned prefix of `pre_seq_len` keys and values for every layer,
+which every real token attends to, and the format their ptuning scripts save (what ChatGLM's own code loads).
+
+The prefix encoder is an embedding of [pre_seq_len, num_layers * 2 * kv_groups * kv_channels] (optionally
+through ChatGLM's projection: Linear(kv_size, hidden) -> tanh -> Linear(hidden, kv_size)); row p holds, for
+layer l, its key at [2l] and value at [2l + 1] (each kv_groups x kv_channels). As the original: the prefix
+keys are not rotated, the real tokens keep positions 0, 1, ... (the prefix takes none), every query attends to
+the whole prefix, and in training dropout 0.1 is applied to the prefix. Saved as a directory with the base's
+config.json plus `pre_seq_len` / `prefix_projection`, and `pytorch_model.bin` holding only the
+`transformer.prefix_encoder.*` tensors. Knows nothing of optimizers or data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InvalidParameterError
+
+PREFIX = "transformer.prefix_encoder."
+PREFIX_DROPOUT = 0.1  # the original's dropout on the prefix while training
+
+
+class PrefixEncoder(nn.Module):
+    def __init__(self, config, pre_seq_len: int, projection: bool = False, hidden_size: int | None = None):
+        super().__init__()
+        if config.model_type != "chatglm":
+            raise InvalidParameterError("method", "ptuning", f"P-Tuning v2 is ChatGLM's (model_type chatglm); this "
+                                        f"model is {config.model_type!r}: use --method lora")
+        if not isinstance(pre_seq_len, int) or pre_seq_len < 1:
+            raise InvalidParameterError("pre_seq_len", pre_seq_len, "must be a whole number >= 1 (128 is usual)")
+        self.pre_seq_len, self.projection = pre_seq_len, projection
+        self.num_layers, self.groups, self.head_dim = config.num_layers, config.num_kv_heads, config.head_dim
+        kv_size = config.num_layers * 2 * config.num_kv_heads * config.head_dim
+        self.embedding = nn.Embedding(pre_seq_len, kv_size)
+        if projection:
+            hidden = hidden_size or config.hidden_size
+            self.trans = nn.Sequential(nn.Linear(kv_size, hidden), nn.Tanh(), nn.Linear(hidden, kv_size))
+        self.dropout = nn.Dropout(PREFIX_DROPOUT)
+
+    def forward(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values), each [pre_seq_len, kv_groups, kv_channels] in `dtype`."""
+        kv = self.embedding.weight
+        if self.projection:
+            kv = self.trans(kv)
+        kv = self.dropout(kv.to(dtype)).view(self.pre_seq_len, self.num_layers * 2, self.groups, self.head_dim)
+        return [(kv[:, 2 * i], kv[:, 2 * i + 1]) for i in range(self.num_layers)]
+
+
+def save_prefix(out_dir: Path, encoder: PrefixEncoder, base_config: dict) -> None:
+    """ChatGLM's P-Tuning v2 format: config.json (the base's, with pre_seq_len and prefix_projection) and
+    pytorch_model.bin with the prefix encoder's tensors only."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {PREFIX + name: t.detach().float().cpu().contiguous() for name, t in encoder.state_dict().items()}
+    tmp = out_dir / "pytorch_model.bin.partial"
+    torch.save(state, tmp)
+    tmp.replace(out_dir / "pytorch_model.bin")
+    config = dict(base_config) | {"pre_seq_len": encoder.pre_seq_len, "prefix_projection": encoder.projection}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def load_prefix(directory: Path, encoder: PrefixEncoder) -> None:
+    """The prefix encoder's tensors from a saved P-Tuning v2 directory (a checkpoint of this run)."""
+    state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    encoder.load_state_dict({k.removeprefix(PREFIX): v for k, v in state.items()})
