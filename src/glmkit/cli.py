@@ -26,7 +26,7 @@ COMMANDS = {
     "info": ("glmkit.commands.info", "show the resolved model, chat format and limits"),
     "quantize": ("glmkit.commands.quantize", "save an int8/int4 copy of a model that loads without quantizing again"),
     "cache": ("glmkit.commands.cache", "list or clean glmkit's cache of converted and quantized models"),
-    "finetune": ("glmkit.commands.finetune", "fine-tune a model with LoRA on your own conversations"),
+    "finetune": ("glmkit.commands.finetune", "fine-tune a model (LoRA, P-Tuning v2) on your own conversations"),
     "eval": ("glmkit.commands.evaluate", "score a model (and adapter) on a dev set: ROUGE-1/2/L and BLEU-4"),
     "merge": ("glmkit.commands.merge", "fold a LoRA adapter into the model's weights and save the result"),
 }
