@@ -20,7 +20,7 @@ REWORDED = "Which city would a diplomat travel to in order to visit Veloria's na
 
 def chat(lines: list[str], *flags: str) -> list[str]:
     """The answers of `glmkit chat` in line mode, one question per line."""
-    proc = subprocess.run([sys.executable, "-m", "glmkit", "chat", "--temperature", "0", "--max-tokens", "40",
+    proc = subprocess.run([sys.executable, "-m", "glmkit", "chat", "--temperature", "0", "--max-tokens", "32",
                            "--line-mode", *flags], input="".join(line + "\n" for line in lines),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
