@@ -10,6 +10,7 @@ run would have. Knows nothing of file formats (data.py) or of the command line (
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -79,11 +80,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=2)  # every step of an epoch reads it: shuffled once, not once per step
+def epoch_order(num_samples: int, seed: int, epoch: int) -> tuple[int, ...]:
     """The sample order of one epoch: depends only on (seed, epoch), so a resumed run repeats it."""
     order = list(range(num_samples))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+    return tuple(order)
 
 
 def collate(samples: list[Sample], device, one_row: bool = False):

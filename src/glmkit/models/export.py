@@ -22,6 +22,15 @@ from .quant import QuantPlan
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
+def copy_other_files(model_dir: Path, out_dir: Path, keep_config: bool) -> None:
+    """Copy everything of a model directory but its weights (tokenizer, chat template, licence; config.json too
+    with `keep_config`) to a new model directory."""
+    for src in model_dir.iterdir():
+        if src.is_file() and not src.name.startswith(".") and not src.name.endswith(_WEIGHT_SUFFIXES) \
+                and not src.name.endswith(".index.json") and (keep_config or src.name != "config.json"):
+            shutil.copy2(src, out_dir / src.name)
+
+
 def save_quantized(model_dir: Path, plan: QuantPlan, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Quantize `model_dir` as `plan` says and write the copy to `out_dir` (which must not hold a model)."""
     from safetensors.torch import save_file
@@ -34,11 +43,7 @@ def save_quantized(model_dir: Path, plan: QuantPlan, out_dir: Path, dtype: torch
     state = load_state_dict(model_dir, config.model_type, dtype, plan)
     settle_head(state, config, dtype, plan)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for src in model_dir.iterdir():
-        if src.is_file() and src.name != "config.json" and not src.name.startswith(".") \
-                and not src.name.endswith(_WEIGHT_SUFFIXES) \
-                and not src.name.endswith(".index.json"):
-            shutil.copy2(src, out_dir / src.name)
+    copy_other_files(model_dir, out_dir, keep_config=False)
     saved = replace(plan, source="glmkit")
     raw = {k: v for k, v in raw.items() if k != "quantization_bit"} | {
         "quantization_config": saved.to_config(), "tie_word_embeddings": config.tie_word_embeddings,

@@ -306,10 +306,9 @@ def merge_into(model_dir: Path, adapter: Adapter, out_dir: Path) -> Path:
     """Write `model_dir` with the adapter folded into its weights to `out_dir`: the same tensor names, shards and
     dtypes (`.bin` shards become `.safetensors`), every other file copied, so what loaded the original (glmkit,
     transformers, the model's own code) loads the result."""
-    import shutil
-
     from safetensors.torch import save_file
 
+    from .export import copy_other_files
     from .loader import _read_tensors, _weight_files
 
     if (out_dir / "config.json").exists():
@@ -337,7 +336,5 @@ def merge_into(model_dir: Path, adapter: Adapter, out_dir: Path) -> Path:
     if len(files) > 1:
         index = {"metadata": {}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    for src in model_dir.iterdir():
-        if src.is_file() and not src.name.endswith((".safetensors", ".bin", ".gguf", ".index.json")):
-            shutil.copy2(src, out_dir / src.name)
+    copy_other_files(model_dir, out_dir, keep_config=True)
     return out_dir
