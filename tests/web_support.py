@@ -133,6 +133,20 @@ def wait_for_answer(page, expected: str) -> None:
                            "document.querySelector('#stats').innerText.includes('tokens')")
 
 
+def wait_for_stats(page, log: str = "") -> str:
+    """Until the answer has ended (the stats line shows its speed, or an error); the stats line. A timeout
+    fails with what the page shows and the end of the server's log (`log`: its path), not a bare timeout."""
+    ended = "() => /tokens\\/s|error/.test(document.querySelector('#stats').innerText)"
+    try:
+        page.wait_for_function(ended)
+    except Exception as timeout:  # playwright's TimeoutError
+        tail = Path(log).read_text(errors="replace")[-3000:] if log else ""
+        shot(page, "timeout")
+        raise AssertionError(f"the answer did not end: stats {page.inner_text('#stats')!r}, user {user_texts(page)}, "
+                             f"bot {bot_texts(page)}\n{tail}") from timeout
+    return page.inner_text("#stats")
+
+
 def shot(page, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"web-{name}.png"
