@@ -3,6 +3,8 @@
     python benchmarks/finetune_gpu.py [--shape chatglm3-6b] [--batch 4] [--seq 768] [--rank 32] [--steps 10]
         [--recompute on|off] [--compile on|off] [--sides hf glmkit] [--repeats 1]
         [--quantization int4 --sides glmkit]      # LoRA on an int4 base: its training peak
+        [--method ptuning --pre-seq-len 128]       # P-Tuning v2 (transformers + peft: prefix tuning, which
+                                                   # refuses activation checkpointing, so it runs without)
 
 Each side runs in a subprocess of its own (so the peak memory of one does not count against the other) on a
 random-weight bf16 model of the ChatGLM3-6B shape (transformers' GlmForCausalLM, the -hf layout, for both:
@@ -52,11 +54,19 @@ def run_hf(args) -> list[float]:
     with torch.device("cuda"):
         model = GlmForCausalLM._from_config(hf_config(args.shape), torch_dtype=torch.bfloat16,
                                             attn_implementation="sdpa")
+    if args.method == "ptuning":  # peft's prefix tuning: past key values, no activation checkpointing
+        model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                   num_virtual_tokens=args.pre_seq_len))
+        return train_hf(model, args)
     if args.recompute == "on":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
                                                        target_modules=MODULES))
+    return train_hf(model, args)
+
+
+def train_hf(model, args) -> list[float]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
@@ -99,7 +109,8 @@ def run_glmkit(args) -> list[float]:
               "mlp.down_proj")]
     ids = random_tokens(args)
     samples = [Sample(row.tolist(), [False] + [True] * (args.seq - 1), "bench") for row in ids]
-    train = TrainConfig(lora=LoraConfig(r=args.rank, alpha=2 * args.rank, dropout=0.05, target_modules=MODULES),
+    train = TrainConfig(method=args.method, pre_seq_len=args.pre_seq_len,
+                        lora=LoraConfig(r=args.rank, alpha=2 * args.rank, dropout=0.05, target_modules=MODULES),
                         batch_size=args.batch, micro_batch_size=args.batch, max_steps=10**6,
                         recompute=args.recompute == "on", compiled=args.compile == "on")
     trainer = Trainer(model, names, "bench", train, Path("/tmp/glmkit-bench-unused"), samples)
@@ -154,6 +165,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=768)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--method", default="lora", choices=("lora", "ptuning"))
+    p.add_argument("--pre-seq-len", type=int, default=128, help="ptuning: the prefix length")
     p.add_argument("--recompute", default="on", choices=("on", "off"))
     p.add_argument("--compile", default="off", choices=("on", "off"), help="glmkit: torch.compile the layer")
     p.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
@@ -166,7 +179,9 @@ def main() -> None:
     args = p.parse_args()
     if args.side:
         return child(args)
-    print(f"{args.shape}, LoRA r={args.rank} on {', '.join(MODULES)}, batch {args.batch} x {args.seq} tokens, "
+    method = (f"LoRA r={args.rank} on {', '.join(MODULES)}" if args.method == "lora" else
+              f"P-Tuning v2 prefix {args.pre_seq_len} (transformers + peft: prefix tuning without checkpointing)")
+    print(f"{args.shape}, {method}, batch {args.batch} x {args.seq} tokens, "
           f"activation checkpointing {args.recompute}, {torch.cuda.get_device_name()}")
     results: dict[str, list[dict]] = {}
     for _ in range(args.repeats):

@@ -95,6 +95,29 @@ def test_target_loss_is_cross_entropy_over_targets(qwen_dir):
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+def test_target_loss_gradient_with_a_frozen_head_equals_plain_cross_entropys(qwen_dir, monkeypatch):
+    """The frozen output layer's gradient is taken chunk by chunk in the forward pass (chunks of 2 here)."""
+    monkeypatch.setattr(training, "LOSS_CHUNK", 2)
+    model = load(qwen_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.tensor([[5, 17, 33, 2, 61, 7, 9]])
+    mask = torch.tensor([[False, False, True, True, True, False, True]])
+    positions, _ = training.positions_and_mask([[7]], 7, "cpu")
+    with torch.no_grad():
+        start = training.hidden_states(model, ids, positions)
+    hidden = start.clone().requires_grad_(True)
+    loss = training.target_loss(model, hidden, ids, mask)
+    (loss * 0.5).backward()
+    plain = start.clone().requires_grad_(True)
+    logits = model.lm_head(plain).float()[0]
+    rows = mask[0, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[:-1][rows], ids[0, 1:][rows], reduction="sum")
+    (expected * 0.5).backward()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert torch.allclose(hidden.grad, plain.grad, atol=1e-6) and plain.grad.abs().sum() > 0
+
+
 def lora_on(model, model_dir, modules, config):
     targets = targets_of(checkpoint_names(model_dir), model.config, model)
     return add_lora(model, select_targets(targets, modules), config)

@@ -133,17 +133,46 @@ def _chunk_loss(model: DecoderModel, hidden: torch.Tensor, targets: torch.Tensor
     return F.cross_entropy(model.lm_head(hidden).float(), targets, reduction="sum")
 
 
+class _FrozenHeadLoss(torch.autograd.Function):
+    """The summed loss of [N, hidden] states through a frozen output layer, its gradient taken chunk by chunk in
+    the forward pass and kept ([N, hidden], the size of the states): the logits are computed once, not again in
+    the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, model, targets):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(hidden)
+        for start in range(0, targets.numel(), LOSS_CHUNK):
+            rows = slice(start, start + LOSS_CHUNK)
+            with torch.enable_grad():
+                h = hidden[rows].detach().requires_grad_(True)
+                loss = _chunk_loss(model, h, targets[rows])
+                grad[rows], = torch.autograd.grad(loss, h)
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
 def target_loss(model: DecoderModel, hidden: torch.Tensor, input_ids: torch.Tensor,
                 loss_mask: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of every target token (loss_mask[b, t]: input_ids[b, t] is predicted from position
-    t - 1). Only target positions reach the output layer, in chunks that are recomputed in the backward pass."""
+    t - 1). Only target positions reach the output layer, in chunks. A frozen output layer (LoRA and P-Tuning
+    leave it alone) has its gradient taken in the forward pass; a trained one is recomputed in the backward."""
     select = loss_mask[:, 1:]
     h = hidden[:, :-1][select]             # [N, hidden]
     targets = input_ids[:, 1:][select]     # [N]
+    training = torch.is_grad_enabled()
+    if training and h.requires_grad and not any(p.requires_grad for p in model.lm_head.parameters()):
+        return _FrozenHeadLoss.apply(h, model, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), LOSS_CHUNK):
         rows = slice(start, start + LOSS_CHUNK)
-        if torch.is_grad_enabled():
+        if training:
             total = total + checkpoint(_chunk_loss, model, h[rows], targets[rows], use_reentrant=False)
         else:
             total = total + _chunk_loss(model, h[rows], targets[rows])
