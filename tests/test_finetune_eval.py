@@ -196,7 +196,8 @@ def test_command_with_adapter_limit_and_json(glm_dir, llm, dev_file, adapter_dir
     assert {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "num_samples", "num_empty", "tokens_per_s"} <= set(result)
     assert result["num_samples"] == 2
     predictions = [json.loads(line)["prediction"] for line in out.read_text(encoding="utf-8").splitlines()]
-    tuned = LLM(str(glm_dir), dtype="float32", device="cpu", adapter=str(adapter_dir))
+    tuned = LLM(str(glm_dir), dtype="float32", device="cpu", adapters={"tuned": str(adapter_dir)})
+    tuned.default_adapter = "tuned"
     assert predictions == expected_predictions(tuned, dev_file)[:2]
     assert predictions != expected_predictions(llm, dev_file)[:2]  # the adapter was applied
 

@@ -73,7 +73,8 @@ def test_trains_and_serves_the_adapter(uninterrupted, model_dir):
                                              "down_proj"}
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]  # the newest 2
     params = SamplingParams(temperature=0, max_tokens=4)
-    tuned = LLM(str(model_dir), dtype="float32", device="cpu", adapter=str(out))
+    tuned = LLM(str(model_dir), dtype="float32", device="cpu", adapters={"tuned": str(out)})
+    tuned.default_adapter = "tuned"
     base = LLM(str(model_dir), dtype="float32", device="cpu")
     messages = [{"role": "user", "content": "hello 3"}]
     assert tuned.chat(messages, params)[0].text.startswith("world")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from .errors import InvalidParameterError
@@ -9,6 +10,17 @@ from .errors import InvalidParameterError
 DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
           "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+
+
+def check_adapter_name(name) -> str:
+    """An adapter's name (what requests put in `model`): letters, digits and . _ : / -, up to 128."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise InvalidParameterError("adapter name", name, "must be 1-128 letters, digits or . _ : / - (starting "
+                                    "with a letter or digit), e.g. sales")
+    return name
 
 
 @dataclass
@@ -27,7 +39,7 @@ class EngineConfig:
     enforce_eager: bool = False         # CUDA: no CUDA graphs for the decode step (slower; for debugging)
     quantization: str = "auto"          # none, int8, int4; auto: what the checkpoint holds, and for the embedded
                                         # default model on a CPU with bf16 instructions the measured fastest mode
-    adapter: str | None = None          # a LoRA adapter directory (peft format), folded into the weights at load
+    adapters: dict[str, str] | None = None  # LoRA adapters served beside the base: name -> directory (peft format)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -43,6 +55,8 @@ class EngineConfig:
         if self.quantization not in QUANTIZATION_MODES:
             raise InvalidParameterError("quantization", self.quantization, "must be one of "
                                         f"{', '.join(QUANTIZATION_MODES)}")
+        for name in self.adapters or {}:
+            check_adapter_name(name)
         if self.block_size not in (8, 16, 32, 64, 128, 256):
             raise InvalidParameterError("block_size", self.block_size, "must be one of 8, 16, 32, 64, 128, 256")
 

@@ -9,6 +9,8 @@ from then on its own calls go through that thread too, so they never race the se
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from .chat import get_chat_format
 from .chat.serving import ChatServing
 from .chat.tool_calls import ParsedOutput
-from .config import DTYPES, EngineConfig
+from .config import DTYPES, EngineConfig, check_adapter_name
 from .engine.async_engine import AsyncLLMEngine
 from .engine.llm_engine import LLMEngine
 from .engine.outputs import Delta, OutputCollector, RequestOutput
@@ -137,9 +139,8 @@ class LLM:
             torch.set_num_threads(self.config.num_threads)
         self.device = _device(self.config)  # first: a missing GPU is reported before a conversion, not after
         requested = _requested_quantization(self.config, self.device)
-        adapter = read_adapter(self.config.adapter) if self.config.adapter else None
-        if model is None:  # an adapter is folded into float weights, so not into the cached quantized copy
-            self.model_dir = default.ensure_float_dir() if adapter else default_model_dir(requested)
+        if model is None:
+            self.model_dir = default_model_dir(requested)
         else:
             self.model_dir = resolve_model_dir(model)
         raw_config, self.model_config = read_config(self.model_dir)
@@ -149,8 +150,7 @@ class LLM:
         self.dtype = _dtype(self.config, self.device, self.quantization)
         self.tokenizer = load_tokenizer(self.model_dir)
         steps.info("glmkit: loading %s", self.model_dir)
-        self.model = load_model(self.model_dir, self.model_config, self.dtype, self.device, self.quantization,
-                                deltas=adapter.deltas() if adapter else None)
+        self.model = load_model(self.model_dir, self.model_config, self.dtype, self.device, self.quantization)
         mc = self.model_config
         self.chat_format = get_chat_format(self.config.chat_format, tokenizer=self.tokenizer,
                                            model_type=mc.model_type, model_name=mc.name or self.model_dir.name,
@@ -160,6 +160,12 @@ class LLM:
         kv_budget = self._kv_cache_budget()
         self.engine = self._build_engine(sorted(eos), kv_budget)
         self._engine_thread: AsyncLLMEngine | None = None
+        self.adapters: dict[str, int] = {}       # loaded LoRA adapters: name -> engine id (never reused)
+        self._next_adapter_id = 1
+        self._adapter_lock = threading.Lock()   # loads and unloads may come from several threads (the server)
+        self.default_adapter: str | None = None  # the adapter this LLM's own calls use when they name none
+        for name, path in (self.config.adapters or {}).items():
+            self.load_adapter(name, path)
         self.resolved_config = replace(
             self.config, model=str(self.model_dir), device=str(self.device), chat_format=self.chat_format.name,
             dtype=str(self.dtype).removeprefix("torch."), max_model_len=self.engine.max_model_len,
@@ -167,6 +173,65 @@ class LLM:
             num_threads=self.config.num_threads or torch.get_num_threads(),
             kv_cache_memory_gb=float(f"{kv_budget / 2**30:.4g}"))
         log.info("glmkit: %s kv_blocks=%d", self.resolved_config.summary(), self.engine.blocks.num_blocks)
+
+    # -- adapters ----------------------------------------------------------------------------------------
+    def _on_engine(self, fn):
+        """fn(engine) on the engine's thread once one runs (between steps), else here."""
+        if self._engine_thread is None:
+            return fn(self.engine)
+        return self._engine_thread.call(fn).result()
+
+    def load_adapter(self, name: str, path: str | Path) -> int:
+        """Load a LoRA adapter directory (peft format) under `name`; requests naming it run through it. Returns
+        its engine id. A bad directory, or one made for another model, raises and loads nothing."""
+        def taken():
+            if name in self.adapters:
+                raise InvalidParameterError("adapter name", name, "is already loaded; unload it first or pick "
+                                            "another name")
+
+        check_adapter_name(name)
+        taken()  # before reading the files; again below, as another thread may load it meanwhile
+        adapter = read_adapter(path)
+        with self._adapter_lock:
+            taken()
+            adapter_id = self._next_adapter_id
+            self._next_adapter_id += 1
+            self._on_engine(lambda engine: engine.add_adapter(adapter_id, adapter))
+            self.adapters[name] = adapter_id
+        steps.info("glmkit: adapter %s loaded from %s (LoRA r=%d on %d modules)", name, adapter.path,
+                   adapter.config.r, len(adapter.weights))
+        return adapter_id
+
+    def unload_adapter(self, name: str, timeout_s: float = 30.0) -> None:
+        """Stop serving an adapter: new requests naming it are refused at once; its running requests finish
+        first (up to `timeout_s`; still running then, it stays loaded and this raises)."""
+        with self._adapter_lock:
+            adapter_id = self.adapter_id(name)
+            del self.adapters[name]
+        deadline = time.monotonic() + timeout_s
+        while (running := self._on_engine(lambda engine: engine.adapter_requests(adapter_id))) > 0:
+            if time.monotonic() > deadline:
+                self.adapters[name] = adapter_id
+                raise InvalidParameterError("adapter name", name, f"is in use by {running} running request(s) "
+                                            f"after {timeout_s:g} s; retry when they have finished")
+            time.sleep(0.05)
+        self._on_engine(lambda engine: engine.remove_adapter(adapter_id))
+        if self.default_adapter == name:
+            self.default_adapter = None
+        steps.info("glmkit: adapter %s unloaded", name)
+
+    def adapter_id(self, name: str | None) -> int | None:
+        """The engine id of a loaded adapter (None: the base model)."""
+        if name is None:
+            return None
+        if name not in self.adapters:
+            loaded = ", ".join(self.adapters) or "none"
+            raise InvalidParameterError("adapter", name, f"is not loaded (loaded adapters: {loaded})")
+        return self.adapters[name]
+
+    def _for_adapter(self, params: list[SamplingParams], adapter: str | None) -> list[SamplingParams]:
+        adapter_id = self.adapter_id(adapter if adapter is not None else self.default_adapter)
+        return [p if p.adapter_id == adapter_id else replace(p, adapter_id=adapter_id) for p in params]
 
     def start_engine_thread(self) -> AsyncLLMEngine:
         """Hand the engine to one background thread (once) and return it; this LLM's own calls use it too."""
@@ -241,15 +306,17 @@ class LLM:
             collectors[d.request_id].add(d)
         return [collectors[rid].result() for rid in ids]
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
+                 adapter: str | None = None) -> list[RequestOutput]:
+        """`adapter`: a loaded adapter's name (None: `default_adapter`, else the base model); so for every call."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self.encode_prompt(p) for p in prompts]
-        return self._run(encoded, self._params_list(params, len(encoded)))
+        return self._run(encoded, self._for_adapter(self._params_list(params, len(encoded)), adapter))
 
     def chat(self, messages, params: SamplingParams | None = None, *, tools: list[dict] | None = None,
              character: dict | None = None, tool_choice=None, response_format: dict | None = None,
-             parallel_tool_calls: bool = True) -> list[RequestOutput]:
+             parallel_tool_calls: bool = True, adapter: str | None = None) -> list[RequestOutput]:
         """One conversation (a list of message dicts) or a list of conversations. `tool_choice` and
         `response_format` take the OpenAI chat API's values; a forced call or a JSON answer is held to its
         grammar (choice.text then parses with json.loads; choice.tool_calls has the call)."""
@@ -258,7 +325,7 @@ class LLM:
         prompts = [serving.render(conv, tools, character, tool_choice, response_format=response_format,
                                   parallel_tool_calls=parallel_tool_calls) for conv in conversations]
         params = [serving.sampling_params(p, prompt, limit)
-                  for p, prompt in zip(self._params_list(params, len(prompts)), prompts)]
+                  for p, prompt in zip(self._for_adapter(self._params_list(params, len(prompts)), adapter), prompts)]
         outputs = self._run([prompt.prompt_ids for prompt in prompts], params)
         for prompt, out in zip(prompts, outputs):
             for choice in out.outputs:
@@ -266,10 +333,12 @@ class LLM:
                 choice.text, choice.tool_calls = parsed.content, parsed.tool_calls
         return outputs
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[tuple[str, Delta]]:
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+               adapter: str | None = None) -> Iterator[tuple[str, Delta]]:
         """Yield (text delta, engine delta) for one raw prompt (no chat format) as the engine produces them; the
         texts add up to `generate(prompt)`'s text. Closing the iterator aborts the request."""
-        deltas = self._deltas([(self.encode_prompt(prompt), params or SamplingParams(), uuid.uuid4().hex)])
+        params, = self._for_adapter([params or SamplingParams()], adapter)
+        deltas = self._deltas([(self.encode_prompt(prompt), params, uuid.uuid4().hex)])
         try:
             for d in deltas:
                 yield d.text, d
@@ -278,12 +347,14 @@ class LLM:
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
                     tools: list[dict] | None = None, character: dict | None = None, tool_choice=None,
-                    response_format: dict | None = None) -> Generator[tuple[str, Delta], None, list[ParsedOutput]]:
+                    response_format: dict | None = None,
+                    adapter: str | None = None) -> Generator[tuple[str, Delta], None, list[ParsedOutput]]:
         """Yield (display text delta, engine delta) for one conversation; closing the iterator aborts it. The
         generator returns (StopIteration.value, or `parsed = yield from ...`) each choice's final parse: its
         content and tool calls."""
         prompt = self.chat_serving.render(messages, tools, character, tool_choice, response_format=response_format)
-        params = self.chat_serving.sampling_params(params or SamplingParams(), prompt, self.engine.max_model_len)
+        params, = self._for_adapter([params or SamplingParams()], adapter)
+        params = self.chat_serving.sampling_params(params, prompt, self.engine.max_model_len)
         streams = [self.chat_serving.stream(prompt) for _ in range(params.n)]
         deltas = self._deltas([(prompt.prompt_ids, params, uuid.uuid4().hex)])
         try:

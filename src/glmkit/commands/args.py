@@ -107,6 +107,22 @@ def existing_path(flag: str, what: str) -> Callable[[str], str]:
     return parse
 
 
+def adapter_spec(text: str) -> tuple[str, str]:
+    """--adapter [NAME=]DIR -> (name, directory); the name defaults to the directory's own name."""
+    from ..config import ADAPTER_NAME
+
+    name, sep, path = text.partition("=")
+    if not sep or Path(text).expanduser().exists():  # a directory whose name holds "=" is a directory
+        name, path = Path(text).expanduser().resolve().name, text
+    if not Path(path).expanduser().is_dir():
+        raise _flag_error("--adapter", text, "is not a directory; pass [NAME=]DIR, DIR being what a LoRA "
+                          "fine-tuning saved (glmkit finetune --output, or peft's save_pretrained)")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise _flag_error("--adapter", text, f"the name {name!r} must be 1-128 letters, digits or . _ : / - "
+                          "(starting with a letter or digit); give one: --adapter NAME=DIR")
+    return name, path
+
+
 def _device(text: str) -> str:
     index = text.removeprefix("cuda:")
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and index.isdigit()):
@@ -143,9 +159,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default="auto", type=one_of("--quantization", ("auto", "none", "int8", "int4")),
                    help="weight-only quantization of the linear layers: auto, none, int8, int4 (auto: as the "
                    "checkpoint is stored; int8 for the embedded model on a CPU with bf16 instructions)")
-    g.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter directory (glmkit finetune's "
-                   "output, or peft's), folded into the model's weights as it loads",
-                   type=existing_path("--adapter", "pass the directory a LoRA fine-tuning saved"))
+    g.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR", type=adapter_spec,
+                   help="a LoRA adapter directory (glmkit finetune's output, or peft's) served beside the model; "
+                   "NAME (default: the directory's name) is what requests put in `model`. Repeat it to serve "
+                   "several (serve); chat, generate and eval answer with the one given")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
@@ -167,7 +184,26 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, chat_format=args.chat_format, max_model_len=args.max_model_len,
                 kv_cache_memory_gb=args.kv_cache_memory, num_threads=args.threads, quantization=args.quantization,
-                enforce_eager=args.enforce_eager, adapter=getattr(args, "adapter", None))
+                enforce_eager=args.enforce_eager, adapters=adapters(args))
+
+
+def adapters(args) -> dict[str, str] | None:
+    """The --adapter flags as {name: directory}; a name given twice is an error."""
+    pairs = getattr(args, "adapter", None) or []
+    names = [name for name, _ in pairs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:
+        raise InvalidParameterError("--adapter", twice, "names two adapters; give each its own NAME=DIR")
+    return dict(pairs) or None
+
+
+def use_one_adapter(llm, flag_values) -> None:
+    """chat, generate and eval answer with the adapter given (one at most)."""
+    if flag_values and len(flag_values) > 1:
+        raise InvalidParameterError("--adapter", " ".join(f"{n}={p}" for n, p in flag_values),
+                                    "gives several adapters; this command answers with one (serve takes several)")
+    if flag_values:
+        llm.default_adapter = flag_values[0][0]
 
 
 def one_core_free() -> int:
@@ -186,7 +222,9 @@ def load_llm(args, **overrides):
 
     kwargs = engine_kwargs(args) | overrides
     kwargs["num_threads"] = kwargs["num_threads"] or one_core_free()
-    return LLM(args.model, **kwargs)
+    llm = LLM(args.model, **kwargs)
+    use_one_adapter(llm, getattr(args, "adapter", None))
+    return llm
 
 
 def sampling_params(args):

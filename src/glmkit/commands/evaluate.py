@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .args import add_model_arguments, engine_kwargs, existing_path, integer
+from .args import add_model_arguments, engine_kwargs, existing_path, integer, use_one_adapter
 
 DEFAULT_MAX_TOKENS = 512  # the official finetune_demo's generation max_new_tokens (configs/*.yaml)
 
@@ -52,7 +52,9 @@ def _load_llm(args):
 
     # --adapter is a model flag (commands/args.py). --threads unset: torch's default, every core: this is a batch
     # job like serve, not one conversation beside other work.
-    return LLM(args.model, **engine_kwargs(args))
+    llm = LLM(args.model, **engine_kwargs(args))
+    use_one_adapter(llm, args.adapter)
+    return llm
 
 
 def _write_rows(path: str, rows) -> None:

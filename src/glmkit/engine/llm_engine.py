@@ -55,6 +55,8 @@ class LLMEngine:
             raise InvalidParameterError("params", type(params).__name__, "must be a SamplingParams")
         if params.structured is not None:
             self.grammars.check(params.structured)  # compiled once; a bad grammar is the request's error
+        if params.adapter_id is not None and params.adapter_id not in self.runner.adapters:
+            raise InvalidParameterError("model", params.adapter_id, "names an adapter that is not loaded (any more)")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> None:
         if request_id in self.seqs:
@@ -67,12 +69,27 @@ class LLMEngine:
             if not p.ignore_eos:
                 stop_ids |= self.eos_token_ids
             seq = Sequence(request_id, prompt_ids, p, index, stop_ids,
-                           IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens))
+                           IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens), p.adapter_id)
             if p.structured is not None:
                 seq.matcher = self.grammars.matcher(p.structured)
             seqs.append(seq)
             self.scheduler.add(seq)
         self.seqs[request_id] = seqs
+
+    # -- adapters (on the engine's thread, between steps) ------------------------------------------------
+    def add_adapter(self, adapter_id: int, adapter) -> None:
+        """Serve a LoRA adapter (lora.Adapter) under `adapter_id`: an id never used before, so no cached block
+        (their hashes are salted with the id) can be shared with another adapter's requests."""
+        self.runner.adapters.add(adapter_id, adapter)
+
+    def remove_adapter(self, adapter_id: int) -> None:
+        if self.adapter_requests(adapter_id):
+            raise InvalidParameterError("adapter", adapter_id, "still has running requests")
+        self.runner.adapters.remove(adapter_id)
+
+    def adapter_requests(self, adapter_id: int) -> int:
+        """Sequences of this adapter that are queued or running."""
+        return sum(seq.adapter_id == adapter_id and not seq.finished for seqs in self.seqs.values() for seq in seqs)
 
     def abort(self, request_id: str) -> None:
         removed = self.scheduler.abort(request_id)

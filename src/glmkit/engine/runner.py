@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.adapters import ServedAdapters
 from ..models.layers import AttentionBatch, DecodeGroup, DecoderModel, PagedPrefill, PromptGroup, SeqSlice
 from .sampler import Sample, Sampler, to_device
 from .step import Step, StepRow, slot_range
@@ -77,6 +78,7 @@ class ModelRunner:
                  max_model_len: int = 0, max_num_seqs: int = 1, cuda_graphs: bool = False,
                  lookahead: bool | None = None):
         self.model = model
+        self.adapters = ServedAdapters(model)  # LoRA adapters beside the base, by engine id
         self.device = model.embed.weight.device
         self.block_size, self.max_model_len = block_size, max_model_len
         c = model.config
@@ -178,7 +180,9 @@ class ModelRunner:
 
     def _logits(self, rows: list[StepRow]) -> torch.Tensor | None:
         """Run the rows' tokens; the logits of the rows that pick a next token (None if no row does)."""
-        if self.graphs is not None and all(r.sample and len(r.token_ids) == 1 and r.start > 0 for r in rows) \
+        adapted = any(r.adapter_id is not None for r in rows)
+        if self.graphs is not None and not adapted \
+                and all(r.sample and len(r.token_ids) == 1 and r.start > 0 for r in rows) \
                 and self.graphs.can_run(len(rows)):
             positions = [r.start for r in rows]
             bs = self.block_size
@@ -186,14 +190,16 @@ class ModelRunner:
                                    [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, positions)],
                                    [r.block_table for r in rows])
         input_ids, positions, batch, last_rows = self._prepare(rows)
-        hidden = self.model(input_ids, positions, batch, self.kv_caches)
+        if adapted:  # each token row through its own adapter (eager: the captured graphs know none)
+            with self.adapters.batch([r.adapter_id for r in rows for _ in r.token_ids], self.device):
+                hidden = self.model(input_ids, positions, batch, self.kv_caches)
+        else:
+            hidden = self.model(input_ids, positions, batch, self.kv_caches)
         return self.model.compute_logits(hidden[last_rows]) if last_rows else None
 
     @torch.inference_mode()
     def run(self, step: Step) -> list[Sample]:
         """Compute every row's tokens; one Sample for each row with `sample` set, in row order."""
-        if any(row.adapter_id is not None for row in step.rows):
-            raise NotImplementedError("adapters are not served yet: every row must use the base model")
         for seq_id in step.released:
             self.sampler.forget(seq_id)
         ahead, self._ahead = self._ahead, None
@@ -210,7 +216,7 @@ class ModelRunner:
         else:
             fresh_ids = self.sampler.sample_ids(logits, fresh) if fresh else None
             fresh_host, fresh_done = _read_back(fresh_ids) if fresh else (None, None)
-            if self.lookahead and step.run_ahead:
+            if self.lookahead and step.run_ahead and all(r.adapter_id is None for r in sampling):
                 self._ahead = self._launch_ahead(sampling, self._ids(sampling, covered, ahead, fresh_ids))
             if fresh:
                 if fresh_done is not None:

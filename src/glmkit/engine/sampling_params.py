@@ -29,6 +29,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     structured: StructuredOutput | None = None  # the output is held to this grammar (constrained decoding)
     extra_stop_token_ids: list[int] = field(default_factory=list, repr=False)  # set by chat formats
+    # Not sampling, but it travels with the request: the loaded adapter (its engine id) that computes it; None:
+    # the base model. Set by LLM / the server from the adapter's name.
+    adapter_id: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

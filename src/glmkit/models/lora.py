@@ -168,7 +168,7 @@ class LoraLinear(nn.Module):
         mine_a.copy_(a)
         mine_b.copy_(b)
 
-    def _block_b(self, dtype: torch.dtype) -> torch.Tensor:
+    def block_b(self, dtype: torch.dtype) -> torch.Tensor:
         """B laid out over the whole output: [out, targets * r]."""
         b = self.lora_B.to(dtype)
         if self.whole:
@@ -187,7 +187,7 @@ class LoraLinear(nn.Module):
         y = self.base(x)
         z = F.linear(self.dropout(x), self.lora_A.to(x.dtype))                  # [..., targets * r]
         rows = y.reshape(-1, y.shape[-1])
-        out = torch.addmm(rows, z.reshape(-1, z.shape[-1]), self._block_b(x.dtype).t(), alpha=self.scale)
+        out = torch.addmm(rows, z.reshape(-1, z.shape[-1]), self.block_b(x.dtype).t(), alpha=self.scale)
         return out.view(y.shape)
 
 

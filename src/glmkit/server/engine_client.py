@@ -40,6 +40,14 @@ class EngineClient(Protocol):
 
     def abort_all(self, error: BaseException) -> None: ...
 
+    def adapter_names(self) -> list[str]: ...
+
+    def adapter_id(self, name: str) -> int | None: ...
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str, timeout_s: float = 30.0) -> None: ...
+
     @property
     def alive(self) -> bool: ...
 
@@ -80,6 +88,24 @@ class LocalEngineClient:
     def abort_all(self, error: BaseException) -> None:
         """End every running request with `error` (their streams raise it) and refuse new ones."""
         self._engine.abort_all(error)
+
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters served beside the model, in the order they were loaded."""
+        return list(self._llm.adapters)
+
+    def adapter_id(self, name: str) -> int | None:
+        """The engine id a request's SamplingParams.adapter_id takes for this adapter name (None: not loaded)."""
+        return self._llm.adapters.get(name)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Read and load an adapter directory (on a worker thread; the engine takes it between two steps).
+        Raises InvalidParameterError (name taken or malformed) or ModelLoadError (a bad or mismatched adapter)."""
+        await asyncio.to_thread(self._llm.load_adapter, name, path)
+
+    async def unload_adapter(self, name: str, timeout_s: float = 30.0) -> None:
+        """Refuse new requests for it at once, wait for its running ones (up to timeout_s, else
+        InvalidParameterError and it stays loaded), then free it."""
+        await asyncio.to_thread(self._llm.unload_adapter, name, timeout_s)
 
     @property
     def alive(self) -> bool:

@@ -1,0 +1,159 @@
+"""Serving LoRA adapters beside the base model (LLM API, CPU, fp32): a batch mixing the base and adapters of
+different ranks and targets gives every request the tokens it gets alone, and what the adapter's weights folded
+into the checkpoint give; adapters never share prefix-cache blocks; an int8 base serves adapters too; served
+logits of a Qwen2 LoRA match transformers + peft; adapters load and unload while requests run."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
+from glmkit import LLM
+from glmkit.engine.sampling_params import SamplingParams
+from glmkit.errors import InvalidParameterError, ModelLoadError
+from glmkit.models.loader import load_model, read_config
+from glmkit.models.lora import (LoraConfig, add_lora, checkpoint_names, merge_into, read_adapter, save_adapter,
+                               select_targets, targets_of)
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+PROMPTS = ["你好", "晚上睡不着应该怎么办", "hello there", "1 2 3 4"]
+
+
+def make_adapter(model_dir, out, modules, r, seed):
+    """A peft-format LoRA for this checkpoint whose B is random (so it changes the answers)."""
+    _, config = read_config(model_dir)
+    model = load_model(model_dir, config, torch.float32, torch.device("cpu"))
+    lora = LoraConfig(r=r, alpha=2 * r, target_modules=modules)
+    parts = add_lora(model, select_targets(targets_of(checkpoint_names(model_dir), model.config, model), modules),
+                     lora)
+    g = torch.Generator().manual_seed(seed)
+    for path, holder in parts.items():
+        a, b = holder.get(path)
+        holder.set(path, a, torch.randn(b.shape, generator=g) * 0.3)
+    save_adapter(out, parts, lora, str(model_dir))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(glm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {"qkv4": make_adapter(glm_dir, root / "qkv4", ["query_key_value"], 4, seed=1),
+            "all8": make_adapter(glm_dir, root / "all8", ["all-linear"], 8, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def llm(glm_dir, adapters):
+    return LLM(str(glm_dir), dtype="float32", device="cpu", adapters={k: str(v) for k, v in adapters.items()})
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in outputs]
+
+
+def run_together(llm, jobs: list[tuple[str, str | None]]) -> list[list[int]]:
+    """(prompt, adapter name) jobs added to the engine at once, so each step batches them all."""
+    engine, out = llm.engine, {}
+    for i, (prompt, name) in enumerate(jobs):
+        engine.add_request(llm.encode_prompt(prompt), replace(GREEDY, adapter_id=llm.adapter_id(name)), str(i))
+        out[str(i)] = []
+    while engine.has_unfinished():
+        for d in engine.step():
+            out[d.request_id] += d.token_ids
+    return [out[str(i)] for i in range(len(jobs))]
+
+
+def test_a_mixed_batch_gives_each_request_its_tokens_alone(llm):
+    names = [None, "qkv4", "all8"]
+    alone = {(name, p): tokens(llm.generate([p], GREEDY, adapter=name))[0] for name in names for p in PROMPTS}
+    assert len({tuple(alone[(n, PROMPTS[1])]) for n in names}) == 3  # each adapter changes the answer
+    jobs = [(p, name) for p in PROMPTS for name in names]  # interleaved: base and adapter rows side by side
+    assert run_together(llm, jobs) == [alone[(name, p)] for p, name in jobs]
+
+
+def test_served_adapter_equals_its_weights_folded_in(glm_dir, adapters, llm, tmp_path):
+    for name, path in adapters.items():
+        folded = LLM(str(merge_into(glm_dir, read_adapter(path), tmp_path / name)), dtype="float32", device="cpu")
+        assert tokens(folded.generate(PROMPTS, GREEDY)) == tokens(llm.generate(PROMPTS, GREEDY, adapter=name)), name
+
+
+def test_adapters_never_share_prefix_cache_blocks(llm):
+    prompt = "同一个很长的提示词，" * 6
+    llm.generate([prompt], GREEDY)  # the base fills the cache
+    again = llm.generate([prompt], GREEDY)[0]
+    adapted = llm.generate([prompt], GREEDY, adapter="all8")[0]
+    adapted_again = llm.generate([prompt], GREEDY, adapter="all8")[0]
+    assert again.num_cached_tokens > 0
+    assert adapted.num_cached_tokens == 0 and adapted_again.num_cached_tokens > 0
+
+
+def test_an_int8_base_serves_adapters(glm_dir, adapters):
+    llm = LLM(str(glm_dir), device="cpu", quantization="int8", adapters={"all8": str(adapters["all8"])})
+    alone = [tokens(llm.generate([p], GREEDY, adapter="all8"))[0] for p in PROMPTS]
+    base = tokens(llm.generate(PROMPTS, GREEDY))
+    assert tokens(llm.generate(PROMPTS, GREEDY, adapter="all8")) == alone != base
+
+
+def test_unknown_and_mismatched_adapters_are_clear_errors(llm, glm_dir, tmp_path, hf_tokenizer_dir):
+    with pytest.raises(InvalidParameterError, match="adapter='nope'.*not loaded.*qkv4, all8"):
+        llm.generate(["hi"], GREEDY, adapter="nope")
+    with pytest.raises(InvalidParameterError, match="already loaded"):
+        llm.load_adapter("qkv4", tmp_path)
+    with pytest.raises(ModelLoadError, match="adapter_config.json"):
+        llm.load_adapter("empty", tmp_path)
+    config = llama_config(96, "qwen2")
+    qwen = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=3), config)
+    with pytest.raises(ModelLoadError, match="q_proj.*different model"):
+        llm.load_adapter("qwen", make_adapter(qwen, tmp_path / "qwen-lora", ["q_proj"], 2, seed=0))
+    assert list(llm.adapters) == ["qkv4", "all8"]
+
+
+def test_served_qwen2_lora_logits_match_transformers_peft(tmp_path, hf_tokenizer_dir, hf):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = llama_config(hf.vocab_size, "qwen2")
+    qwen = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=8), config, hf_tokenizer_dir)
+    adapter = make_adapter(qwen, tmp_path / "lora", ["all-linear"], 4, seed=3)
+    llm = LLM(str(qwen), dtype="float32", device="cpu", adapters={"a": str(adapter)})
+    ids = [5, 17, 33, 2, 61, 7, 9, 40]
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=20)
+    _, _, ours = llm.generate([ids], params, adapter="a")[0].outputs[0].logprobs[0]  # (id, logprob, top 20)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(qwen), dtype=torch.float32)
+    theirs_model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        theirs = torch.log_softmax(theirs_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+    assert len(ours) == 20
+    for token_id, logprob in ours:
+        assert abs(logprob - theirs[token_id].item()) < 1e-3
+
+
+def test_load_and_unload_while_requests_stream(glm_dir, adapters):
+    llm = LLM(str(glm_dir), dtype="float32", device="cpu", max_num_seqs=8)
+    llm.start_engine_thread()
+    expected = tokens(llm.generate(PROMPTS[:2], GREEDY))
+    errors, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                assert tokens(llm.generate(PROMPTS[:2], GREEDY)) == expected
+            except Exception as e:  # noqa: BLE001 - collected for the assert below
+                errors.append(e)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        for cycle in range(20):
+            llm.load_adapter("x", adapters["qkv4"])
+            llm.generate(["hi"], SamplingParams(temperature=0.0, max_tokens=3), adapter="x")
+            llm.unload_adapter("x")
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors
+    assert llm.adapters == {} and not llm.engine.runner.adapters.loaded
+    assert all(not w.weights for w in llm.engine.runner.adapters._linears.values())
+    assert llm.engine.blocks.num_used == 0
