@@ -1,4 +1,5 @@
-"""ChatGLM P-Tuning v2 checkpoints are refused with a clear error, not silently served as the base model."""
+"""A ChatGLM P-Tuning v2 checkpoint given as the model is refused with a clear error (serve it with --adapter
+beside its base), not silently served as the base model."""
 
 import json
 import shutil
@@ -34,7 +35,7 @@ def refusal(model_dir) -> str:
         LLM(str(model_dir), dtype="float32", device="cpu")
     message = str(info.value)
     assert "\n" not in message
-    assert "P-Tuning v2" in message and "cannot serve" in message and "base model" in message
+    assert "P-Tuning v2" in message and "not a model" in message and "base model" in message and "--adapter" in message
     return message
 
 

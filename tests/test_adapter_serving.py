@@ -15,9 +15,11 @@ from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
 from glmkit import LLM
 from glmkit.engine.sampling_params import SamplingParams
 from glmkit.errors import InvalidParameterError, ModelLoadError
+from glmkit.models import training
 from glmkit.models.loader import load_model, read_config
 from glmkit.models.lora import (LoraConfig, add_lora, checkpoint_names, merge_into, read_adapter, save_adapter,
                                select_targets, targets_of)
+from glmkit.models.ptuning import PrefixEncoder, read_prefix, save_prefix
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["你好", "晚上睡不着应该怎么办", "hello there", "1 2 3 4"]
@@ -38,11 +40,22 @@ def make_adapter(model_dir, out, modules, r, seed):
     return out
 
 
+def make_prefix(model_dir, out, pre_seq_len, projection, seed):
+    """A ChatGLM P-Tuning v2 directory with a random prefix (large enough to change the answers)."""
+    raw, config = read_config(model_dir)
+    torch.manual_seed(seed)
+    encoder = PrefixEncoder(config, pre_seq_len, projection)
+    torch.nn.init.normal_(encoder.embedding.weight, std=1.0)
+    save_prefix(out, encoder, raw)
+    return out
+
+
 @pytest.fixture(scope="module")
 def adapters(glm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     return {"qkv4": make_adapter(glm_dir, root / "qkv4", ["query_key_value"], 4, seed=1),
-            "all8": make_adapter(glm_dir, root / "all8", ["all-linear"], 8, seed=2)}
+            "all8": make_adapter(glm_dir, root / "all8", ["all-linear"], 8, seed=2),
+            "prefix": make_prefix(glm_dir, root / "prefix", 16, False, seed=3)}
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +80,52 @@ def run_together(llm, jobs: list[tuple[str, str | None]]) -> list[list[int]]:
 
 
 def test_a_mixed_batch_gives_each_request_its_tokens_alone(llm):
-    names = [None, "qkv4", "all8"]
+    names = [None, "qkv4", "all8", "prefix"]
     alone = {(name, p): tokens(llm.generate([p], GREEDY, adapter=name))[0] for name in names for p in PROMPTS}
-    assert len({tuple(alone[(n, PROMPTS[1])]) for n in names}) == 3  # each adapter changes the answer
+    assert len({tuple(alone[(n, PROMPTS[1])]) for n in names}) == 4  # each adapter changes the answer
     jobs = [(p, name) for p in PROMPTS for name in names]  # interleaved: base and adapter rows side by side
     assert run_together(llm, jobs) == [alone[(name, p)] for p, name in jobs]
 
 
 def test_served_adapter_equals_its_weights_folded_in(glm_dir, adapters, llm, tmp_path):
-    for name, path in adapters.items():
+    for name in ("qkv4", "all8"):
+        path = adapters[name]
         folded = LLM(str(merge_into(glm_dir, read_adapter(path), tmp_path / name)), dtype="float32", device="cpu")
         assert tokens(folded.generate(PROMPTS, GREEDY)) == tokens(llm.generate(PROMPTS, GREEDY, adapter=name)), name
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_served_prefix_equals_the_training_forward(glm_dir, tmp_path, projection):
+    """Greedy tokens through the engine (the prefix in pinned KV blocks) equal those of the training path's
+    forward with the prefix (checked against ChatGLM's past-key-values attention in test_ptuning.py), run over
+    the whole sequence for every new token."""
+    prefix_dir = make_prefix(glm_dir, tmp_path / "p", 32, projection, seed=4)
+    llm = LLM(str(glm_dir), dtype="float32", device="cpu", adapters={"p": str(prefix_dir)})
+    _, config = read_config(glm_dir)
+    model = load_model(glm_dir, config, torch.float32, torch.device("cpu"))
+    kv = read_prefix(prefix_dir, config).kv
+    ids = llm.encode_prompt(PROMPTS[1])
+    expected = []
+    with torch.no_grad():
+        for _ in range(GREEDY.max_tokens):
+            seq = ids + expected
+            positions, _ = training.positions_and_mask([[len(seq)]], len(seq), "cpu")
+            hidden = training.hidden_states(model, torch.tensor([seq]), positions, prefix=kv)
+            expected.append(int(model.compute_logits(hidden[0, -1:]).argmax()))
+    assert tokens(llm.generate([ids], GREEDY, adapter="p"))[0] == expected
+    assert tokens(llm.generate([ids], GREEDY))[0] != expected
+
+
+def test_a_prefix_is_pinned_once_and_freed_on_unload(glm_dir, adapters):
+    llm = LLM(str(glm_dir), dtype="float32", device="cpu", block_size=8)
+    llm.load_adapter("p", adapters["prefix"])
+    assert llm.engine.blocks.num_used == 2  # 16 tokens in blocks of 8, however many requests use it
+    llm.generate(PROMPTS, GREEDY, adapter="p")
+    assert llm.engine.blocks.num_used == 2
+    llm.unload_adapter("p")
+    assert llm.engine.blocks.num_used == 0
+    with pytest.raises(ModelLoadError, match="pre_seq_len=12 is not a multiple.*block size \\(8\\).*no block size"):
+        llm.load_adapter("odd", make_prefix(glm_dir, llm.model_dir.parent / "odd-prefix", 12, False, seed=0))
 
 
 def test_adapters_never_share_prefix_cache_blocks(llm):
@@ -98,7 +146,7 @@ def test_an_int8_base_serves_adapters(glm_dir, adapters):
 
 
 def test_unknown_and_mismatched_adapters_are_clear_errors(llm, glm_dir, tmp_path, hf_tokenizer_dir):
-    with pytest.raises(InvalidParameterError, match="adapter='nope'.*not loaded.*qkv4, all8"):
+    with pytest.raises(InvalidParameterError, match="adapter='nope'.*not loaded.*qkv4, all8, prefix"):
         llm.generate(["hi"], GREEDY, adapter="nope")
     with pytest.raises(InvalidParameterError, match="already loaded"):
         llm.load_adapter("qkv4", tmp_path)
@@ -108,7 +156,7 @@ def test_unknown_and_mismatched_adapters_are_clear_errors(llm, glm_dir, tmp_path
     qwen = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=3), config)
     with pytest.raises(ModelLoadError, match="q_proj.*different model"):
         llm.load_adapter("qwen", make_adapter(qwen, tmp_path / "qwen-lora", ["q_proj"], 2, seed=0))
-    assert list(llm.adapters) == ["qkv4", "all8"]
+    assert list(llm.adapters) == ["qkv4", "all8", "prefix"]
 
 
 def test_served_qwen2_lora_logits_match_transformers_peft(tmp_path, hf_tokenizer_dir, hf):

@@ -39,7 +39,8 @@ class EngineConfig:
     enforce_eager: bool = False         # CUDA: no CUDA graphs for the decode step (slower; for debugging)
     quantization: str = "auto"          # none, int8, int4; auto: what the checkpoint holds, and for the embedded
                                         # default model on a CPU with bf16 instructions the measured fastest mode
-    adapters: dict[str, str] | None = None  # LoRA adapters served beside the base: name -> directory (peft format)
+    adapters: dict[str, str] | None = None  # adapters served beside the base: name -> directory (a peft LoRA or
+                                            # ChatGLM P-Tuning v2)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

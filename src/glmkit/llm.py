@@ -31,7 +31,8 @@ from .errors import InvalidParameterError, ModelLoadError
 from .models import default
 from .models.default import CPU_QUANTIZATION as DEFAULT_MODEL_CPU_QUANTIZATION, cpu_has_bf16  # noqa: F401
 from .models.loader import load_model, read_config
-from .models.lora import read_adapter
+from .models.adapters import read_served_adapter
+from .models.ptuning import PrefixAdapter
 from .models.quant import QuantPlan, bits_of, plan_for
 from .tokenizers import load_tokenizer
 
@@ -182,8 +183,9 @@ class LLM:
         return self._engine_thread.call(fn).result()
 
     def load_adapter(self, name: str, path: str | Path) -> int:
-        """Load a LoRA adapter directory (peft format) under `name`; requests naming it run through it. Returns
-        its engine id. A bad directory, or one made for another model, raises and loads nothing."""
+        """Load an adapter directory under `name` (a peft LoRA, or ChatGLM's P-Tuning v2); requests naming it run
+        through it. Returns its engine id. A bad directory, or one made for another model, raises and loads
+        nothing."""
         def taken():
             if name in self.adapters:
                 raise InvalidParameterError("adapter name", name, "is already loaded; unload it first or pick "
@@ -191,15 +193,16 @@ class LLM:
 
         check_adapter_name(name)
         taken()  # before reading the files; again below, as another thread may load it meanwhile
-        adapter = read_adapter(path)
+        adapter = read_served_adapter(path, self.model_config)
         with self._adapter_lock:
             taken()
             adapter_id = self._next_adapter_id
             self._next_adapter_id += 1
             self._on_engine(lambda engine: engine.add_adapter(adapter_id, adapter))
             self.adapters[name] = adapter_id
-        steps.info("glmkit: adapter %s loaded from %s (LoRA r=%d on %d modules)", name, adapter.path,
-                   adapter.config.r, len(adapter.weights))
+        steps.info("glmkit: adapter %s loaded from %s (%s)", name, adapter.path,
+                   f"P-Tuning v2, a {adapter.pre_seq_len}-token prefix" if isinstance(adapter, PrefixAdapter) else
+                   f"LoRA r={adapter.config.r} on {len(adapter.weights)} modules")
         return adapter_id
 
     def unload_adapter(self, name: str, timeout_s: float = 30.0) -> None:

@@ -97,13 +97,7 @@ class BlockManager:
         extra = self.blocks_needed(num_tokens) - len(seq.block_table)
         assert extra <= self.num_free, "allocate() called without can_allocate()"
         for _ in range(max(extra, 0)):
-            block_id = next(iter(self.free_ids))
-            block = self.blocks[block_id]
-            if block.hash is not None and self.cached.get(block.hash) == block_id:
-                del self.cached[block.hash]
-            block.hash = None
-            self._take(block_id)
-            seq.block_table.append(block_id)
+            seq.block_table.append(self._fresh())
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Hash the blocks that are now full of computed tokens so that later sequences can share them."""
@@ -124,6 +118,17 @@ class BlockManager:
             prev = block.hash
         seq.num_hashed = max(seq.num_hashed, seq.num_cached // bs)
 
+    def pin(self, num_blocks: int) -> list[int]:
+        """Take blocks out of the pool for good (an adapter's prefix); raises when the pool has too few free."""
+        if num_blocks > self.num_free:
+            raise ValueError(f"the KV cache has {self.num_free} free blocks and {num_blocks} are needed")
+        return [self._fresh() for _ in range(num_blocks)]
+
+    def unpin(self, block_ids: list[int]) -> None:
+        for block_id in block_ids:
+            self.blocks[block_id].ref_count = 0
+            self.free_ids[block_id] = None
+
     def free(self, seq: Sequence) -> None:
         # Release the tail first so that, once freed, the earlier (more shareable) blocks are overwritten last.
         for block_id in reversed(seq.block_table):
@@ -135,6 +140,16 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached = seq.num_hashed = 0
         seq.num_resets += 1
+
+    def _fresh(self) -> int:
+        """The least recently freed block, its old content forgotten, taken."""
+        block_id = next(iter(self.free_ids))
+        block = self.blocks[block_id]
+        if block.hash is not None and self.cached.get(block.hash) == block_id:
+            del self.cached[block.hash]
+        block.hash = None
+        self._take(block_id)
+        return block_id
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

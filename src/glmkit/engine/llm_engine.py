@@ -12,7 +12,7 @@ import copy
 import time
 from dataclasses import replace
 
-from ..errors import ContextLengthError, InvalidParameterError
+from ..errors import ContextLengthError, InvalidParameterError, ModelLoadError
 from ..tokenizers.base import Tokenizer
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -41,6 +41,8 @@ class LLMEngine:
         self.seqs: dict[str, list[Sequence]] = {}
         self.stats = EngineStats()
         self._released: list[int] = []  # seq_ids finished since the last step, for the runner to forget
+        self.adapter_ids: set[int] = set()         # the adapters requests may name (params.adapter_id)
+        self.prefixes: dict[int, list[int]] = {}  # a P-Tuning adapter's pinned prefix blocks
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise the error a request would get, without touching engine state (safe from any thread)."""
@@ -55,7 +57,7 @@ class LLMEngine:
             raise InvalidParameterError("params", type(params).__name__, "must be a SamplingParams")
         if params.structured is not None:
             self.grammars.check(params.structured)  # compiled once; a bad grammar is the request's error
-        if params.adapter_id is not None and params.adapter_id not in self.runner.adapters:
+        if params.adapter_id is not None and params.adapter_id not in self.adapter_ids:
             raise InvalidParameterError("model", params.adapter_id, "names an adapter that is not loaded (any more)")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> None:
@@ -78,14 +80,36 @@ class LLMEngine:
 
     # -- adapters (on the engine's thread, between steps) ------------------------------------------------
     def add_adapter(self, adapter_id: int, adapter) -> None:
-        """Serve a LoRA adapter (lora.Adapter) under `adapter_id`: an id never used before, so no cached block
-        (their hashes are salted with the id) can be shared with another adapter's requests."""
-        self.runner.adapters.add(adapter_id, adapter)
+        """Serve an adapter under `adapter_id`, an id never used before, so no cached block (their hashes are
+        salted with the id) is shared with another adapter's requests. A LoRA (lora.Adapter) goes to the runner's
+        linears; a P-Tuning prefix (ptuning.PrefixAdapter) is written once into blocks pinned for it, which every
+        request of the adapter attends to before its own."""
+        if hasattr(adapter, "pre_seq_len"):
+            bs = self.blocks.block_size
+            if adapter.pre_seq_len % bs:
+                fits = [b for b in (8, 16, 32, 64, 128, 256) if b < bs and adapter.pre_seq_len % b == 0]
+                fix = f"start with --block-size {fits[-1]}" if fits else "no block size (8 at least) divides it"
+                raise ModelLoadError(f"{adapter.path}: pre_seq_len={adapter.pre_seq_len} is not a multiple of the KV "
+                                     f"cache's block size ({bs}), which its pinned prefix needs; {fix}")
+            try:
+                blocks = self.blocks.pin(adapter.pre_seq_len // bs)
+            except ValueError as e:
+                raise ModelLoadError(f"{adapter.path}: no room for its {adapter.pre_seq_len}-token prefix ({e}); "
+                                     "retry when fewer requests run, or raise --kv-cache-memory") from None
+            self.runner.write_prefix(blocks, adapter.kv)
+            self.prefixes[adapter_id] = blocks
+        else:
+            self.runner.adapters.add(adapter_id, adapter)
+        self.adapter_ids.add(adapter_id)
 
     def remove_adapter(self, adapter_id: int) -> None:
         if self.adapter_requests(adapter_id):
             raise InvalidParameterError("adapter", adapter_id, "still has running requests")
-        self.runner.adapters.remove(adapter_id)
+        self.adapter_ids.discard(adapter_id)
+        if adapter_id in self.prefixes:
+            self.blocks.unpin(self.prefixes.pop(adapter_id))
+        else:
+            self.runner.adapters.remove(adapter_id)
 
     def adapter_requests(self, adapter_id: int) -> int:
         """Sequences of this adapter that are queued or running."""
@@ -137,7 +161,8 @@ class LLMEngine:
         penalties = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
         return StepRow(seq.seq_id, seq.token_ids(start, end), start, seq.block_table, end == len(seq), p,
                        len(seq.output_ids), seq.stop_ids, seq.prompt_ids if penalties else None,
-                       seq.output_ids if penalties else None, seq.num_resets, seq.adapter_id)
+                       seq.output_ids if penalties else None, seq.num_resets, seq.adapter_id,
+                       self.prefixes.get(seq.adapter_id, []))
 
     def _constrain(self, seqs: list[Sequence], rows: list[StepRow]) -> None:
         """Give each sampling row of a constrained sequence the bitmask of the tokens its grammar allows next

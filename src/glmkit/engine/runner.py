@@ -110,16 +110,18 @@ class ModelRunner:
         decode_rows, decode_tables, decode_lens, paged = [], [], [], []
         bs = self.block_size
         for row in rows:
-            start, end, table = row.start, row.end, row.block_table
             q_start = len(input_ids)
             input_ids.extend(row.token_ids)
-            positions.extend(range(start, end))
+            positions.extend(range(row.start, row.end))  # rotary positions: a P-Tuning prefix takes none
+            table = row.prefix_blocks + row.block_table if row.prefix_blocks else row.block_table
+            skip = len(row.prefix_blocks) * bs  # the prefix's K/V come first in the cache
+            start, end = row.start + skip, row.end + skip
             slots.extend(slot_range(table, start, end, bs))
             if start > 0 and end - start == 1:  # a decode step: batched with the others
                 decode_rows.append(q_start)
                 decode_tables.append(table)
                 decode_lens.append(end)
-            elif start > 0 and self.paged:  # after a cached context: attended over the paged cache
+            elif start > 0 and self.paged:  # after a cached context (or a prefix): attended over the paged cache
                 paged.append((q_start, end - start, end, table))
             else:
                 kv_slots = None if start == 0 else torch.tensor(slot_range(table, 0, end, bs), device=self.device)
@@ -133,6 +135,16 @@ class ModelRunner:
             decode.rows = None  # every row is a decode: attention skips the row gather and scatter
         batch = AttentionBatch(as_tensor(slots), slices, decode, groups, self._paged_prefill(paged))
         return as_tensor(input_ids), as_tensor(positions), batch, last_rows
+
+    @torch.inference_mode()
+    def write_prefix(self, blocks: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put a P-Tuning prefix's keys and values (per layer [P, kv heads, head dim], unrotated, as ChatGLM
+        attends to them) into these pinned blocks, once for every request of its adapter."""
+        slots = torch.tensor(slot_range(blocks, 0, len(blocks) * self.block_size, self.block_size),
+                             device=self.device)
+        for (k_cache, v_cache), (k, v) in zip(self.kv_caches, kv):
+            k_cache.index_copy_(0, slots, k.to(k_cache.device, k_cache.dtype))
+            v_cache.index_copy_(0, slots, v.to(v_cache.device, v_cache.dtype))
 
     def _paged_prefill(self, items: list[tuple[int, int, int, list[int]]]) -> PagedPrefill | None:
         """(first row, new tokens, context length, block table) per sequence -> the kernel's tensors."""

@@ -33,7 +33,10 @@ class StepRow:
     prompt_ids: list[int] | None = None
     output_ids: list[int] | None = None
     num_resets: int = 0           # times the sequence's blocks were taken back: a step run ahead before is stale
-    adapter_id: int | None = None  # None: the base model (adapters are served by a later issue)
+    adapter_id: int | None = None  # None: the base model
+    # A P-Tuning adapter's prefix: the pinned blocks holding its keys and values. They come before block_table:
+    # token t's K/V sit at position len(prefix_blocks) * block_size + t, while its rotary position stays t.
+    prefix_blocks: list[int] = field(default_factory=list)
     # Constrained decoding: the tokens the sampled one may be, as int32 words on the CPU (bit b of word w is
     # id 32*w + b); None: any token. Filled by the engine for this step only: such a row cannot run ahead.
     allowed: torch.Tensor | None = None

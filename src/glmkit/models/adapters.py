@@ -21,7 +21,22 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .lora import Adapter, LoraLinear, targets_of
+from .lora import Adapter, LoraLinear, read_adapter, targets_of
+from .ptuning import PrefixAdapter, is_prefix_dir, read_prefix
+
+
+def read_served_adapter(directory, config) -> Adapter | PrefixAdapter:
+    """An adapter directory as it was saved: a peft LoRA (adapter_config.json) or ChatGLM's P-Tuning v2
+    (config.json with pre_seq_len), for a model of `config`."""
+    from pathlib import Path
+
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a directory; pass what a fine-tuning saved (glmkit finetune's "
+                             "--output, peft's save_pretrained, or ChatGLM's P-Tuning v2 checkpoint)")
+    if is_prefix_dir(path) and not (path / "adapter_config.json").is_file():
+        return read_prefix(path, config)
+    return read_adapter(path)
 
 
 @dataclass

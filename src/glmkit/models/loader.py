@@ -30,8 +30,8 @@ _PART_ORDER = {"q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
 # A ChatGLM P-Tuning v2 checkpoint is the base model plus a learned prefix (config.json's pre_seq_len, the
 # transformer.prefix_encoder tensors). Loaded as a plain model it would answer without its fine-tuning, silently.
 _PREFIX_ENCODER = "transformer.prefix_encoder."
-_NO_ADAPTERS = ("glmkit cannot serve P-Tuning v2 adapters yet (adapter serving is coming); load the base model's "
-                "directory, without the adapter, instead")
+_NO_ADAPTERS = ("that is an adapter, not a model: load the base model's directory and serve this one beside it "
+                "with --adapter NAME=DIR (LLM(..., adapters={NAME: DIR}))")
 
 
 def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:

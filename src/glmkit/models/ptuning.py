@@ -13,12 +13,13 @@ config.json plus `pre_seq_len` / `prefix_projection`, and `pytorch_model.bin` ho
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, ModelLoadError
 
 PREFIX = "transformer.prefix_encoder."
 PREFIX_DROPOUT = 0.1  # the original's dropout on the prefix while training
@@ -66,3 +67,58 @@ def load_prefix(directory: Path, encoder: PrefixEncoder) -> None:
     """The prefix encoder's tensors from a saved P-Tuning v2 directory (a checkpoint of this run)."""
     state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
     encoder.load_state_dict({k.removeprefix(PREFIX): v for k, v in state.items()})
+
+
+@dataclass
+class PrefixAdapter:
+    """A P-Tuning v2 adapter read for serving: per layer (keys, values) [pre_seq_len, kv_groups, kv_channels]."""
+    path: Path
+    pre_seq_len: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def is_prefix_dir(directory: Path) -> bool:
+    """Whether a directory looks like ChatGLM's P-Tuning v2 output (config.json with a pre_seq_len)."""
+    try:
+        return json.loads((directory / "config.json").read_text(encoding="utf-8")).get("pre_seq_len") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_prefix(directory: str | Path, config) -> PrefixAdapter:
+    """ChatGLM's P-Tuning v2 directory (config.json with pre_seq_len and prefix_projection; the
+    `transformer.prefix_encoder.*` tensors in pytorch_model.bin or model.safetensors, beside the base model's
+    own tensors or not) -> the prefix's keys and values for a model of `config`, computed once."""
+    path = Path(directory).expanduser()
+    if config.model_type != "chatglm":
+        raise ModelLoadError(f"{path} is a ChatGLM P-Tuning v2 prefix; this model is {config.model_type!r}, which "
+                             "has no prefix encoder: serve it on the ChatGLM2/3 base it was trained on")
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    pre_seq_len, projection = raw.get("pre_seq_len"), bool(raw.get("prefix_projection"))
+    state = {}
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        file = path / name
+        if not file.is_file():
+            continue
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(PREFIX)})
+        else:
+            loaded = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            state.update({k: v for k, v in loaded.items() if k.startswith(PREFIX)})
+    if not state:
+        raise ModelLoadError(f"{path} has config.json with pre_seq_len={pre_seq_len!r} but no "
+                             f"{PREFIX}* tensors in pytorch_model.bin or model.safetensors; pass the directory "
+                             "ChatGLM's P-Tuning v2 run saved")
+    encoder = PrefixEncoder(config, pre_seq_len, projection, raw.get("hidden_size"))
+    try:
+        encoder.load_state_dict({k.removeprefix(PREFIX): v.float() for k, v in state.items()})
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ModelLoadError(f"{path}: its prefix does not fit this model ({first}); it was trained on a "
+                             "different model (layers, KV heads or head size differ)") from None
+    with torch.no_grad():
+        kv = [(k.clone(), v.clone()) for k, v in encoder.eval()(torch.float32)]
+    return PrefixAdapter(path, pre_seq_len, kv)

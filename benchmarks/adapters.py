@@ -1,0 +1,105 @@
+"""Decode speed with LoRA adapters served beside the base model, against the base alone, in the same process.
+
+    python benchmarks/adapters.py [--model DIR] [--rank 16] [--adapters 8] [--concurrent 1 8] [--tokens 64]
+        [--repeats 3] [--dtype auto] [--quantization auto]
+
+Random LoRA adapters (peft format, written to a temporary directory) of rank --rank on every linear layer are
+loaded into one LLM. For each --concurrent N it runs, interleaved --repeats times: N greedy requests on the base
+model, then the same N requests spread round-robin over --adapters adapters (with N = 1: one adapter), each
+decoding --tokens tokens (ignore_eos), and prints the median output tokens/s of each and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from glmkit import LLM  # noqa: E402
+from glmkit.engine.sampling_params import SamplingParams  # noqa: E402
+from glmkit.models.lora import ADAPTER_CONFIG, PEFT_PREFIX, checkpoint_names, targets_of  # noqa: E402
+
+
+def write_adapter(out: Path, llm: LLM, rank: int, seed: int) -> Path:
+    """A peft LoRA of this rank on every linear layer of llm's checkpoint, with small random A and B."""
+    from safetensors.torch import save_file
+
+    targets = targets_of(checkpoint_names(llm.model_dir), llm.model_config, llm.model)
+    if not targets:
+        raise SystemExit(f"{llm.model_dir} has no float linear weights to adapt; pass --quantization none (a "
+                         "quantized base still serves adapters, but this script names them from a float checkpoint)")
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for path, t in targets.items():
+        rows = t.rows.stop - t.rows.start
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = torch.randn(rank, t.in_features, generator=g) * 0.01
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = torch.randn(rows, rank, generator=g) * 0.01
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    modules = sorted({p.rpartition(".")[2] for p in targets})
+    (out / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                                                  "target_modules": modules}))
+    return out
+
+
+def rate(llm: LLM, n: int, tokens: int, adapters: list[str | None]) -> float:
+    """Output tokens/s of n requests decoding `tokens` each, request i through adapters[i % len(adapters)]."""
+    import threading
+
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    prompts = [f"Request {i}: tell me a long story about the sea." for i in range(n)]
+    groups: dict[str | None, list[str]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(adapters[i % len(adapters)], []).append(p)
+    start = time.perf_counter()
+    threads = [threading.Thread(target=llm.generate, args=(ps, params), kwargs={"adapter": name})
+               for name, ps in groups.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return n * tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a model directory (default: the embedded model)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--concurrent", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default="auto")
+    args = p.parse_args()
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, max_num_seqs=max(args.concurrent))
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.adapters):
+            llm.load_adapter(f"a{i}", write_adapter(Path(tmp) / f"a{i}", llm, args.rank, seed=i))
+    llm.start_engine_thread()
+    names = list(llm.adapters)
+    print(f"{llm.model_dir.name}, {llm.dtype}, quantization {llm.resolved_config.quantization}, {llm.device}; "
+          f"{args.adapters} LoRA adapters of rank {args.rank} on every linear layer; {args.tokens} tokens per request")
+    print("| concurrent | base tok/s | adapters tok/s | adapters / base |\n|---:|---:|---:|---:|")
+    rate(llm, 1, 8, [None])  # warm-up
+    rate(llm, 1, 8, names[:1])
+    for n in args.concurrent:
+        spread = names[:1] if n == 1 else names
+        base, adapted = [], []
+        for _ in range(args.repeats):
+            base.append(rate(llm, n, args.tokens, [None]))
+            adapted.append(rate(llm, n, args.tokens, spread))
+        b, a = statistics.median(base), statistics.median(adapted)
+        print(f"| {n} | {b:,.1f} | {a:,.1f} | {a / b:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
