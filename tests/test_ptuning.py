@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from checkpoint_fixtures import GROUPS, KV_CHANNELS, LAYERS, chatglm_config, random_chatglm_state, write_weights
+from glmkit import LLM
+from glmkit.engine.sampling_params import SamplingParams
 from glmkit.models import training
 from glmkit.models.layers import AttentionBatch, SeqSlice
 from glmkit.models.loader import load_model, read_config
-from glmkit.models.ptuning import PrefixEncoder
+from glmkit.models.ptuning import PrefixEncoder, read_prefix
 
 PRE = 3
 
@@ -87,24 +89,40 @@ def test_prefix_layout_is_chatglms(chatglm_dir):
     assert kv[0][1][0].flatten()[0].item() == block  # layer 0 value
 
 
-def test_finetune_ptuning_saves_chatglms_format(chatglm_dir, tmp_path):
+def test_finetune_ptuning_saves_chatglms_format_and_serves(chatglm_dir, tmp_path):
+    pre = 8  # served prefixes fill whole KV blocks (of 8 here)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"content": f"类型#上衣*颜色#{c}", "summary": f"这件{c}上衣很好看"},
                                        ensure_ascii=False) + "\n" for c in ("红色", "蓝色", "白色", "黑色")),
                     encoding="utf-8")
     out = tmp_path / "pt"
     proc = subprocess.run([sys.executable, "-m", "glmkit", "finetune", "--model", str(chatglm_dir), "--method",
-                           "ptuning", "--pre-seq-len", str(PRE), "--data", str(data), "--output", str(out),
+                           "ptuning", "--pre-seq-len", str(pre), "--data", str(data), "--output", str(out),
                            "--max-steps", "12", "--batch-size", "2", "--learning-rate", "0.3", "--threads", "1",
                            "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "P-Tuning v2 prefix of 3 tokens" in proc.stdout
+    assert "P-Tuning v2 prefix of 8 tokens" in proc.stdout and f"--adapter {out}" in proc.stdout
     curve = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
     # a prefix alone moves a random tiny model's answers slowly, but surely
     assert max(curve[-3:]) < curve[0] - 0.5, curve
     config = json.loads((out / "config.json").read_text())
-    assert config["pre_seq_len"] == PRE and config["prefix_projection"] is False
+    assert config["pre_seq_len"] == pre and config["prefix_projection"] is False
     assert config["model_type"] == "chatglm" and config["num_layers"] == LAYERS  # the base's config, kept
     state = torch.load(out / "pytorch_model.bin", weights_only=True)
     assert list(state) == ["transformer.prefix_encoder.embedding.weight"]
-    assert state["transformer.prefix_encoder.embedding.weight"].shape == (PRE, LAYERS * 2 * GROUPS * KV_CHANNELS)
+    assert state["transformer.prefix_encoder.embedding.weight"].shape == (pre, LAYERS * 2 * GROUPS * KV_CHANNELS)
+    # served as trained: the engine's answer through the prefix is the training forward's, not the base's
+    llm = LLM(str(chatglm_dir), dtype="float32", device="cpu", block_size=8, adapters={"pt": str(out)})
+    ids = llm.chat_serving.render([{"role": "user", "content": "类型#上衣*颜色#红色"}]).prompt_ids
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    served = llm.generate([ids], params, adapter="pt")[0].outputs[0].token_ids
+    assert served != llm.generate([ids], params)[0].outputs[0].token_ids
+    model, kv = load(chatglm_dir), read_prefix(out, llm.model_config).kv
+    expected = []
+    with torch.no_grad():
+        for _ in range(6):
+            seq = ids + expected
+            positions, _ = training.positions_and_mask([[len(seq)]], len(seq), "cpu")
+            hidden = training.hidden_states(model, torch.tensor([seq]), positions, prefix=kv)
+            expected.append(int(model.compute_logits(hidden[0, -1:]).argmax()))
+    assert served == expected

@@ -197,8 +197,14 @@ def _train(args, device: str, rank: int) -> int:
     world = f" on {trainer.world} processes" if trainer.world > 1 else ""
     what = (f"P-Tuning v2 prefix of {config.pre_seq_len} tokens" if config.method == "ptuning" else
             f"LoRA r={config.lora.r} alpha={config.lora.alpha:g} on {len(trainer.parts)} modules")
+    per_step = min(config.batch_size, len(train))  # a batch holds at most every sample there is
     say(f"{what} ({trainer.num_trainable / 1e6:.2f}M trainable parameters); {trainer.total_steps} steps of "
-        f"{config.batch_size} samples{world}, lr {config.learning_rate:g}, {base.chat_format.name} format")
+        f"{per_step} sample{'s' * (per_step != 1)}{world}, lr {config.learning_rate:g}, {base.chat_format.name} "
+        "format")
+    if config.method == "ptuning" and config.pre_seq_len % 16:
+        say(f"note: glmkit serves a prefix in whole KV blocks: {config.pre_seq_len} tokens "
+            + ("need --block-size 8 when served" if config.pre_seq_len % 8 == 0 else
+               "fit no block size, so glmkit will not serve it (ChatGLM's own code will); 128 is usual"))
     last = trainer.fit()
     if "stopped" in last:
         say(f"stopped at step {trainer.step}; checkpoint saved in {last['stopped']}. Continue with the same "
@@ -206,10 +212,8 @@ def _train(args, device: str, rank: int) -> int:
         return 130
     summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items() if k in
                ("step", "loss", "eval_loss", "tokens_per_s")}
-    if config.method == "ptuning":  # serving prefixes comes with adapter serving
-        say(f"done: {json.dumps(summary)}; P-Tuning v2 prefix saved in {out} (ChatGLM's format: config.json with "
-            "pre_seq_len, pytorch_model.bin)")
-        return 0
-    say(f"done: {json.dumps(summary)}; adapter saved in {out}. Chat with it: glmkit chat"
+    saved = ("P-Tuning v2 prefix saved in {} (ChatGLM's format: config.json with pre_seq_len, pytorch_model.bin)"
+             if config.method == "ptuning" else "adapter saved in {}")
+    say(f"done: {json.dumps(summary)}; {saved.format(out)}. Chat with it: glmkit chat"
         + (f" --model {args.model}" if args.model else "") + f" --adapter {out}")
     return 0
