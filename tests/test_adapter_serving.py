@@ -11,43 +11,18 @@ from dataclasses import replace
 import pytest
 import torch
 
+from adapter_fixtures import make_adapter, make_prefix
 from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
 from glmkit import LLM
 from glmkit.engine.sampling_params import SamplingParams
 from glmkit.errors import InvalidParameterError, ModelLoadError
 from glmkit.models import training
 from glmkit.models.loader import load_model, read_config
-from glmkit.models.lora import (LoraConfig, add_lora, checkpoint_names, merge_into, read_adapter, save_adapter,
-                               select_targets, targets_of)
-from glmkit.models.ptuning import PrefixEncoder, read_prefix, save_prefix
+from glmkit.models.lora import merge_into, read_adapter
+from glmkit.models.ptuning import read_prefix
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["你好", "晚上睡不着应该怎么办", "hello there", "1 2 3 4"]
-
-
-def make_adapter(model_dir, out, modules, r, seed):
-    """A peft-format LoRA for this checkpoint whose B is random (so it changes the answers)."""
-    _, config = read_config(model_dir)
-    model = load_model(model_dir, config, torch.float32, torch.device("cpu"))
-    lora = LoraConfig(r=r, alpha=2 * r, target_modules=modules)
-    parts = add_lora(model, select_targets(targets_of(checkpoint_names(model_dir), model.config, model), modules),
-                     lora)
-    g = torch.Generator().manual_seed(seed)
-    for path, holder in parts.items():
-        a, b = holder.get(path)
-        holder.set(path, a, torch.randn(b.shape, generator=g) * 0.3)
-    save_adapter(out, parts, lora, str(model_dir))
-    return out
-
-
-def make_prefix(model_dir, out, pre_seq_len, projection, seed):
-    """A ChatGLM P-Tuning v2 directory with a random prefix (large enough to change the answers)."""
-    raw, config = read_config(model_dir)
-    torch.manual_seed(seed)
-    encoder = PrefixEncoder(config, pre_seq_len, projection)
-    torch.nn.init.normal_(encoder.embedding.weight, std=1.0)
-    save_prefix(out, encoder, raw)
-    return out
 
 
 @pytest.fixture(scope="module")

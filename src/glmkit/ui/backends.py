@@ -65,6 +65,8 @@ class LocalBackend:
     def __init__(self, llm, character: dict | None = None):
         self.llm, self.character = llm, character
         self.name = (character or {}).get("bot_name") or llm.model_config.name or llm.model_dir.name
+        if llm.default_adapter:  # the answers come through it: say so wherever the name shows
+            self.name += f" + {llm.default_adapter}"
         self.max_model_len = llm.engine.max_model_len
 
     def count_tokens(self, messages: list[dict]) -> int:

@@ -1,0 +1,36 @@
+"""Adapters for tiny test checkpoints: a peft-format LoRA and a ChatGLM P-Tuning v2 directory, both with random
+weights large enough to change a random model's greedy answers."""
+
+from __future__ import annotations
+
+import torch
+
+from glmkit.models.loader import load_model, read_config
+from glmkit.models.lora import LoraConfig, add_lora, checkpoint_names, save_adapter, select_targets, targets_of
+from glmkit.models.ptuning import PrefixEncoder, save_prefix
+
+
+def make_adapter(model_dir, out, modules, r: int, seed: int, scale: float = 0.3):
+    """A peft-format LoRA for this checkpoint whose B is random, std `scale` (zero in a fresh LoRA), so it
+    changes the answers."""
+    _, config = read_config(model_dir)
+    model = load_model(model_dir, config, torch.float32, torch.device("cpu"))
+    lora = LoraConfig(r=r, alpha=2 * r, target_modules=modules)
+    parts = add_lora(model, select_targets(targets_of(checkpoint_names(model_dir), model.config, model), modules),
+                     lora)
+    g = torch.Generator().manual_seed(seed)
+    for path, holder in parts.items():
+        a, b = holder.get(path)
+        holder.set(path, a, torch.randn(b.shape, generator=g) * scale)
+    save_adapter(out, parts, lora, str(model_dir))
+    return out
+
+
+def make_prefix(model_dir, out, pre_seq_len: int, projection: bool, seed: int):
+    """A ChatGLM P-Tuning v2 directory with a random prefix (large enough to change the answers)."""
+    raw, config = read_config(model_dir)
+    torch.manual_seed(seed)
+    encoder = PrefixEncoder(config, pre_seq_len, projection)
+    torch.nn.init.normal_(encoder.embedding.weight, std=1.0)
+    save_prefix(out, encoder, raw)
+    return out
