@@ -281,3 +281,35 @@ def chatglm_official_dequantized(quantized: dict[str, torch.Tensor], bits: int) 
             t = q.float() * quantized[scale_name].float()[:, None]
         out[name] = t.float() if t.is_floating_point() else t
     return out
+
+
+def random_prefix_state(config: dict, pre_seq_len: int, projection: bool = False,
+                        seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random P-Tuning v2 prefix encoder for a ChatGLM2/3 `config`, keyed as ChatGLM's ptuning scripts save it:
+    the embedding [pre_seq_len, num_layers * 2 * multi_query_group_num * kv_channels] (std 1.0), and with
+    `projection` the two-layer MLP trans.0 Linear(kv_size, hidden) -> Tanh -> trans.2 Linear(hidden, kv_size)
+    (normal weights scaled so the keys and values it gives are of order 1). Large enough to change the answers."""
+    g = torch.Generator().manual_seed(seed)
+    kv_size = config["num_layers"] * 2 * config["multi_query_group_num"] * config["kv_channels"]
+    h = config["hidden_size"]
+    p = "transformer.prefix_encoder."
+    state = {p + "embedding.weight": torch.randn(pre_seq_len, kv_size, generator=g)}
+    if projection:
+        state.update({
+            p + "trans.0.weight": torch.randn(h, kv_size, generator=g) * (2.0 / kv_size ** 0.5),
+            p + "trans.0.bias": torch.randn(h, generator=g) * 0.1,
+            p + "trans.2.weight": torch.randn(kv_size, h, generator=g) * (2.0 / h ** 0.5),
+            p + "trans.2.bias": torch.randn(kv_size, generator=g) * 0.5,
+        })
+    return state
+
+
+def make_prefix_dir(out: Path, base_config: dict, state: dict[str, torch.Tensor], pre_seq_len: int,
+                    projection: bool) -> Path:
+    """What ChatGLM's ptuning scripts save: config.json (the base's plus pre_seq_len and prefix_projection) and
+    pytorch_model.bin holding only the prefix encoder's tensors."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(base_config) | {"pre_seq_len": pre_seq_len, "prefix_projection": projection}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    torch.save({name: t.contiguous() for name, t in state.items()}, out / "pytorch_model.bin")
+    return out
