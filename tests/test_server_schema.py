@@ -69,7 +69,8 @@ CHECKS = {"not_a_server_error", "status_code_conformance", "content_type_conform
 OPERATIONS = {"GET /health", "GET /ready", "GET /metrics", "GET /v1/models", "GET /v1/models/{model_id}",
               "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/embeddings", "POST /",
               "POST /v1/responses", "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}",
-              "GET /v1/responses/{response_id}/input_items", "POST /v1/messages", "POST /v1/messages/count_tokens"}
+              "GET /v1/responses/{response_id}/input_items", "POST /v1/messages", "POST /v1/messages/count_tokens",
+              "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter"}
 
 
 # --- settling what no schema can say ----------------------------------------------------------------------------
@@ -295,7 +296,8 @@ def served_tokenizer(sp):
 @pytest.mark.slow  # about a minute: ~3,200 cases in 45-60 s on two busy cores, and the server's start
 def test_schemathesis_finds_no_failure(tiny_dir, served_tokenizer):
     server = ServerProcess("--model", str(tiny_dir), "--embedding-model", "none", *SERVE_ARGS)
-    SERVED.names = {path: MODEL for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", *ANTHROPIC)}
+    SERVED.names = {path: MODEL for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/",
+                                             *ANTHROPIC)}
     try:
         run = run_schemathesis(server.url)
         assert_clean(run, server, MIN_CASES, OPERATIONS)

@@ -260,8 +260,10 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
                              "(glmkit finetune's --output, or peft's save_pretrained)")
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{config_path} is not valid JSON ({e})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{config_path} cannot be read as JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{config_path} holds {type(raw).__name__}, not a JSON object of LoRA settings")
     if raw.get("peft_type", "LORA") != "LORA":
         _refuse(path, "peft_type", raw.get("peft_type"), "glmkit loads LoRA adapters here")
     if raw.get("use_dora"):
@@ -278,12 +280,17 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     file = next((path / n for n in ADAPTER_WEIGHTS if (path / n).is_file()), None)
     if file is None:
         raise ModelLoadError(f"{path} has no adapter weights: expected {' or '.join(ADAPTER_WEIGHTS)}")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
+            state = load_file(str(file))
+        else:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file fails as its reader pleases
+        raise ModelLoadError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{file} holds {type(state).__name__}, not a dict of LoRA tensors")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         m = _PEFT_KEY.fullmatch(key)

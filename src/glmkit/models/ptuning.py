@@ -85,6 +85,22 @@ def is_prefix_dir(directory: Path) -> bool:
         return False
 
 
+def _prefix_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The prefix encoder's tensors of one weights file (the base model's, if it holds them too, are skipped)."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if k.startswith(PREFIX)}
+        loaded = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file fails as its reader pleases
+        raise ModelLoadError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(loaded, dict):
+        raise ModelLoadError(f"{file} holds {type(loaded).__name__}, not a dict of tensors")
+    return {k: v for k, v in loaded.items() if isinstance(k, str) and k.startswith(PREFIX)}
+
+
 def read_prefix(directory: str | Path, config) -> PrefixAdapter:
     """ChatGLM's P-Tuning v2 directory (config.json with pre_seq_len and prefix_projection; the
     `transformer.prefix_encoder.*` tensors in pytorch_model.bin or model.safetensors, beside the base model's
@@ -93,21 +109,13 @@ def read_prefix(directory: str | Path, config) -> PrefixAdapter:
     if config.model_type != "chatglm":
         raise ModelLoadError(f"{path} is a ChatGLM P-Tuning v2 prefix; this model is {config.model_type!r}, which "
                              "has no prefix encoder: serve it on the ChatGLM2/3 base it was trained on")
-    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))  # is_prefix_dir has read it
     pre_seq_len, projection = raw.get("pre_seq_len"), bool(raw.get("prefix_projection"))
     state = {}
     for name in ("pytorch_model.bin", "model.safetensors"):
         file = path / name
-        if not file.is_file():
-            continue
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
-                state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(PREFIX)})
-        else:
-            loaded = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-            state.update({k: v for k, v in loaded.items() if k.startswith(PREFIX)})
+        if file.is_file():
+            state.update(_prefix_tensors(file))
     if not state:
         raise ModelLoadError(f"{path} has config.json with pre_seq_len={pre_seq_len!r} but no "
                              f"{PREFIX}* tensors in pytorch_model.bin or model.safetensors; pass the directory "

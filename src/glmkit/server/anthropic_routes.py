@@ -27,10 +27,10 @@ router = APIRouter()
 
 
 async def _render(req: CountTokensRequest, request: Request, bounded: bool = True):
-    """-> (state, client, prompt, parallel); `bounded`: refuse text that cannot fit the context before
+    """-> (state, client, adapter id, prompt, parallel); `bounded`: refuse text that cannot fit the context before
     tokenizing it (count_tokens counts whatever it is given)."""
     state = request.app.state.glmkit
-    client = state.require_model(req.model)
+    client, adapter_id = state.resolve_model(req.model)
     tools, choice, parallel = to_tools(req)
     messages = to_messages(req)
     if bounded:
@@ -40,14 +40,14 @@ async def _render(req: CountTokensRequest, request: Request, bounded: bool = Tru
                                          choice_field="tool_choice", parallel_tool_calls=parallel)
     except GlmkitError as e:
         raise from_glmkit(e, "messages")
-    return state, client, prompt, parallel
+    return state, client, adapter_id, prompt, parallel
 
 
 @router.post("/v1/messages/count_tokens", responses={
     200: {"model": TokenCount, "description": "The prompt's tokens"},
     **error_responses(400, 404, 408, 413, 503, anthropic=True)})
 async def count_tokens(req: CountTokensRequest, request: Request):
-    _, _, prompt, _ = await _render(req, request, bounded=False)
+    _, _, _, prompt, _ = await _render(req, request, bounded=False)
     return {"input_tokens": len(prompt.prompt_ids)}
 
 
@@ -55,12 +55,12 @@ async def count_tokens(req: CountTokensRequest, request: Request):
     200: {"model": MessageResponse, "description": "The message; with `stream: true` an SSE stream of events"},
     **error_responses(400, 404, 408, 413, 429, 503, anthropic=True)})
 async def messages(req: MessagesRequest, request: Request):
-    state, client, prompt, parallel = await _render(req, request)
+    state, client, adapter_id, prompt, parallel = await _render(req, request)
     try:
         params = client.chat.sampling_params(SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-            stop=req.stop_sequences, max_tokens=req.max_tokens), prompt, client.max_model_len)
+            stop=req.stop_sequences, max_tokens=req.max_tokens, adapter_id=adapter_id), prompt, client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e, "messages")
     message_id = sse.random_id("msg_")

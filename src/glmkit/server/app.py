@@ -2,8 +2,9 @@
 ids, HTTP counters and the access log are a middleware (middleware.py); model loading starts in the background
 so the server answers (503) at once.
 
-Routes: GET /health (liveness), GET /ready (readiness), GET /metrics, GET /v1/models, POST /v1/chat/completions,
-POST /v1/completions, POST /v1/embeddings, POST / (legacy ChatGLM).
+Routes: GET /health (liveness), GET /ready (readiness), GET /metrics, GET /v1/models (the model, its LoRA adapters,
+the embedder), POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, POST / (legacy ChatGLM), and
+the routers' (Responses, Anthropic Messages, vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GlmkitError, excerpt
-from . import anthropic_routes, chat_routes, completion_routes, legacy, responses_routes
+from . import adapter_routes, anthropic_routes, chat_routes, completion_routes, legacy, responses_routes
 from .embeddings import BATCH as EMBED_BATCH, encode_vector
 from .errors import (AnthropicErrorResponse, APIError, ErrorResponse, ServerShuttingDown, api_error_handler,
                      disconnected_handler, error_response, error_responses, glmkit_error_handler,
@@ -93,11 +94,14 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     @app.get("/v1/models", responses={200: {"model": ModelList, "description": "The served models"},
                                       **error_responses(503)})
     async def models():
-        state.require_model()
+        client = state.require_model()
         names = list(settings.served_model_names) + ([state.embedder.name] if state.embedder else [])
         created = int(state.started)
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "glmkit"}
-                                           for n in names]}
+        cards = [{"id": n, "object": "model", "created": created, "owned_by": "glmkit", "parent": None} for n in names]
+        cards += [{"id": n, "object": "model", "created": created, "owned_by": "glmkit",
+                   "parent": settings.served_model_names[0], "root": state.adapter_dirs.get(n)}
+                  for n in client.adapter_names()]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard, "description": "The model"},
                                                       **error_responses(404, 503)})
@@ -142,6 +146,7 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     app.include_router(responses_routes.router)
     app.include_router(anthropic_routes.router)
     app.include_router(legacy.router)
+    app.include_router(adapter_routes.router)
     app.openapi = lambda: app.openapi_schema or _openapi(app, state)
     return app
 

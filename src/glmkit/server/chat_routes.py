@@ -87,7 +87,7 @@ def _message(parsed, legacy: bool, mirror_call: bool = False) -> dict:
     **error_responses(400, 404, 408, 413, 429, 503)})
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = request.app.state.glmkit
-    client = state.require_model(req.model)
+    client, adapter_id = state.resolve_model(req.model)
     tools, choice, legacy, choice_field = _tool_request(req)
     character = req.character.model_dump() if req.character else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -98,7 +98,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
             client.chat.render, messages, tools, character, choice, choice_field=choice_field,
             response_format=_response_format(req), parallel_tool_calls=req.parallel_tool_calls)
         max_tokens = req.max_completion_tokens or req.max_tokens or state.settings.default_max_tokens
-        params = client.chat.sampling_params(request_params(req, max_tokens, logprobs), prompt, client.max_model_len)
+        params = client.chat.sampling_params(request_params(req, max_tokens, logprobs, adapter_id), prompt,
+                                             client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e, "messages")
     request_id, created = sse.random_id("chatcmpl-"), sse.now()

@@ -41,12 +41,12 @@ def _logprobs(tokenizer, entries) -> dict:
     **error_responses(400, 404, 408, 413, 429, 503)})
 async def completions(req: CompletionRequest, request: Request):
     state = request.app.state.glmkit
-    client = state.require_model(req.model)
+    client, adapter_id = state.resolve_model(req.model)
     try:  # tokenizing is CPU work: off the event loop
         prompts = await asyncio.to_thread(lambda: [client.encode_prompt(x) for x in _prompts(req, client)])
     except GlmkitError as e:
         raise from_glmkit(e, "prompt")
-    params = [sampling_params(req, client, len(p), req.max_tokens, req.logprobs) for p in prompts]
+    params = [sampling_params(req, client, len(p), req.max_tokens, req.logprobs, adapter_id) for p in prompts]
     for p, sp in zip(prompts, params):  # reject bad prompts with a 400 before anything runs or streams
         try:
             client.validate(p, sp)

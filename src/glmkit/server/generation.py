@@ -40,26 +40,27 @@ class EngineStream(StreamingResponse):
                 self._on_close()
 
 
-def request_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """The request's sampling fields as SamplingParams (max_tokens None: until the context is full)."""
+def request_params(req, max_tokens: int | None, logprobs: int | None, adapter_id: int | None) -> SamplingParams:
+    """The request's sampling fields as SamplingParams (max_tokens None: until the context is full), run by the
+    adapter `adapter_id` (None: the base model)."""
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
-            max_tokens=max_tokens, logprobs=logprobs)
+            max_tokens=max_tokens, logprobs=logprobs, adapter_id=adapter_id)
     except GlmkitError as e:
         raise from_glmkit(e)
 
 
 def sampling_params(req, client: EngineClient, num_prompt_tokens: int, max_tokens: int | None,
-                    logprobs: int | None) -> SamplingParams:
+                    logprobs: int | None, adapter_id: int | None) -> SamplingParams:
     """A raw completion's sampling fields; max_tokens is clamped to the room left in the context."""
     room = client.max_model_len - num_prompt_tokens
     if room <= 0:
         raise from_glmkit(ContextLengthError(num_prompt_tokens, client.max_model_len), "prompt")
-    return replace(request_params(req, max_tokens, logprobs), max_tokens=min(max_tokens or room, room))
+    return replace(request_params(req, max_tokens, logprobs, adapter_id), max_tokens=min(max_tokens or room, room))
 
 
 def admitted_stream(state, stream, work: int = 1) -> EngineStream:

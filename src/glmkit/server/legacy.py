@@ -1,6 +1,7 @@
 """POST / — the ChatGLM demos' API (`api.py`): {prompt, history, max_length, top_p, temperature} ->
 {response, history, status, time}, as LangChain's `ChatGLM` client expects, but batched with everything else
-and with clean 4xx errors instead of the demo's 500s."""
+and with clean 4xx errors instead of the demo's 500s. An optional `model` (ours, not the demo's) names a served
+model or a LoRA adapter; without it the model answers."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ router = APIRouter()
 DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, DEFAULT_TEMPERATURE = 2048, 0.7, 0.95
 
 
-@router.post("/", response_model=LegacyChatResponse, responses=error_responses(400, 408, 413, 429, 503))
+@router.post("/", response_model=LegacyChatResponse, responses=error_responses(400, 404, 408, 413, 429, 503))
 async def legacy_chat(req: LegacyChatRequest, request: Request):
     state = request.app.state.glmkit
-    client = state.require_model()
+    client, adapter_id = state.resolve_model(req.model)
     # The reply echoes prompt and history; lone surrogates (valid JSON escapes) could not be encoded back.
     history = [[clean_text(x) for x in pair] for pair in req.history or []]
     prompt = clean_text(req.prompt)
@@ -53,7 +54,8 @@ async def legacy_chat(req: LegacyChatRequest, request: Request):
     try:
         params = client.chat.sampling_params(
             SamplingParams(temperature=req.temperature or DEFAULT_TEMPERATURE, top_p=req.top_p or DEFAULT_TOP_P,
-                           max_tokens=max_length - num_prompt_tokens), chat_prompt, client.max_model_len)
+                           max_tokens=max_length - num_prompt_tokens, adapter_id=adapter_id),
+            chat_prompt, client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e)
     result = await admitted_collect(state, request, chat_prompt.prompt_ids, params)

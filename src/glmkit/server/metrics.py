@@ -1,12 +1,18 @@
-"""GET /metrics: an engine snapshot and the HTTP counters in the Prometheus text format."""
+"""GET /metrics: an engine snapshot, the HTTP counters and the per-model counters (the model's served names and
+its LoRA adapters: requests that reached the engine, their prompt and generated tokens) in the Prometheus text
+format."""
 
 from __future__ import annotations
 
 from ..engine.metrics import EngineSnapshot
 
 
+def _label(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _line(name: str, value, labels: dict | None = None) -> str:
-    label = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+    label = "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}" if labels else ""
     return f"{name}{label} {value}"
 
 
@@ -29,6 +35,7 @@ def render_metrics(state, snapshot: EngineSnapshot | None) -> str:
     lines.append("# TYPE glmkit_http_request_seconds_total counter")
     for path, seconds in sorted(state.http_seconds.items()):
         lines.append(_line("glmkit_http_request_seconds_total", round(seconds, 6), {"route": path}))
+    lines += _per_model(state)
     if snapshot is not None:
         for name, value in snapshot.gauges.items():
             lines += [f"# TYPE glmkit_{name} gauge", _line(f"glmkit_{name}", value)]
@@ -41,3 +48,21 @@ def render_metrics(state, snapshot: EngineSnapshot | None) -> str:
         lines += _histogram("glmkit_time_per_output_token_seconds", "mean decode time per token of a request",
                             s.time_per_output_token)
     return "\n".join(lines) + "\n"
+
+
+def _per_model(state) -> list[str]:
+    """Every served name and loaded adapter (0 until used), and any name used before (an unloaded adapter)."""
+    names = list(state.settings.served_model_names)
+    if state.client is not None:
+        names += state.client.adapter_names()
+    usage = state.model_usage
+    lines = []
+    for metric, field, help_text in (
+            ("glmkit_model_requests_total", "requests", "generation requests by the model they named (a served "
+             "name of the model or a LoRA adapter)"),
+            ("glmkit_model_prompt_tokens_total", "prompt_tokens", "their prompt tokens"),
+            ("glmkit_model_generation_tokens_total", "generation_tokens", "their generated tokens")):
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
+        for name in dict.fromkeys(names + list(usage)):
+            lines.append(_line(metric, getattr(usage[name], field) if name in usage else 0, {"model": name}))
+    return lines

@@ -1,5 +1,6 @@
 """What every HTTP request passes through before a route: the drain gate (503 while shutting down), the API key
-check, the request id (`X-Request-Id`), the HTTP counters of /metrics and one access-log line when it ends.
+check, the request id (`X-Request-Id`), the HTTP counters of /metrics (also per model: the route notes the model
+name on the request's record) and one access-log line when it ends.
 
 A plain ASGI middleware, not @app.middleware("http"): that wrapper hides client disconnects from
 request.is_disconnected(), and a request whose client left must be aborted. Token counts reach the access log
@@ -40,6 +41,7 @@ class RequestRecord:
     prompt_tokens: int | None = None      # prompt tokens sent to the engine (None: no generation)
     completion_tokens: int | None = None  # tokens the engine generated for it
     abort: str | None = None              # "client_disconnected" | "shutdown" | "request_timeout"
+    model: str | None = None              # the model (served name or adapter) a generating request resolved to
     done: bool = False                    # the last byte of the response is on its way
 
     def count_prompt(self, num_tokens: int) -> None:
@@ -145,6 +147,8 @@ class RequestGate:
         key, requests, seconds = route or "other", self.state.http_requests, self.state.http_seconds
         requests[(key, record.status)] = requests.get((key, record.status), 0) + 1
         seconds[key] = seconds.get(key, 0.0) + elapsed
+        if record.model is not None and record.prompt_tokens is not None:  # it reached the engine
+            self.state.count_model_use(record.model, record.prompt_tokens, record.completion_tokens)
         if self.state.settings.access_log:
             log_access(record, route or record.path, elapsed, quiet=self._is_page(record.path))
 
@@ -161,6 +165,8 @@ def log_access(record: RequestRecord, route: str, elapsed_s: float, quiet: bool 
     log record as `access` for a structured handler."""
     fields = {"method": record.method, "route": route, "status": record.status,
               "duration_ms": round(elapsed_s * 1000, 1), "request_id": record.request_id}
+    if record.model is not None:
+        fields["model"] = record.model
     if record.prompt_tokens is not None:
         fields["prompt_tokens"], fields["completion_tokens"] = record.prompt_tokens, record.completion_tokens
     if record.abort:

@@ -254,11 +254,25 @@ class EmbeddingRequest(Model):
 class LegacyChatRequest(Model):
     """The ChatGLM demos' `POST /` body (api.py); 0 / empty values fall back to the demo defaults."""
     prompt: str
+    model: str | None = Field(None, description="a served model or LoRA adapter name (ours; default: the model)")
     history: list[Annotated[list[str], Field(min_length=2, max_length=2)]] | None = Field(
         None, description="[query, response] pairs")
     max_length: int | None = Field(None, ge=0)
     top_p: float | None = Field(None, ge=0, le=1)
     temperature: float | None = Field(None, ge=0, le=2)
+
+
+class LoadLoraAdapterRequest(Model):
+    """vLLM's `POST /v1/load_lora_adapter` body."""
+    lora_name: NonEmpty = Field(description="the name requests send as `model`: 1-128 letters, digits or . _ : / - "
+                                "(starting with a letter or digit)")
+    lora_path: NonEmpty = Field(description="a LoRA adapter directory on the server (peft format: "
+                                "adapter_config.json and the adapter weights)")
+
+
+class UnloadLoraAdapterRequest(Model):
+    """vLLM's `POST /v1/unload_lora_adapter` body (vLLM's `lora_int_id` is ignored)."""
+    lora_name: NonEmpty
 
 
 class LegacyChatResponse(Model):
@@ -285,6 +299,8 @@ class ModelCard(Out):
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None = Field(None, description="a LoRA adapter's base model (null for a model)")
+    root: str | None = Field(None, description="a LoRA adapter's directory")
 
 
 class ModelList(Out):

@@ -126,7 +126,7 @@ def _render(client, req: ResponsesRequest, messages, chat_tools, choice, respons
     **error_responses(400, 404, 408, 413, 429, 503)})
 async def create_response(req: ResponsesRequest, request: Request):
     state = request.app.state.glmkit
-    client = state.require_model(req.model)
+    client, adapter_id = state.resolve_model(req.model)
     store = response_store(request.app)
     history = []
     if req.previous_response_id is not None:
@@ -153,7 +153,8 @@ async def create_response(req: ResponsesRequest, request: Request):
         logprobs = (req.top_logprobs or 0) if LOGPROBS in (req.include or []) else None
         params = SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
                                 top_p=1.0 if req.top_p is None else req.top_p, logprobs=logprobs,
-                                max_tokens=req.max_output_tokens or state.settings.default_max_tokens)
+                                max_tokens=req.max_output_tokens or state.settings.default_max_tokens,
+                                adapter_id=adapter_id)
         params = client.chat.sampling_params(params, prompt, client.max_model_len)
     except GlmkitError as e:
         raise _api_error(e)

@@ -1,6 +1,8 @@
 """ServerState: what the routes share — the engine client, the embedder, the served names, the settings, the
 HTTP counters and the requests running now. Loading happens on a background thread; until it is done every model
-route answers 503 (never hangs). Routes reach the model only through the client (`require_model`).
+route answers 503 (never hangs). Routes reach the model only through the client (`require_model`); a generating
+route turns its request's `model` (a served name of the base, or a loaded LoRA adapter's) into the client and the
+adapter id of its SamplingParams with `resolve_model`.
 
 `liveness()` and `readiness()` answer /health and /ready from plain attributes (the engine's heartbeat, whether
 its thread lives, whether the server drains): no engine round trip, so a stuck engine cannot stall them."""
@@ -13,10 +15,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..errors import excerpt
+from ..errors import InvalidParameterError, excerpt
 from .engine_client import EngineClient
 from .errors import APIError
 from .limits import Limits
+from .middleware import current_request
 from .response_store import ResponseStore
 
 log = logging.getLogger("glmkit")
@@ -52,6 +55,8 @@ class ServerState:
         self.started = time.time()
         self.http_requests: dict[tuple[str, int], int] = {}
         self.http_seconds: dict[str, float] = {}
+        self.model_usage: dict[str, ModelUsage] = {}  # /metrics: generation requests by the model name they sent
+        self.adapter_dirs: dict[str, str] = dict(settings.engine_kwargs.get("adapters") or {})  # name -> directory
         self.active: set = set()    # RequestRecords of the HTTP requests running now (not probes, not /metrics)
         self.draining = False       # shutting down: new requests get 503
         self._ready = threading.Event()
@@ -73,6 +78,10 @@ class ServerState:
                 if self.llm.chat_format.name == "chatglm3":  # the name ChatGLM3's demos and LangChain send
                     names.append("chatglm3-6b")
                 self.settings.served_model_names = list(dict.fromkeys(names))
+            clash = next((n for n in self.llm.adapters if n in self.settings.served_model_names), None)
+            if clash is not None:
+                raise InvalidParameterError("--adapter", clash, "is also the name the model is served under; give "
+                                            "the adapter another name: --adapter NAME=DIR")
             if self.settings.embedding_model:
                 from .embeddings import load_embedder
 
@@ -90,7 +99,8 @@ class ServerState:
         finally:
             self._ready.set()
 
-    def require_model(self, name: str | None = None) -> EngineClient:
+    def require_model(self) -> EngineClient:
+        """The engine client, once the model is loaded and its engine runs (else a 503)."""
         if not self.ready:
             raise APIError(503, "the model is still loading; retry in a few seconds", "server_error",
                            code="model_loading", headers={"Retry-After": "5"})
@@ -99,11 +109,31 @@ class ServerState:
         if not self.client.alive:
             raise APIError(503, "the engine has stopped (see the server log); restart the server", "server_error",
                            code="engine_stopped")
-        if name is not None and name not in self.settings.served_model_names:
-            raise APIError(404, f"model={excerpt(name)} is not served here; served models: "
-                           f"{', '.join(self.settings.served_model_names)}", "not_found_error", "model",
-                           "model_not_found")
         return self.client
+
+    def resolve_model(self, name: str | None) -> tuple[EngineClient, int | None]:
+        """A generating request's `model` -> (the client, the adapter id its SamplingParams carry): None for a
+        served name of the base (or no name), a loaded adapter's id for its name; any other name is a 404. The
+        name is noted on the request's record for the per-model counters of /metrics."""
+        client = self.require_model()
+        adapter_id = None
+        if name is not None and name not in self.settings.served_model_names:
+            adapter_id = client.adapter_id(name)
+            if adapter_id is None:
+                adapters = ", ".join(client.adapter_names()) or "none"
+                raise APIError(404, f"model={excerpt(name)} is not served here; served models: "
+                               f"{', '.join(self.settings.served_model_names)}; adapters: {adapters}",
+                               "not_found_error", "model", "model_not_found")
+        record = current_request.get()
+        if record is not None:
+            record.model = name if name is not None else self.settings.served_model_names[0]
+        return client, adapter_id
+
+    def count_model_use(self, name: str, prompt_tokens: int, generation_tokens: int) -> None:
+        usage = self.model_usage.setdefault(name, ModelUsage())
+        usage.requests += 1
+        usage.prompt_tokens += prompt_tokens
+        usage.generation_tokens += generation_tokens
 
     def engine_problem(self) -> dict | None:
         """Why the engine cannot serve ({"status": "engine stopped" | "engine stuck", ...}), or None."""
@@ -149,6 +179,14 @@ class ServerState:
         self.in_flight += 1
         self.work_in_flight += work
         return Admission(self, work)
+
+
+@dataclass
+class ModelUsage:
+    """What the requests that named one model (a served name or an adapter) ran on the engine."""
+    requests: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
 
 
 class Admission:
