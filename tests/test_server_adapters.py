@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from adapter_fixtures import make_adapter
+from adapter_fixtures import make_adapter, make_prefix
 from checkpoint_fixtures import FFN, make_chatglm_dir
 from server_api_support import make_app, state_of, wait_until
 from server_fixtures import ServerProcess
@@ -35,7 +35,8 @@ def adapters(glm_dir, sp_model_path, sp, tmp_path_factory):
     other_model = make_chatglm_dir(root / "other-model", sp_model_path, sp.vocab_size, seed=3, ffn_hidden_size=2 * FFN)
     return {"a": make_adapter(glm_dir, root / "a", ["query_key_value"], 4, seed=1, scale=0.5),
             "b": make_adapter(glm_dir, root / "b", ["all-linear"], 8, seed=2, scale=0.5),
-            "other": make_adapter(other_model, root / "other", ["dense_h_to_4h"], 4, seed=4, scale=0.5)}
+            "other": make_adapter(other_model, root / "other", ["dense_h_to_4h"], 4, seed=4, scale=0.5),
+            "prefix": make_prefix(glm_dir, root / "prefix", 16, False, seed=5)}
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,14 @@ def test_load_use_and_unload_an_adapter_at_runtime(server, adapters):
     assert post(server, "/v1/unload_lora_adapter", {"lora_name": "b"}).status_code == 200
 
 
+def test_a_p_tuning_prefix_loads_and_answers_through_the_same_routes(server, adapters):
+    """ChatGLM's P-Tuning v2 output (no adapter_config.json) loads by vLLM's route too and changes the answer."""
+    r = post(server, "/v1/load_lora_adapter", {"lora_name": "pt", "lora_path": str(adapters["prefix"])})
+    assert r.status_code == 200, r.text
+    assert chat(server, "pt") not in (chat(server, "tiny"), chat(server, "a"))
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "pt"}).status_code == 200
+
+
 def test_load_errors(server, adapters, tmp_path):
     load = "/v1/load_lora_adapter"
     err = error(post(server, load, {"lora_name": "a", "lora_path": str(adapters["b"])}), 400, "invalid_value")
@@ -239,14 +248,15 @@ def test_an_adapter_still_running_a_request_is_a_409_and_stays(glm_dir, adapters
         engine = state.llm.engine
         step = engine.step
 
-        def slow_step():  # the long answer is still running when the unload gives up
-            time.sleep(0.01)
+        def slow_step():  # the long answer (200 steps, 4 s or more) is still running when the unload gives up
+            time.sleep(0.02)
             return step()
 
         monkeypatch.setattr(engine, "step", slow_step)
         answers = []
-        long = threading.Thread(target=lambda: answers.append(client.post(CHAT, json={
-            "model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "ignore_eos": True})))
+        # a raw completion: ignore_eos holds (a chat answer would still end at the format's own stop tokens)
+        long = threading.Thread(target=lambda: answers.append(client.post(COMPLETIONS, json={
+            "model": "a", "prompt": "hi", "max_tokens": 200, "ignore_eos": True})))
         long.start()
         assert wait_until(lambda: state.in_flight == 1, 10)
         time.sleep(0.2)
