@@ -200,3 +200,29 @@ def test_gpu_training_forward_matches_cpu_and_a_lora_learns(checkpoints, family)
     trainer = Trainer(model, checkpoint_names(model_dir), "tiny", cfg, model_dir / "unused", [sample])
     curve = [trainer.train_step()["loss"] for _ in range(8)]
     assert curve[-1] < curve[0] / 2, curve
+
+
+def test_gpu_served_adapters_match_cpu(checkpoints, tmp_path):
+    """LoRA and P-Tuning adapters on the GPU (eager adapter steps, paged prefill over a pinned prefix, CUDA graphs
+    for the base rows beside them) give the CPU's greedy tokens, alone and mixed with the base in one batch."""
+    import threading
+
+    from adapter_fixtures import make_adapter, make_prefix
+
+    d = checkpoints["chatglm"]
+    adapters = {"lora": str(make_adapter(d, tmp_path / "lora", ["all-linear"], 8, seed=1)),
+                "prefix": str(make_prefix(d, tmp_path / "prefix", 16, True, seed=2))}
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(str(d), dtype="float32", device=device, adapters=adapters)
+        llm.start_engine_thread()
+        results = {}
+        threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, [
+            o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, adapter=n)])) for n in (None, *adapters)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        outputs[device] = results
+    assert outputs["cuda"] == outputs["cpu"]
+    assert len({tuple(map(tuple, v)) for v in outputs["cpu"].values()}) == 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from adapter_fixtures import make_adapter
 from server_fixtures import ServerProcess
 from web_support import login_refused, metric, need_browser, open_page, send, shot, wait_for_stats
 
@@ -20,9 +21,10 @@ QUESTION = "晚上睡不着应该怎么办"
 def server(glm_dir, tmp_path_factory):
     need_browser()
     home = tmp_path_factory.mktemp("glmkit-home")
+    adapter = make_adapter(glm_dir, tmp_path_factory.mktemp("web-adapter") / "tuned", ["all-linear"], 4, seed=1)
     process = ServerProcess("--model", str(glm_dir), "--api-key", KEY, "--language", "en", "--threads", "1",
-                            "--kv-cache-memory", "0.02", "--embedding-model", "none", ui=True,
-                            env={"GLMKIT_HOME": str(home)})
+                            "--kv-cache-memory", "0.02", "--embedding-model", "none", "--adapter", f"tuned={adapter}",
+                            ui=True, env={"GLMKIT_HOME": str(home)})
     yield process
     process.stop()
 
@@ -44,6 +46,20 @@ def test_the_mounted_page_answers_through_the_api_with_the_users_key(server, bro
     assert metric(server.url, "kv_blocks_used", KEY) == 0
     assert page.locator('#chat [data-testid="bot"]').count() == 1
     shot(page, "serve-english")
+    page.context.close()
+
+
+def test_the_model_picker_reaches_a_served_adapter(server, browser):
+    page = open_page(browser, server.url + "/ui/", login=("ann", KEY))
+    page.click("#model input")
+    page.click('#model [role="option"][aria-label="tuned"]')  # the adapter is listed beside the model's names
+    assert page.input_value("#model input") == "tuned"
+    used = lambda: metric(server.url, 'model_requests_total{model="tuned"}', KEY)  # noqa: E731
+    before = used()
+    send(page, QUESTION)
+    assert "tokens/s" in wait_for_stats(page, server.log_path)
+    assert used() == before + 1  # the answer came through the adapter
+    shot(page, "serve-adapter")
     page.context.close()
 
 

@@ -26,7 +26,7 @@ def metric(url: str, name: str, key: str | None = None) -> float:
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    match = re.search(rf"^glmkit_{name} (\S+)$", httpx.get(url + "/metrics", headers=headers).text, re.M)
+    match = re.search(rf"^glmkit_{re.escape(name)} (\S+)$", httpx.get(url + "/metrics", headers=headers).text, re.M)
     return float(match.group(1)) if match else 0.0
 
 

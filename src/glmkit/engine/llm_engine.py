@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 
 from ..errors import ContextLengthError, InvalidParameterError, ModelLoadError
+from ..models.ptuning import PrefixAdapter
 from ..tokenizers.base import Tokenizer
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -84,7 +85,7 @@ class LLMEngine:
         salted with the id) is shared with another adapter's requests. A LoRA (lora.Adapter) goes to the runner's
         linears; a P-Tuning prefix (ptuning.PrefixAdapter) is written once into blocks pinned for it, which every
         request of the adapter attends to before its own."""
-        if hasattr(adapter, "pre_seq_len"):
+        if isinstance(adapter, PrefixAdapter):
             bs = self.blocks.block_size
             if adapter.pre_seq_len % bs:
                 fits = [b for b in (8, 16, 32, 64, 128, 256) if b < bs and adapter.pre_seq_len % b == 0]

@@ -10,6 +10,9 @@ captured before any adapter stay valid.
 Before a forward pass the runner says which adapter each token row uses (`batch`); every AdapterLinear then adds
 each adapter's update to its own rows: a gather of those rows, two small products, a scatter-add. Rows of the
 base model are left alone. Knows nothing of the engine, requests or names.
+
+`read_served_adapter` reads either kind of adapter directory; a P-Tuning v2 prefix is not held here but in KV
+blocks the engine pins for it (LLMEngine.add_adapter).
 """
 
 from __future__ import annotations
@@ -91,9 +94,6 @@ class ServedAdapters:
         self._linears: dict[str, AdapterLinear] = {}  # glmkit module path -> its wrapper
         self.loaded: dict[int, Adapter] = {}
 
-    def __contains__(self, adapter_id: int) -> bool:
-        return adapter_id in self.loaded
-
     def add(self, adapter_id: int, adapter: Adapter) -> None:
         """Load an adapter's weights under `adapter_id`. Raises ModelLoadError when it does not fit this model (a
         module the model lacks, a shape of another model), leaving the loaded adapters as they were."""
@@ -142,8 +142,8 @@ class ServedAdapters:
     @contextmanager
     def batch(self, row_adapters: list[int | None], device):
         """For one forward pass: the adapter of each token row (None: the base model)."""
-        present = dict.fromkeys(a for a in row_adapters if a is not None)
-        if len(present) == 1 and None not in row_adapters:
+        present = dict.fromkeys(a for a in row_adapters if a in self.loaded)  # LoRAs (a prefix is not here)
+        if len(present) == 1 and all(a in present for a in row_adapters):
             self._batch.groups = [(next(iter(present)), None)]
         else:
             self._batch.groups = [
