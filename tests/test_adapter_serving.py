@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adapter_fixtures import make_adapter, make_prefix
-from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
+from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state, write_weights
 from glmkit import LLM
 from glmkit.engine.sampling_params import SamplingParams
 from glmkit.errors import InvalidParameterError, ModelLoadError
@@ -89,6 +89,25 @@ def test_served_prefix_equals_the_training_forward(glm_dir, tmp_path, projection
             expected.append(int(model.compute_logits(hidden[0, -1:]).argmax()))
     assert tokens(llm.generate([ids], GREEDY, adapter="p"))[0] == expected
     assert tokens(llm.generate([ids], GREEDY))[0] != expected
+
+
+@pytest.mark.parametrize("layout", ["safetensors-sharded", "bin"])
+def test_a_whole_model_saved_with_its_prefix_serves_as_the_prefix(glm_dir, adapters, tmp_path, layout):
+    """ChatGLM3's and GLM-4's finetune_demo save P-Tuning v2 as the whole model plus the prefix encoder: served
+    as an adapter, only the prefix is taken, and answers as the prefix alone does."""
+    from safetensors.torch import load_file
+
+    state = {k: v for f in sorted(glm_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert len(state) > 10  # the base model's own tensors
+    state |= torch.load(adapters["prefix"] / "pytorch_model.bin", weights_only=True)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    (whole / "config.json").write_text((adapters["prefix"] / "config.json").read_text())
+    write_weights(whole, state, layout)
+    llm = LLM(str(glm_dir), dtype="float32", device="cpu", adapters={"alone": str(adapters["prefix"]),
+                                                                     "whole": str(whole)})
+    assert tokens(llm.generate(PROMPTS, GREEDY, adapter="whole")) == tokens(llm.generate(PROMPTS, GREEDY,
+                                                                                          adapter="alone"))
 
 
 def test_a_prefix_is_pinned_once_and_freed_on_unload(glm_dir, adapters):

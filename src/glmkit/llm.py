@@ -161,7 +161,8 @@ class LLM:
         kv_budget = self._kv_cache_budget()
         self.engine = self._build_engine(sorted(eos), kv_budget)
         self._engine_thread: AsyncLLMEngine | None = None
-        self.adapters: dict[str, int] = {}       # loaded LoRA adapters: name -> engine id (never reused)
+        self.adapters: dict[str, int] = {}       # loaded adapters (LoRA, P-Tuning): name -> engine id, never reused
+        self._unloading: set[str] = set()        # names whose running requests an unload waits for (still taken)
         self._next_adapter_id = 1
         self._adapter_lock = threading.Lock()   # loads and unloads may come from several threads (the server)
         self.default_adapter: str | None = None  # the adapter this LLM's own calls use when they name none
@@ -187,7 +188,7 @@ class LLM:
         through it. Returns its engine id. A bad directory, or one made for another model, raises and loads
         nothing."""
         def taken():
-            if name in self.adapters:
+            if name in self.adapters or name in self._unloading:
                 raise InvalidParameterError("adapter name", name, "is already loaded; unload it first or pick "
                                             "another name")
 
@@ -210,15 +211,19 @@ class LLM:
         first (up to `timeout_s`; still running then, it stays loaded and this raises)."""
         with self._adapter_lock:
             adapter_id = self.adapter_id(name)
-            del self.adapters[name]
-        deadline = time.monotonic() + timeout_s
-        while (running := self._on_engine(lambda engine: engine.adapter_requests(adapter_id))) > 0:
-            if time.monotonic() > deadline:
-                self.adapters[name] = adapter_id
-                raise InvalidParameterError("adapter name", name, f"is in use by {running} running request(s) "
-                                            f"after {timeout_s:g} s; retry when they have finished")
-            time.sleep(0.05)
-        self._on_engine(lambda engine: engine.remove_adapter(adapter_id))
+            del self.adapters[name]  # new requests naming it are refused from now on
+            self._unloading.add(name)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while (running := self._on_engine(lambda engine: engine.remove_adapter(adapter_id))) > 0:
+                if time.monotonic() > deadline:
+                    with self._adapter_lock:
+                        self.adapters[name] = adapter_id
+                    raise InvalidParameterError("adapter name", name, f"is in use by {running} running request(s) "
+                                                f"after {timeout_s:g} s; retry when they have finished")
+                time.sleep(0.05)
+        finally:
+            self._unloading.discard(name)
         if self.default_adapter == name:
             self.default_adapter = None
         steps.info("glmkit: adapter %s unloaded", name)

@@ -103,14 +103,17 @@ class LLMEngine:
             self.runner.adapters.add(adapter_id, adapter)
         self.adapter_ids.add(adapter_id)
 
-    def remove_adapter(self, adapter_id: int) -> None:
-        if self.adapter_requests(adapter_id):
-            raise InvalidParameterError("adapter", adapter_id, "still has running requests")
+    def remove_adapter(self, adapter_id: int) -> int:
+        """Stop serving an adapter unless requests of it are queued or running: returns how many (0: removed)."""
+        running = self.adapter_requests(adapter_id)
+        if running:
+            return running
         self.adapter_ids.discard(adapter_id)
         if adapter_id in self.prefixes:
             self.blocks.unpin(self.prefixes.pop(adapter_id))
         else:
             self.runner.adapters.remove(adapter_id)
+        return 0
 
     def adapter_requests(self, adapter_id: int) -> int:
         """Sequences of this adapter that are queued or running."""

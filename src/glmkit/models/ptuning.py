@@ -103,23 +103,23 @@ def _prefix_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def read_prefix(directory: str | Path, config) -> PrefixAdapter:
     """ChatGLM's P-Tuning v2 directory (config.json with pre_seq_len and prefix_projection; the
-    `transformer.prefix_encoder.*` tensors in pytorch_model.bin or model.safetensors, beside the base model's
-    own tensors or not) -> the prefix's keys and values for a model of `config`, computed once."""
+    `transformer.prefix_encoder.*` tensors in its weights: alone, as ChatGLM2's ptuning script saves them, or
+    beside the whole model's, as ChatGLM3's and GLM-4's finetune_demo save them, sharded or not) -> the
+    prefix's keys and values for a model of `config`, computed once."""
     path = Path(directory).expanduser()
     if config.model_type != "chatglm":
         raise ModelLoadError(f"{path} is a ChatGLM P-Tuning v2 prefix; this model is {config.model_type!r}, which "
                              "has no prefix encoder: serve it on the ChatGLM2/3 base it was trained on")
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))  # is_prefix_dir has read it
     pre_seq_len, projection = raw.get("pre_seq_len"), bool(raw.get("prefix_projection"))
+    from .loader import _weight_files
+
     state = {}
-    for name in ("pytorch_model.bin", "model.safetensors"):
-        file = path / name
-        if file.is_file():
-            state.update(_prefix_tensors(file))
+    for file in _weight_files(path):  # the prefix alone, or the whole model with it (sharded or not)
+        state.update(_prefix_tensors(file))
     if not state:
-        raise ModelLoadError(f"{path} has config.json with pre_seq_len={pre_seq_len!r} but no "
-                             f"{PREFIX}* tensors in pytorch_model.bin or model.safetensors; pass the directory "
-                             "ChatGLM's P-Tuning v2 run saved")
+        raise ModelLoadError(f"{path} has config.json with pre_seq_len={pre_seq_len!r} but no {PREFIX}* tensors "
+                             "in its weights; pass the directory ChatGLM's P-Tuning v2 run saved")
     encoder = PrefixEncoder(config, pre_seq_len, projection, raw.get("hidden_size"))
     try:
         encoder.load_state_dict({k.removeprefix(PREFIX): v.float() for k, v in state.items()})

@@ -1,8 +1,8 @@
-"""vLLM's routes that load and unload LoRA adapters while the server runs: POST /v1/load_lora_adapter
-{lora_name, lora_path} and POST /v1/unload_lora_adapter {lora_name}; a loaded adapter's name is then a `model`
-of every generating route. Answers as vLLM does: a line of text on success; no adapter at the path or no adapter
-of that name is a 404, a name taken or an adapter that does not fit the model a 400, an adapter still running
-requests after the wait a 409 (it stays loaded)."""
+"""vLLM's routes that load and unload adapters (LoRA, and ChatGLM P-Tuning v2 too) while the server runs:
+POST /v1/load_lora_adapter {lora_name, lora_path} and POST /v1/unload_lora_adapter {lora_name}; a loaded
+adapter's name is then a `model` of every generating route. Answers as vLLM does: a line of text on success;
+no adapter at the path or no adapter of that name is a 404, a name taken or an adapter that does not fit the
+model a 400, an adapter still running requests after the wait a 409 (it stays loaded)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,6 @@ async def unload_lora_adapter(req: UnloadLoraAdapterRequest, request: Request):
 
 
 def _not_loaded(client, name: str) -> APIError:
-    return APIError(404, f"lora_name={excerpt(name)}: no LoRA adapter of this name is loaded; loaded adapters: "
+    return APIError(404, f"lora_name={excerpt(name)}: no adapter of this name is loaded; loaded adapters: "
                     f"{', '.join(client.adapter_names()) or 'none'}", "not_found_error", "lora_name",
                     "adapter_not_found")

@@ -2,7 +2,7 @@
 ids, HTTP counters and the access log are a middleware (middleware.py); model loading starts in the background
 so the server answers (503) at once.
 
-Routes: GET /health (liveness), GET /ready (readiness), GET /metrics, GET /v1/models (the model, its LoRA adapters,
+Routes: GET /health (liveness), GET /ready (readiness), GET /metrics, GET /v1/models (the model, its adapters,
 the embedder), POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, POST / (legacy ChatGLM), and
 the routers' (Responses, Anthropic Messages, vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter).
 """

@@ -90,7 +90,7 @@ class LocalEngineClient:
         self._engine.abort_all(error)
 
     def adapter_names(self) -> list[str]:
-        """The LoRA adapters served beside the model, in the order they were loaded."""
+        """The adapters served beside the model, in the order they were loaded."""
         return list(self._llm.adapters)
 
     def adapter_id(self, name: str) -> int | None:

@@ -70,9 +70,9 @@ class AnthropicErrorResponse(BaseModel):
 _ERROR_DESCRIPTIONS = {
     400: "The request is invalid: the error names the field (`param`), the value and the limit",
     401: "Missing or invalid API key",
-    404: "The model, the LoRA adapter or the stored response is not here",
+    404: "The model, the adapter or the stored response is not here",
     408: "The request body did not arrive within --read-timeout, or the generation ran past --request-timeout",
-    409: "The LoRA adapter still runs requests; retry when they have finished",
+    409: "The adapter still runs requests; retry when they have finished",
     413: "The request body is larger than --max-body-size",
     429: "The server is full (--max-queue); retry after `Retry-After` seconds",
     503: "The model is loading or failed to load, the engine stopped, or the server is shutting down",

@@ -1,5 +1,5 @@
 """GET /metrics: an engine snapshot, the HTTP counters and the per-model counters (the model's served names and
-its LoRA adapters: requests that reached the engine, their prompt and generated tokens) in the Prometheus text
+its adapters: requests that reached the engine, their prompt and generated tokens) in the Prometheus text
 format."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _per_model(state) -> list[str]:
     lines = []
     for metric, field, help_text in (
             ("glmkit_model_requests_total", "requests", "generation requests by the model they named (a served "
-             "name of the model or a LoRA adapter)"),
+             "name of the model or an adapter)"),
             ("glmkit_model_prompt_tokens_total", "prompt_tokens", "their prompt tokens"),
             ("glmkit_model_generation_tokens_total", "generation_tokens", "their generated tokens")):
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]

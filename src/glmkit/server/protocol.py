@@ -254,7 +254,7 @@ class EmbeddingRequest(Model):
 class LegacyChatRequest(Model):
     """The ChatGLM demos' `POST /` body (api.py); 0 / empty values fall back to the demo defaults."""
     prompt: str
-    model: str | None = Field(None, description="a served model or LoRA adapter name (ours; default: the model)")
+    model: str | None = Field(None, description="a served model or adapter name (ours; default: the model)")
     history: list[Annotated[list[str], Field(min_length=2, max_length=2)]] | None = Field(
         None, description="[query, response] pairs")
     max_length: int | None = Field(None, ge=0)
@@ -266,8 +266,9 @@ class LoadLoraAdapterRequest(Model):
     """vLLM's `POST /v1/load_lora_adapter` body."""
     lora_name: NonEmpty = Field(description="the name requests send as `model`: 1-128 letters, digits or . _ : / - "
                                 "(starting with a letter or digit)")
-    lora_path: NonEmpty = Field(description="a LoRA adapter directory on the server (peft format: "
-                                "adapter_config.json and the adapter weights)")
+    lora_path: NonEmpty = Field(description="an adapter directory on the server: a peft LoRA (adapter_config.json "
+                                "and the adapter weights) or ChatGLM's P-Tuning v2 output (config.json with "
+                                "pre_seq_len, the prefix encoder's weights)")
 
 
 class UnloadLoraAdapterRequest(Model):
@@ -299,8 +300,8 @@ class ModelCard(Out):
     object: Literal["model"]
     created: int
     owned_by: str
-    parent: str | None = Field(None, description="a LoRA adapter's base model (null for a model)")
-    root: str | None = Field(None, description="a LoRA adapter's directory")
+    parent: str | None = Field(None, description="an adapter's base model (null for a model)")
+    root: str | None = Field(None, description="an adapter's directory")
 
 
 class ModelList(Out):
