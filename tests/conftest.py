@@ -54,6 +54,14 @@ def sp(sp_model_path):
 
 
 @pytest.fixture(scope="session")
+def reference_sp_model(sp_model_path, tmp_path_factory):
+    """The tokenizer the golden files of the original ChatGLM code were made with (golden_support.py)."""
+    from golden_support import golden_sp_model
+
+    return golden_sp_model(sp_model_path, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def glm_dir(tmp_path_factory, sp_model_path, sp):
     """A tiny random ChatGLM checkpoint for the engine tests (only read, so one serves the session)."""
     from checkpoint_fixtures import make_chatglm_dir

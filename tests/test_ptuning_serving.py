@@ -11,20 +11,14 @@ prefix changes the answer, and that a batch mixing the base model and the adapte
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
-import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from checkpoint_fixtures import (chatglm_config, make_chatglm_dir, make_prefix_dir, random_chatglm_state,
                                  random_prefix_state)
+from golden_support import GOLDEN, MAX_NEW, assert_ids, state_sha256, without_stop
 
-GOLDEN = json.loads((Path(__file__).parent / "golden" / "chatglm_reference.json").read_text(encoding="utf-8"))
-MAX_NEW = GOLDEN["max_new_tokens"]
 PTUNING = GOLDEN["ptuning"]
 
 
@@ -44,27 +38,6 @@ CHECKPOINTS = list(dict.fromkeys(name for name, _ in CASES))
 CASE_IDS = [f"{name}-{adapter}" for name, adapter in CASES]
 
 
-def _sha256(state: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def reference_sp_model(sp_model_path, tmp_path_factory) -> Path:
-    """The SentencePiece model the golden ids were made with (as in test_reference_chatglm.py)."""
-    info = GOLDEN["tokenizer"]
-    if hashlib.sha256(sp_model_path.read_bytes()).hexdigest() == info["sha256"]:
-        return sp_model_path
-    warnings.warn("train_sentencepiece() no longer reproduces the golden tokenizer.model byte for byte; "
-                  "using the copy stored in chatglm_reference.json")
-    path = tmp_path_factory.mktemp("golden_sp") / "tokenizer.model"
-    path.write_bytes(base64.b64decode(info["model_b64"]))
-    return path
-
-
 _LLMS: dict[str, object] = {}
 
 
@@ -77,7 +50,8 @@ def llm_for(reference_sp_model, tmp_path_factory):
         if name not in _LLMS:
             recipe = GOLDEN["checkpoints"][name]["recipe"]
             config = chatglm_config(recipe["vocab_size"], **recipe["config_overrides"])
-            if _sha256(random_chatglm_state(config, recipe["seed"])) != GOLDEN["checkpoints"][name]["weights_sha256"]:
+            weights = GOLDEN["checkpoints"][name]["weights_sha256"]
+            if state_sha256(random_chatglm_state(config, recipe["seed"])) != weights:
                 pytest.fail("checkpoint_fixtures.random_chatglm_state no longer gives the golden weights; "
                             "regenerate tests/golden/chatglm_reference.json with make_chatglm_reference.py")
             root = tmp_path_factory.mktemp(name)
@@ -89,7 +63,7 @@ def llm_for(reference_sp_model, tmp_path_factory):
                     continue
                 e = entries[0]
                 state = random_prefix_state(config, e["pre_seq_len"], e["projection"], e["seed"])
-                if _sha256(state) != e["prefix_sha256"]:
+                if state_sha256(state) != e["prefix_sha256"]:
                     pytest.fail("checkpoint_fixtures.random_prefix_state no longer gives the golden prefix; "
                                 "regenerate tests/golden/chatglm_reference.json with make_chatglm_reference.py")
                 adapters[adapter] = str(make_prefix_dir(root / adapter, config, state, e["pre_seq_len"],
@@ -99,25 +73,6 @@ def llm_for(reference_sp_model, tmp_path_factory):
 
     yield get
     _LLMS.clear()
-
-
-def _first_diff(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def _assert_ids(got: list[int], want: list[int], what: str) -> None:
-    assert got == want, f"{what}: first difference at position {_first_diff(got, want)}\n got  {got}\n want {want}"
-
-
-def _without_stop(original: list[int], stop_ids: set[int]) -> tuple[list[int], str]:
-    """The original returns the stop token as part of generate()'s output; glmkit reports it as the stop reason
-    and leaves it out of token_ids."""
-    if original and original[-1] in stop_ids:
-        return original[:-1], "stop"
-    return original, "length"
 
 
 def _base_ref(entry: dict) -> dict:
@@ -146,10 +101,10 @@ def test_ptuning_greedy_ids_without_eos_match_original(llm_for, case):
     params = _greedy(ignore_eos=True)
     batched = llm.generate([e["prompt_ids"] for e in entries], params, adapter=adapter)
     for e, out in zip(entries, batched):
-        _assert_ids(out.outputs[0].token_ids, e["greedy_no_eos"], f"{name}/{adapter}/{e['prompt']} greedy, batched")
+        assert_ids(out.outputs[0].token_ids, e["greedy_no_eos"], f"{name}/{adapter}/{e['prompt']} greedy, batched")
     e = max(entries, key=lambda e: len(e["prompt_ids"]))  # the longest, alone in the engine
     single = llm.generate([e["prompt_ids"]], params, adapter=adapter)[0].outputs[0].token_ids
-    _assert_ids(single, e["greedy_no_eos"], f"{name}/{adapter}/{e['prompt']} greedy, single")
+    assert_ids(single, e["greedy_no_eos"], f"{name}/{adapter}/{e['prompt']} greedy, single")
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=CASE_IDS)
@@ -158,8 +113,8 @@ def test_ptuning_greedy_ids_with_eos_match_original(llm_for, case):
     llm, entries = llm_for(name), CASES[case]
     outs = llm.generate([e["prompt_ids"] for e in entries], _greedy(), adapter=adapter)
     for e, out in zip(entries, outs):
-        want, reason = _without_stop(e["greedy_eos_2"], {2})
-        _assert_ids(out.outputs[0].token_ids, want, f"{name}/{adapter}/{e['prompt']} greedy with eos 2")
+        want, reason = without_stop(e["greedy_eos_2"], {2})
+        assert_ids(out.outputs[0].token_ids, want, f"{name}/{adapter}/{e['prompt']} greedy with eos 2")
         assert out.outputs[0].finish_reason == reason, f"{name}/{adapter}/{e['prompt']}"
 
 
@@ -170,8 +125,8 @@ def test_ptuning_chat_stop_tokens_match_original(llm_for, case):
     llm, entries = llm_for(name), CASES[case]
     outs = llm.chat([e["messages"] for e in entries], _greedy(), adapter=adapter)
     for e, out in zip(entries, outs):
-        want, reason = _without_stop(e["greedy_chat_stop"], set(e["chat_stop_ids"]))
-        _assert_ids(out.outputs[0].token_ids, want, f"{name}/{adapter}/{e['prompt']} chat stop tokens")
+        want, reason = without_stop(e["greedy_chat_stop"], set(e["chat_stop_ids"]))
+        assert_ids(out.outputs[0].token_ids, want, f"{name}/{adapter}/{e['prompt']} chat stop tokens")
         assert out.outputs[0].finish_reason == reason, f"{name}/{adapter}/{e['prompt']}"
 
 
@@ -184,7 +139,7 @@ def test_the_prefix_changes_the_answer(llm_for, case):
     base = llm.generate([e["prompt_ids"] for e in entries], params)
     tuned = llm.generate([e["prompt_ids"] for e in entries], params, adapter=adapter)
     for e, b, t in zip(entries, base, tuned):
-        _assert_ids(b.outputs[0].token_ids, _base_ref(e)["greedy_no_eos"], f"{name}/{e['prompt']} base model")
+        assert_ids(b.outputs[0].token_ids, _base_ref(e)["greedy_no_eos"], f"{name}/{e['prompt']} base model")
         assert t.outputs[0].token_ids != b.outputs[0].token_ids, f"{name}/{adapter}/{e['prompt']}: prefix ignored"
 
 
@@ -210,4 +165,4 @@ def test_a_mixed_batch_gives_each_request_its_own_tokens(llm_for, name):
             out[d.request_id] += d.token_ids
     for i, (prompt, adapter) in enumerate(jobs):
         want = (base_prompts[prompt] if adapter is None else by_prompt[(adapter, prompt)])["greedy_no_eos"]
-        _assert_ids(out[f"mixed-{i}"], want, f"{name}/{adapter or 'base'}/{prompt} in a mixed batch")
+        assert_ids(out[f"mixed-{i}"], want, f"{name}/{adapter or 'base'}/{prompt} in a mixed batch")

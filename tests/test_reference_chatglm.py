@@ -9,43 +9,13 @@ without stop tokens, single and batched) and the same first-step logits. Needs o
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
-import warnings
-from pathlib import Path
-
 import pytest
 import torch
 
 from checkpoint_fixtures import chatglm_config, make_chatglm_dir, random_chatglm_state
+from golden_support import GOLDEN, MAX_NEW, assert_ids, state_sha256, without_stop
 
-GOLDEN = json.loads((Path(__file__).parent / "golden" / "chatglm_reference.json").read_text(encoding="utf-8"))
-MAX_NEW = GOLDEN["max_new_tokens"]
 CHECKPOINTS = list(GOLDEN["checkpoints"])
-
-
-def _state_sha256(config: dict, seed: int) -> str:
-    h = hashlib.sha256()
-    state = random_chatglm_state(config, seed)
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def reference_sp_model(sp_model_path, tmp_path_factory) -> Path:
-    """The SentencePiece model the golden ids were made with: the fixture's, if it still trains byte-identical,
-    else the copy stored in the golden file (so a sentencepiece upgrade cannot masquerade as a glmkit bug)."""
-    info = GOLDEN["tokenizer"]
-    if hashlib.sha256(sp_model_path.read_bytes()).hexdigest() == info["sha256"]:
-        return sp_model_path
-    warnings.warn("train_sentencepiece() no longer reproduces the golden tokenizer.model byte for byte; "
-                  "using the copy stored in chatglm_reference.json")
-    path = tmp_path_factory.mktemp("golden_sp") / "tokenizer.model"
-    path.write_bytes(base64.b64decode(info["model_b64"]))
-    return path
 
 
 _LLMS: dict[str, object] = {}
@@ -59,7 +29,8 @@ def llm_for(reference_sp_model, tmp_path_factory):
         if name not in _LLMS:
             recipe = GOLDEN["checkpoints"][name]["recipe"]
             config = chatglm_config(recipe["vocab_size"], **recipe["config_overrides"])
-            if _state_sha256(config, recipe["seed"]) != GOLDEN["checkpoints"][name]["weights_sha256"]:
+            weights = GOLDEN["checkpoints"][name]["weights_sha256"]
+            if state_sha256(random_chatglm_state(config, recipe["seed"])) != weights:
                 pytest.fail("checkpoint_fixtures.random_chatglm_state no longer gives the golden weights; "
                             "regenerate tests/golden/chatglm_reference.json with make_chatglm_reference.py")
             out = make_chatglm_dir(tmp_path_factory.mktemp(name), reference_sp_model, recipe["vocab_size"],
@@ -75,32 +46,13 @@ def _prompts(name: str) -> list[tuple[str, dict]]:
     return list(GOLDEN["checkpoints"][name]["prompts"].items())
 
 
-def _first_diff(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def _assert_ids(got: list[int], want: list[int], what: str) -> None:
-    assert got == want, f"{what}: first difference at position {_first_diff(got, want)}\n got  {got}\n want {want}"
-
-
-def _without_stop(original: list[int], stop_ids: set[int]) -> tuple[list[int], str]:
-    """The original returns the stop token as part of generate()'s output; glmkit reports it as the stop reason
-    and leaves it out of token_ids."""
-    if original and original[-1] in stop_ids:
-        return original[:-1], "stop"
-    return original, "length"
-
-
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_chat_prompt_ids_match_original_tokenizer(llm_for, name):
     llm = llm_for(name)
     expected_format = GOLDEN["checkpoints"][name]["family"]
     assert llm.chat_format.name == expected_format
     for prompt, ref in _prompts(name):
-        _assert_ids(llm.render_chat(ref["messages"]), ref["prompt_ids"], f"{name}/{prompt} prompt ids")
+        assert_ids(llm.render_chat(ref["messages"]), ref["prompt_ids"], f"{name}/{prompt} prompt ids")
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -112,10 +64,10 @@ def test_greedy_ids_without_eos_match_original(llm_for, name):
     prompts = _prompts(name)
     batched = llm.generate([ref["prompt_ids"] for _, ref in prompts], params)
     for (prompt, ref), out in zip(prompts, batched):
-        _assert_ids(out.outputs[0].token_ids, ref["greedy_no_eos"], f"{name}/{prompt} greedy, batched")
+        assert_ids(out.outputs[0].token_ids, ref["greedy_no_eos"], f"{name}/{prompt} greedy, batched")
     prompt, ref = max(prompts, key=lambda p: len(p[1]["prompt_ids"]))  # the longest, alone in the engine
     single = llm.generate([ref["prompt_ids"]], params)[0].outputs[0].token_ids
-    _assert_ids(single, ref["greedy_no_eos"], f"{name}/{prompt} greedy, single")
+    assert_ids(single, ref["greedy_no_eos"], f"{name}/{prompt} greedy, single")
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -126,8 +78,8 @@ def test_greedy_ids_with_eos_match_original(llm_for, name):
     prompts = _prompts(name)
     outs = llm.generate([ref["prompt_ids"] for _, ref in prompts], SamplingParams(temperature=0, max_tokens=MAX_NEW))
     for (prompt, ref), out in zip(prompts, outs):
-        want, reason = _without_stop(ref["greedy_eos_2"], {2})
-        _assert_ids(out.outputs[0].token_ids, want, f"{name}/{prompt} greedy with eos 2")
+        want, reason = without_stop(ref["greedy_eos_2"], {2})
+        assert_ids(out.outputs[0].token_ids, want, f"{name}/{prompt} greedy with eos 2")
         assert out.outputs[0].finish_reason == reason, f"{name}/{prompt}"
 
 
@@ -140,8 +92,8 @@ def test_chat_stop_tokens_match_original(llm_for, name):
     prompts = _prompts(name)
     outs = llm.chat([ref["messages"] for _, ref in prompts], SamplingParams(temperature=0, max_tokens=MAX_NEW))
     for (prompt, ref), out in zip(prompts, outs):
-        want, reason = _without_stop(ref["greedy_chat_stop"], set(ref["chat_stop_ids"]))
-        _assert_ids(out.outputs[0].token_ids, want, f"{name}/{prompt} chat stop tokens")
+        want, reason = without_stop(ref["greedy_chat_stop"], set(ref["chat_stop_ids"]))
+        assert_ids(out.outputs[0].token_ids, want, f"{name}/{prompt} chat stop tokens")
         assert out.outputs[0].finish_reason == reason, f"{name}/{prompt}"
 
 
