@@ -153,6 +153,18 @@ def test_unknown_and_mismatched_adapters_are_clear_errors(llm, glm_dir, tmp_path
     assert list(llm.adapters) == ["qkv4", "all8", "prefix"]
 
 
+def test_max_adapters_bounds_what_is_loaded(glm_dir, adapters):
+    with pytest.raises(InvalidParameterError, match="max_adapters \\(1\\); raise --max-adapters"):
+        LLM(str(glm_dir), dtype="float32", device="cpu", max_adapters=1,
+            adapters={"a": str(adapters["qkv4"]), "b": str(adapters["all8"])})
+    llm = LLM(str(glm_dir), dtype="float32", device="cpu", max_adapters=1, adapters={"a": str(adapters["qkv4"])})
+    with pytest.raises(InvalidParameterError, match="max_adapters=1: adapters are loaded \\(a\\); unload one"):
+        llm.load_adapter("b", adapters["all8"])
+    llm.unload_adapter("a")
+    llm.load_adapter("b", adapters["all8"])
+    assert list(llm.adapters) == ["b"]
+
+
 def test_served_qwen2_lora_logits_match_transformers_peft(tmp_path, hf_tokenizer_dir, hf):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")

@@ -41,13 +41,14 @@ class EngineConfig:
                                         # default model on a CPU with bf16 instructions the measured fastest mode
     adapters: dict[str, str] | None = None  # adapters served beside the base: name -> directory (a peft LoRA or
                                             # ChatGLM P-Tuning v2)
+    max_adapters: int = 32              # adapters loaded at once (at start and by load_adapter), a memory guard
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise InvalidParameterError("dtype", self.dtype, f"must be one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise InvalidParameterError("device", self.device, "must be auto, cpu, cuda or cuda:N")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_threads"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_threads", "max_adapters"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InvalidParameterError(name, value, "must be a positive integer")
@@ -58,6 +59,9 @@ class EngineConfig:
                                         f"{', '.join(QUANTIZATION_MODES)}")
         for name in self.adapters or {}:
             check_adapter_name(name)
+        if len(self.adapters or {}) > self.max_adapters:
+            raise InvalidParameterError("adapters", len(self.adapters), f"are more than max_adapters "
+                                        f"({self.max_adapters}); raise --max-adapters")
         if self.block_size not in (8, 16, 32, 64, 128, 256):
             raise InvalidParameterError("block_size", self.block_size, "must be one of 8, 16, 32, 64, 128, 256")
 

@@ -192,11 +192,19 @@ class LLM:
                 raise InvalidParameterError("adapter name", name, "is already loaded; unload it first or pick "
                                             "another name")
 
+        def full():
+            limit = self.config.max_adapters
+            if len(self.adapters) + len(self._unloading) >= limit:
+                raise InvalidParameterError("max_adapters", limit, f"adapters are loaded ({', '.join(self.adapters)}); "
+                                            "unload one first, or start with a larger --max-adapters")
+
         check_adapter_name(name)
         taken()  # before reading the files; again below, as another thread may load it meanwhile
+        full()
         adapter = read_served_adapter(path, self.model_config)
         with self._adapter_lock:
             taken()
+            full()
             adapter_id = self._next_adapter_id
             self._next_adapter_id += 1
             self._on_engine(lambda engine: engine.add_adapter(adapter_id, adapter))

@@ -163,6 +163,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="a LoRA adapter directory (glmkit finetune's output, or peft's) served beside the model; "
                    "NAME (default: the directory's name) is what requests put in `model`. Repeat it to serve "
                    "several (serve); chat, generate and eval answer with the one given")
+    g.add_argument("--max-adapters", default=32, metavar="N", help="adapters loaded at once, by --adapter and at run "
+                   "time (default 32)", type=integer("--max-adapters", 1, fix="e.g. --max-adapters 64"))
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
@@ -184,7 +186,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, chat_format=args.chat_format, max_model_len=args.max_model_len,
                 kv_cache_memory_gb=args.kv_cache_memory, num_threads=args.threads, quantization=args.quantization,
-                enforce_eager=args.enforce_eager, adapters=adapters(args))
+                enforce_eager=args.enforce_eager, adapters=adapters(args), max_adapters=args.max_adapters)
 
 
 def adapters(args) -> dict[str, str] | None:
