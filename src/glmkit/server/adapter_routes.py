@@ -55,8 +55,8 @@ async def load_lora_adapter(req: LoadLoraAdapterRequest, request: Request):
                        "adapter_not_found")
     try:
         await client.load_adapter(name, path)
-    except InvalidParameterError as e:  # the name (a race with another load of it)
-        raise APIError(400, str(e), param="lora_name", code="invalid_value")
+    except InvalidParameterError as e:  # --max-adapters reached, or the name (a race with another load of it)
+        raise APIError(400, str(e), param="lora_name" if e.field != "max_adapters" else None, code="invalid_value")
     except GlmkitError as e:  # ModelLoadError: a malformed or unreadable adapter, or one made for another model
         message = str(e) if path in str(e) else f"lora_path={excerpt(path)}: {e}"
         raise APIError(400, message, param="lora_path", code="invalid_adapter")
