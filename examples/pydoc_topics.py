@@ -42,10 +42,12 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "pydoc-topics")
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for r in (first_paragraph(text) for text in topics.values()) if r is not None]
-    with open(out / "train.jsonl", "w", encoding="utf-8") as train, open(out / "dev.jsonl", "w", encoding="utf-8") as dev:
-        for i, (heading, summary) in enumerate(rows):
-            record = {"content": PROMPT.format(heading), "summary": summary}
-            (dev if i % 4 == 3 else train).write(json.dumps(record, ensure_ascii=False) + "\n")
+    splits = {"train": [], "dev": []}
+    for i, (heading, summary) in enumerate(rows):
+        record = {"content": PROMPT.format(heading), "summary": summary}
+        splits["dev" if i % 4 == 3 else "train"].append(json.dumps(record, ensure_ascii=False) + "\n")
+    for name, lines in splits.items():
+        (out / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
     print(f"{len(rows)} topics: {len(rows) - len(rows) // 4} in {out / 'train.jsonl'}, {len(rows) // 4} in "
           f"{out / 'dev.jsonl'}")
 

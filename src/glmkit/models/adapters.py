@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,8 +32,6 @@ from .ptuning import PrefixAdapter, is_prefix_dir, read_prefix
 def read_served_adapter(directory, config) -> Adapter | PrefixAdapter:
     """An adapter directory as it was saved: a peft LoRA (adapter_config.json) or ChatGLM's P-Tuning v2
     (config.json with pre_seq_len), for a model of `config`."""
-    from pathlib import Path
-
     path = Path(directory).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a directory; pass what a fine-tuning saved (glmkit finetune's "
@@ -92,7 +91,7 @@ class ServedAdapters:
         self.model = model
         self._batch = _Batch()
         self._linears: dict[str, AdapterLinear] = {}  # glmkit module path -> its wrapper
-        self.loaded: dict[int, Adapter] = {}
+        self.loaded: set[int] = set()  # ids only: the weights live in the wrappers (the read copy is let go)
 
     def add(self, adapter_id: int, adapter: Adapter) -> None:
         """Load an adapter's weights under `adapter_id`. Raises ModelLoadError when it does not fit this model (a
@@ -100,8 +99,7 @@ class ServedAdapters:
         if adapter_id in self.loaded:
             raise ValueError(f"adapter id {adapter_id} is already loaded")
         model = self.model
-        weight = next(p for p in model.parameters() if p.is_floating_point())
-        dtype = model.embed.weight.dtype if hasattr(model, "embed") else weight.dtype
+        device, dtype = model.embed.weight.device, model.embed.weight.dtype  # the activations'
         names = [f"{path}.weight" for path in adapter.weights]
         targets = targets_of(names, model.config, model)
         missing = sorted(set(adapter.weights) - set(targets))
@@ -119,14 +117,14 @@ class ServedAdapters:
             for target in group:
                 a, b = adapter.weights[target.path]
                 holder.set(target.path, a.float(), b.float())  # a wrong rank or shape raises ModelLoadError
-            built[module] = _Weights(holder.lora_A.data.to(weight.device, dtype),
-                                     holder.block_b(torch.float32).to(weight.device, dtype), holder.scale)
+            a, b = holder.lora_A.data, holder.block_b(torch.float32)
+            built[module] = _Weights(a.to(device, dtype), b.to(device, dtype), holder.scale)
         for module, w in built.items():  # only now that every module fits
             self._wrapper(module).weights[adapter_id] = w
-        self.loaded[adapter_id] = adapter
+        self.loaded.add(adapter_id)
 
     def remove(self, adapter_id: int) -> None:
-        self.loaded.pop(adapter_id)
+        self.loaded.remove(adapter_id)
         for linear in self._linears.values():
             linear.weights.pop(adapter_id, None)
 
