@@ -53,3 +53,19 @@ def without_stop(original: list[int], stop_ids: set[int]) -> tuple[list[int], st
     if original and original[-1] in stop_ids:
         return original[:-1], "stop"
     return original, "length"
+
+
+def golden_checkpoint(name: str, sp_model: Path, out: Path) -> tuple[dict, Path]:
+    """The golden file's checkpoint `name` rebuilt in `out` by the fixture builders -> (its config, its
+    directory); fails when the builders no longer give the weights the golden ids were made with."""
+    import pytest
+
+    from checkpoint_fixtures import chatglm_config, make_chatglm_dir, random_chatglm_state
+
+    recipe = GOLDEN["checkpoints"][name]["recipe"]
+    config = chatglm_config(recipe["vocab_size"], **recipe["config_overrides"])
+    if state_sha256(random_chatglm_state(config, recipe["seed"])) != GOLDEN["checkpoints"][name]["weights_sha256"]:
+        pytest.fail("checkpoint_fixtures.random_chatglm_state no longer gives the golden weights; "
+                    "regenerate tests/golden/chatglm_reference.json with make_chatglm_reference.py")
+    return config, make_chatglm_dir(out, sp_model, recipe["vocab_size"], recipe["layout"], recipe["seed"],
+                                    **recipe["config_overrides"])

@@ -15,9 +15,8 @@ from dataclasses import replace
 
 import pytest
 
-from checkpoint_fixtures import (chatglm_config, make_chatglm_dir, make_prefix_dir, random_chatglm_state,
-                                 random_prefix_state)
-from golden_support import GOLDEN, MAX_NEW, assert_ids, state_sha256, without_stop
+from checkpoint_fixtures import make_prefix_dir, random_prefix_state
+from golden_support import GOLDEN, MAX_NEW, assert_ids, golden_checkpoint, state_sha256, without_stop
 
 PTUNING = GOLDEN["ptuning"]
 
@@ -48,15 +47,8 @@ def llm_for(reference_sp_model, tmp_path_factory):
 
     def get(name: str):
         if name not in _LLMS:
-            recipe = GOLDEN["checkpoints"][name]["recipe"]
-            config = chatglm_config(recipe["vocab_size"], **recipe["config_overrides"])
-            weights = GOLDEN["checkpoints"][name]["weights_sha256"]
-            if state_sha256(random_chatglm_state(config, recipe["seed"])) != weights:
-                pytest.fail("checkpoint_fixtures.random_chatglm_state no longer gives the golden weights; "
-                            "regenerate tests/golden/chatglm_reference.json with make_chatglm_reference.py")
             root = tmp_path_factory.mktemp(name)
-            base = make_chatglm_dir(root / "base", reference_sp_model, recipe["vocab_size"], recipe["layout"],
-                                    recipe["seed"], **recipe["config_overrides"])
+            config, base = golden_checkpoint(name, reference_sp_model, root / "base")
             adapters = {}
             for (ckpt, adapter), entries in CASES.items():
                 if ckpt != name:

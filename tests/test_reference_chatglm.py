@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoint_fixtures import chatglm_config, make_chatglm_dir, random_chatglm_state
-from golden_support import GOLDEN, MAX_NEW, assert_ids, state_sha256, without_stop
+from golden_support import GOLDEN, MAX_NEW, assert_ids, golden_checkpoint, without_stop
 
 CHECKPOINTS = list(GOLDEN["checkpoints"])
 
@@ -27,14 +26,7 @@ def llm_for(reference_sp_model, tmp_path_factory):
 
     def get(name: str):
         if name not in _LLMS:
-            recipe = GOLDEN["checkpoints"][name]["recipe"]
-            config = chatglm_config(recipe["vocab_size"], **recipe["config_overrides"])
-            weights = GOLDEN["checkpoints"][name]["weights_sha256"]
-            if state_sha256(random_chatglm_state(config, recipe["seed"])) != weights:
-                pytest.fail("checkpoint_fixtures.random_chatglm_state no longer gives the golden weights; "
-                            "regenerate tests/golden/chatglm_reference.json with make_chatglm_reference.py")
-            out = make_chatglm_dir(tmp_path_factory.mktemp(name), reference_sp_model, recipe["vocab_size"],
-                                   recipe["layout"], recipe["seed"], **recipe["config_overrides"])
+            _, out = golden_checkpoint(name, reference_sp_model, tmp_path_factory.mktemp(name))
             _LLMS[name] = LLM(str(out), dtype="float32", device="cpu", kv_cache_memory_gb=0.01)
         return _LLMS[name]
 
