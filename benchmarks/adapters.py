@@ -1,12 +1,16 @@
 """Decode speed with LoRA adapters served beside the base model, against the base alone, in the same process.
 
-    python benchmarks/adapters.py [--model DIR] [--rank 16] [--adapters 8] [--concurrent 1 8] [--tokens 64]
-        [--repeats 3] [--dtype auto] [--quantization auto]
+    python benchmarks/adapters.py [--model DIR | --shape chatglm3-6b] [--rank 16] [--adapters 8]
+        [--concurrent 1 8] [--tokens 64] [--repeats 3] [--dtype auto] [--quantization auto]
 
 Random LoRA adapters (peft format, written to a temporary directory) of rank --rank on every linear layer are
 loaded into one LLM. For each --concurrent N it runs, interleaved --repeats times: N greedy requests on the base
 model, then the same N requests spread round-robin over --adapters adapters (with N = 1: one adapter), each
-decoding --tokens tokens (ignore_eos), and prints the median output tokens/s of each and the ratio.
+decoding --tokens tokens (ignore_eos), and prints the median output tokens/s of each and the ratio. Both sides
+send their requests from one thread per adapter, so they arrive the same way.
+--shape builds a random-weight checkpoint of a real model's shape as benchmarks/gpu.py does (on a GPU: the
+ChatGLM3-6B shape in bf16). On CUDA the adapters are held in GPU slots sized up front (--max-lora-rank), and the
+script reports how many decode steps each set of CUDA graphs ran (with and without the LoRA kernel).
 """
 
 from __future__ import annotations
@@ -50,18 +54,19 @@ def write_adapter(out: Path, llm: LLM, rank: int, seed: int) -> Path:
     return out
 
 
-def rate(llm: LLM, n: int, tokens: int, adapters: list[str | None]) -> float:
-    """Output tokens/s of n requests decoding `tokens` each, request i through adapters[i % len(adapters)]."""
+def rate(llm: LLM, n: int, tokens: int, adapters: list[str | None], callers: int) -> float:
+    """Output tokens/s of n requests decoding `tokens` each from `callers` threads, request i through
+    adapters[i % len(adapters)] (the base and the adapters are sent the same way, so they arrive alike)."""
     import threading
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     prompts = [f"Request {i}: tell me a long story about the sea." for i in range(n)]
-    groups: dict[str | None, list[str]] = {}
+    groups: dict[int, list[str]] = {}
     for i, p in enumerate(prompts):
-        groups.setdefault(adapters[i % len(adapters)], []).append(p)
+        groups.setdefault(i % min(callers, n), []).append(p)
     start = time.perf_counter()
-    threads = [threading.Thread(target=llm.generate, args=(ps, params), kwargs={"adapter": name})
-               for name, ps in groups.items()]
+    threads = [threading.Thread(target=llm.generate, args=(ps, params), kwargs={"adapter": adapters[k % len(adapters)]})
+               for k, ps in groups.items()]
     for t in threads:
         t.start()
     for t in threads:
@@ -72,6 +77,9 @@ def rate(llm: LLM, n: int, tokens: int, adapters: list[str | None]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a model directory (default: the embedded model)")
+    p.add_argument("--shape", default=None, help="instead of --model: a random checkpoint of this shape "
+                   "(benchmarks/gpu.py's SHAPES, e.g. chatglm3-6b), built once under --work-dir")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/glmkit-bench"))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--concurrent", type=int, nargs="+", default=[1, 8])
@@ -80,7 +88,13 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default="auto")
     args = p.parse_args()
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, max_num_seqs=max(args.concurrent))
+    model = args.model
+    if args.shape:
+        from gpu import build_checkpoint
+
+        model = str(build_checkpoint(args.shape, args.work_dir, "cuda" if torch.cuda.is_available() else "cpu"))
+    llm = LLM(model, dtype=args.dtype, quantization=args.quantization, max_num_seqs=max(args.concurrent),
+              max_gpu_adapters=args.adapters, max_lora_rank=args.rank)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.adapters):
             llm.load_adapter(f"a{i}", write_adapter(Path(tmp) / f"a{i}", llm, args.rank, seed=i))
@@ -89,16 +103,20 @@ def main() -> None:
     print(f"{llm.model_dir.name}, {llm.dtype}, quantization {llm.resolved_config.quantization}, {llm.device}; "
           f"{args.adapters} LoRA adapters of rank {args.rank} on every linear layer; {args.tokens} tokens per request")
     print("| concurrent | base tok/s | adapters tok/s | adapters / base |\n|---:|---:|---:|---:|")
-    rate(llm, 1, 8, [None])  # warm-up
-    rate(llm, 1, 8, names[:1])
+    rate(llm, 1, 8, [None], 1)  # warm-up
+    rate(llm, 1, 8, names[:1], 1)
     for n in args.concurrent:
         spread = names[:1] if n == 1 else names
         base, adapted = [], []
         for _ in range(args.repeats):
-            base.append(rate(llm, n, args.tokens, [None]))
-            adapted.append(rate(llm, n, args.tokens, spread))
+            base.append(rate(llm, n, args.tokens, [None], len(spread)))
+            adapted.append(rate(llm, n, args.tokens, spread, len(spread)))
         b, a = statistics.median(base), statistics.median(adapted)
-        print(f"| {n} | {b:,.1f} | {a:,.1f} | {a / b:.2f}x |")
+        print(f"| {n} | {b:,.1f} | {a:,.1f} | {a / b:.2f}x |", flush=True)
+    graphs = llm.engine.runner.graphs
+    if graphs is not None:
+        print(f"decode steps run as CUDA graphs: {graphs.replays['base']:,} without adapter rows, "
+              f"{graphs.replays['lora']:,} with the LoRA kernel")
 
 
 if __name__ == "__main__":

@@ -203,18 +203,20 @@ def test_gpu_training_forward_matches_cpu_and_a_lora_learns(checkpoints, family)
 
 
 def test_gpu_served_adapters_match_cpu(checkpoints, tmp_path):
-    """LoRA and P-Tuning adapters on the GPU (eager adapter steps, paged prefill over a pinned prefix, CUDA graphs
-    for the base rows beside them) give the CPU's greedy tokens, alone and mixed with the base in one batch."""
+    """LoRA and P-Tuning adapters on the GPU (LoRA weights in GPU slots, decode steps with adapter rows in their
+    own CUDA graphs with the LoRA kernel, paged prefill over a pinned prefix) give the CPU's greedy tokens, alone
+    and mixed with the base in one batch; with one slot for two LoRAs too (swapped in, a step in two passes)."""
     import threading
 
     from adapter_fixtures import make_adapter, make_prefix
 
     d = checkpoints["chatglm"]
     adapters = {"lora": str(make_adapter(d, tmp_path / "lora", ["all-linear"], 8, seed=1)),
+                "qkv": str(make_adapter(d, tmp_path / "qkv", ["query_key_value"], 4, seed=3)),
                 "prefix": str(make_prefix(d, tmp_path / "prefix", 16, True, seed=2))}
     outputs = {}
-    for device in ("cpu", "cuda"):
-        llm = LLM(str(d), dtype="float32", device=device, adapters=adapters)
+    for device, slots in (("cpu", 8), ("cuda", 8), ("cuda", 1)):
+        llm = LLM(str(d), dtype="float32", device=device, adapters=adapters, max_gpu_adapters=slots)
         llm.start_engine_thread()
         results = {}
         threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, [
@@ -223,6 +225,9 @@ def test_gpu_served_adapters_match_cpu(checkpoints, tmp_path):
             t.start()
         for t in threads:
             t.join()
-        outputs[device] = results
-    assert outputs["cuda"] == outputs["cpu"]
-    assert len({tuple(map(tuple, v)) for v in outputs["cpu"].values()}) == 3
+        outputs[device, slots] = results
+        if device == "cuda":
+            assert llm.engine.runner.adapters.pooled and llm.engine.runner.graphs.replays["lora"] > 0
+    assert outputs["cuda", 8] == outputs["cpu", 8]
+    assert outputs["cuda", 1] == outputs["cpu", 8]
+    assert len({tuple(map(tuple, v)) for v in outputs["cpu", 8].values()}) == 4

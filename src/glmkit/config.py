@@ -42,13 +42,19 @@ class EngineConfig:
     adapters: dict[str, str] | None = None  # adapters served beside the base: name -> directory (a peft LoRA or
                                             # ChatGLM P-Tuning v2)
     max_adapters: int = 32              # adapters loaded at once (at start and by load_adapter), a memory guard
+    # CUDA: LoRA weights resident on the GPU, in slots sized up front so the CUDA graphs run adapter rows too
+    # (others wait in pinned host memory, swapped in least recently used first). The slots exist when adapters
+    # are given at start or max_lora_rank is set; their rank is max_lora_rank, else the start adapters' highest.
+    max_gpu_adapters: int = 8
+    max_lora_rank: int | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise InvalidParameterError("dtype", self.dtype, f"must be one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise InvalidParameterError("device", self.device, "must be auto, cpu, cuda or cuda:N")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_threads", "max_adapters"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_threads", "max_adapters",
+                     "max_gpu_adapters", "max_lora_rank"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InvalidParameterError(name, value, "must be a positive integer")

@@ -32,6 +32,7 @@ from .models import default
 from .models.default import CPU_QUANTIZATION as DEFAULT_MODEL_CPU_QUANTIZATION, cpu_has_bf16  # noqa: F401
 from .models.loader import load_model, read_config
 from .models.adapters import read_served_adapter
+from .models.lora import lora_rank
 from .models.ptuning import PrefixAdapter
 from .models.quant import QuantPlan, bits_of, plan_for
 from .tokenizers import load_tokenizer
@@ -273,10 +274,19 @@ class LLM:
                         "--kv-cache-memory to allow longer contexts", c.max_model_len, capacity, max_len)
         log.info("glmkit: KV cache %d blocks x %d = %d tokens (%.2f GiB of a %.2f GiB budget)", num_blocks,
                  c.block_size, capacity, num_blocks * c.block_size * per_token / 2**30, budget / 2**30)
+        slots, rank = self._lora_slots()
         runner = ModelRunner(self.model, num_blocks, c.block_size, self.dtype, max_len, c.max_num_seqs,
-                             cuda_graphs=not c.enforce_eager)
+                             cuda_graphs=not c.enforce_eager, adapter_slots=slots, max_lora_rank=rank)
         return LLMEngine(runner, self.tokenizer, num_blocks, c.block_size, max_len, c.max_num_seqs,
                          c.max_num_batched_tokens, eos_token_ids, c.enable_prefix_caching)
+
+    def _lora_slots(self) -> tuple[int, int]:
+        """(GPU slots, their rank) for LoRA adapters: none unless on CUDA with adapters at start or a rank set."""
+        c = self.config
+        if self.device.type != "cuda" or not (c.adapters or c.max_lora_rank):
+            return 0, 16
+        ranks = [lora_rank(path) for path in (c.adapters or {}).values()]
+        return c.max_gpu_adapters, c.max_lora_rank or max([r for r in ranks if r] or [16])
 
     # -- prompts ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

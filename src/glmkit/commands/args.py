@@ -165,6 +165,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "several (serve); chat, generate and eval answer with the one given")
     g.add_argument("--max-adapters", default=32, metavar="N", help="adapters loaded at once, by --adapter and at run "
                    "time (default 32)", type=integer("--max-adapters", 1, fix="e.g. --max-adapters 64"))
+    g.add_argument("--max-gpu-adapters", default=8, metavar="N", help="CUDA: LoRA adapters resident on the GPU at "
+                   "once, in slots sized at start so CUDA graphs run them; others wait in host memory (default 8)",
+                   type=integer("--max-gpu-adapters", 1, fix="e.g. --max-gpu-adapters 16"))
+    g.add_argument("--max-lora-rank", default=None, metavar="R", help="CUDA: the highest LoRA rank the GPU slots "
+                   "hold (default: the --adapter adapters' highest; set it to load higher ranks at run time)",
+                   type=integer("--max-lora-rank", 1, fix="e.g. --max-lora-rank 64"))
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
@@ -186,7 +192,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, temperature: float, top_p
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, chat_format=args.chat_format, max_model_len=args.max_model_len,
                 kv_cache_memory_gb=args.kv_cache_memory, num_threads=args.threads, quantization=args.quantization,
-                enforce_eager=args.enforce_eager, adapters=adapters(args), max_adapters=args.max_adapters)
+                enforce_eager=args.enforce_eager, adapters=adapters(args), max_adapters=args.max_adapters,
+                max_gpu_adapters=args.max_gpu_adapters, max_lora_rank=args.max_lora_rank)
 
 
 def adapters(args) -> dict[str, str] | None:

@@ -4,6 +4,10 @@ A decode-only step (every running sequence adds one token) is the common step un
 launch overhead dominates. Each graph reads fixed input buffers (token ids, positions, KV slots, block
 tables, context lengths) that `run` fills before the replay; a batch is padded up to the next captured size,
 and the padding rows write their K/V into a scratch block that no sequence owns.
+
+With pooled LoRA adapters (models/adapters.py) a second graph per size is captured with the LoRA kernel in every
+adapted linear, reading each row's adapter slot (and the rows grouped by slot) from more fixed buffers. Steps
+without a LoRA row replay the first set, so the base model pays nothing for adapters being loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 
 import torch
 
+from ..kernels.lora import LoraRows, group_rows
 from ..models.layers import AttentionBatch, DecodeGroup, DecoderModel
 
 log = logging.getLogger("glmkit")
@@ -25,7 +30,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: DecoderModel, kv_caches, max_num_seqs: int, max_blocks: int, block_size: int,
-                 pad_block: int):
+                 pad_block: int, adapters=None):
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.sizes = capture_sizes(max_num_seqs)
         device, n = model.embed.weight.device, max_num_seqs
@@ -35,19 +40,32 @@ class DecodeGraphs:
         self.block_tables = torch.full((n, max_blocks), pad_block, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.pad_slot, self.pad_block = pad_block * block_size, pad_block
+        self.num_slots = adapters.slots if adapters is not None else 0
+        self.lora_rows = LoraRows(torch.full((n,), -1, dtype=torch.int32, device=device),
+                                  torch.zeros(n, dtype=torch.int32, device=device),
+                                  torch.zeros(self.num_slots + 1, dtype=torch.int32, device=device))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.lora_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays = {"base": 0, "lora": 0}  # steps run by each set (benchmarks report them)
         start = time.perf_counter()
         pool = None
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-            self._forward(size)  # warm-up: compiles the Triton kernels for this size outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(size)
-            pool = graph.pool()
-            self.graphs[size] = (graph, logits)
+            pool = self._capture(size, self.graphs, pool)
+            if adapters is not None:
+                with adapters.rows(self.lora_rows):
+                    pool = self._capture(size, self.lora_graphs, pool)
         torch.cuda.synchronize(device)
-        log.info("glmkit: captured CUDA graphs for %d decode batch sizes (1..%d) in %.1f s", len(self.sizes),
-                 max_num_seqs, time.perf_counter() - start)
+        log.info("glmkit: captured CUDA graphs for %d decode batch sizes (1..%d)%s in %.1f s", len(self.sizes),
+                 max_num_seqs, ", with and without LoRA adapters," if adapters is not None else "",
+                 time.perf_counter() - start)
+
+    def _capture(self, size: int, into: dict, pool):
+        self._forward(size)  # warm-up: compiles the Triton kernels for this size outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self._forward(size)
+        into[size] = (graph, logits)
+        return graph.pool()
 
     def _forward(self, size: int) -> torch.Tensor:
         batch = AttentionBatch(self.slots[:size], [], DecodeGroup(
@@ -60,11 +78,12 @@ class DecodeGraphs:
         return num_seqs <= self.sizes[-1]
 
     def run(self, input_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
+            tables: list[list[int]], context_lens: list[int], lora_slots: list[int] | None = None) -> torch.Tensor:
         """One decode step for len(positions) sequences -> their logits [n, vocab] (valid until the next run).
 
         input_ids may be a host list or a tensor already on the device (the tokens just sampled, when the
-        runner launches a step ahead). Nothing here waits for the GPU: the host data goes through pinned memory.
+        runner launches a step ahead). `lora_slots`: each row's adapter slot (-1: none), or None for a step
+        without LoRA rows. Nothing here waits for the GPU: the host data goes through pinned memory.
         """
         n = len(positions)
         size = next(s for s in self.sizes if s >= n)
@@ -73,19 +92,28 @@ class DecodeGraphs:
         # whatever an earlier step left beyond that is never looked at. Padding rows attend to the scratch block.
         width = max(len(t) for t in tables)
         rows = [t + [self.pad_block] * (width - len(t)) for t in tables] + [[self.pad_block] * width] * pad
-        host = [positions + [0] * pad, slots + [self.pad_slot] * pad, [p + 1 for p in positions] + [1] * pad]
+        host = [positions + [0] * pad, slots + [self.pad_slot] * pad, context_lens + [1] * pad]
+        if lora_slots is not None:  # padding rows have no adapter
+            lora_slots = lora_slots + [-1] * pad
+            order, starts = group_rows(lora_slots, self.num_slots)
+            host += [lora_slots, order + [0] * (size - len(order))]
         on_device = isinstance(input_ids, torch.Tensor)
         if not on_device:
-            host.append(input_ids + [0] * pad)
+            host.append(input_ids + [0] * pad)  # the last row
         host = torch.tensor(host, dtype=torch.long).pin_memory()
         self.positions[:size].copy_(host[0], non_blocking=True)
         self.slots[:size].copy_(host[1], non_blocking=True)
         self.context_lens[:size].copy_(host[2], non_blocking=True)
+        if lora_slots is not None:
+            self.lora_rows.slots[:size].copy_(host[3], non_blocking=True)
+            self.lora_rows.order[:size].copy_(host[4], non_blocking=True)
+            self.lora_rows.starts.copy_(torch.tensor(starts, dtype=torch.int32).pin_memory(), non_blocking=True)
         if on_device:  # padding rows keep whatever ids an earlier step left: valid tokens, and never read back
             self.input_ids[:n].copy_(input_ids)
         else:
-            self.input_ids[:size].copy_(host[3], non_blocking=True)
+            self.input_ids[:size].copy_(host[-1], non_blocking=True)
         self.block_tables[:size, :width].copy_(torch.tensor(rows, dtype=torch.int32).pin_memory(), non_blocking=True)
-        graph, logits = self.graphs[size]
+        graph, logits = (self.graphs if lora_slots is None else self.lora_graphs)[size]
+        self.replays["base" if lora_slots is None else "lora"] += 1
         graph.replay()
         return logits[:n]

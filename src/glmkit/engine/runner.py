@@ -76,10 +76,11 @@ def _read_back(ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
                  max_model_len: int = 0, max_num_seqs: int = 1, cuda_graphs: bool = False,
-                 lookahead: bool | None = None):
+                 lookahead: bool | None = None, adapter_slots: int = 0, max_lora_rank: int = 16):
         self.model = model
-        self.adapters = ServedAdapters(model)  # LoRA adapters beside the base, by engine id
         self.device = model.embed.weight.device
+        # LoRA adapters beside the base, by engine id; in pools of `adapter_slots` for the CUDA graphs (0: none)
+        self.adapters = ServedAdapters(model, adapter_slots, max_lora_rank)
         self.block_size, self.max_model_len = block_size, max_model_len
         c = model.config
         self.vocab_size = c.vocab_size
@@ -101,7 +102,8 @@ class ModelRunner:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs, -(-max_model_len // block_size),
-                                       block_size, pad_block=num_blocks)
+                                       block_size, pad_block=num_blocks,
+                                       adapters=self.adapters if self.adapters.pooled else None)
         self.lookahead = self.graphs is not None if lookahead is None else lookahead
         self._ahead: _Ahead | None = None
 
@@ -190,24 +192,62 @@ class ModelRunner:
             mask = (torch.arange(longest, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
         return DecodeGroup(row_ids, torch.tensor(padded, device=self.device), mask)
 
+    def _decode_inputs(self, rows: list[StepRow], positions: list[int]):
+        """(slots, block tables, context lengths) of decode rows computing these positions; a P-Tuning prefix's
+        blocks come first in the table and shift the row's cache positions, not its rotary ones."""
+        bs, slots, tables, lens = self.block_size, [], [], []
+        for r, p in zip(rows, positions):
+            table = r.prefix_blocks + r.block_table if r.prefix_blocks else r.block_table
+            at = p + len(r.prefix_blocks) * bs
+            slots.append(table[at // bs] * bs + at % bs)
+            tables.append(table)
+            lens.append(at + 1)
+        return slots, tables, lens
+
+    def _graphable(self, rows: list[StepRow]) -> bool:
+        """Whether these rows' adapters can run in the captured graphs: none is a LoRA, or LoRAs are pooled and
+        fit the slots."""
+        loras = self.adapters.lora_ids(r.adapter_id for r in rows)
+        return not loras or (self.adapters.pooled and len(loras) <= self.adapters.slots)
+
     def _logits(self, rows: list[StepRow]) -> torch.Tensor | None:
         """Run the rows' tokens; the logits of the rows that pick a next token (None if no row does)."""
-        adapted = any(r.adapter_id is not None for r in rows)
-        if self.graphs is not None and not adapted \
+        loras = self.adapters.lora_ids(r.adapter_id for r in rows)
+        if self.adapters.pooled and len(loras) > self.adapters.slots:
+            return self._logits_in_parts(rows, loras)
+        if self.graphs is not None and self._graphable(rows) \
                 and all(r.sample and len(r.token_ids) == 1 and r.start > 0 for r in rows) \
                 and self.graphs.can_run(len(rows)):
             positions = [r.start for r in rows]
-            bs = self.block_size
-            return self.graphs.run([r.token_ids[0] for r in rows], positions,
-                                   [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, positions)],
-                                   [r.block_table for r in rows])
+            lora_slots = self.adapters.slots_of([r.adapter_id for r in rows]) if loras else None
+            return self.graphs.run([r.token_ids[0] for r in rows], positions, *self._decode_inputs(rows, positions),
+                                   lora_slots)
         input_ids, positions, batch, last_rows = self._prepare(rows)
-        if adapted:  # each token row through its own adapter (eager: the captured graphs know none)
+        if loras:  # each token row through its own adapter
             with self.adapters.batch([r.adapter_id for r in rows for _ in r.token_ids], self.device):
                 hidden = self.model(input_ids, positions, batch, self.kv_caches)
         else:
             hidden = self.model(input_ids, positions, batch, self.kv_caches)
         return self.model.compute_logits(hidden[last_rows]) if last_rows else None
+
+    def _logits_in_parts(self, rows: list[StepRow], loras: list[int]) -> torch.Tensor | None:
+        """More LoRAs in a step than slots: passes of at most `slots` adapters each (the rows are independent),
+        their logits put back in row order."""
+        per_pass = self.adapters.slots
+        parts = [set(loras[i:i + per_pass]) for i in range(0, len(loras), per_pass)]
+        parts[0].add(None)  # rows of the base or a P-Tuning prefix go with the first pass
+        order, pieces = [], []
+        for part in parts:
+            mine = [i for i, r in enumerate(rows) if (r.adapter_id if r.adapter_id in loras else None) in part]
+            logits = self._logits([rows[i] for i in mine])
+            if logits is not None:
+                pieces.append(logits)
+                order.extend(i for i in mine if rows[i].sample)
+        if not pieces:
+            return None
+        sampled = [i for i, r in enumerate(rows) if r.sample]
+        where = {row: k for k, row in enumerate(order)}
+        return torch.cat(pieces).index_select(0, to_device([where[i] for i in sampled], torch.long, self.device))
 
     @torch.inference_mode()
     def run(self, step: Step) -> list[Sample]:
@@ -228,7 +268,7 @@ class ModelRunner:
         else:
             fresh_ids = self.sampler.sample_ids(logits, fresh) if fresh else None
             fresh_host, fresh_done = _read_back(fresh_ids) if fresh else (None, None)
-            if self.lookahead and step.run_ahead and all(r.adapter_id is None for r in sampling):
+            if self.lookahead and step.run_ahead and self._graphable(sampling):
                 self._ahead = self._launch_ahead(sampling, self._ids(sampling, covered, ahead, fresh_ids))
             if fresh:
                 if fresh_done is not None:
@@ -267,16 +307,16 @@ class ModelRunner:
         if not self.sampler.batchable(rows, ahead=1):
             return None
         positions = [r.end for r in rows]  # the sampled token's position: the next step computes it
-        tables = [r.block_table for r in rows]
-        bs = self.block_size
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
+        slots, tables, lens = self._decode_inputs(rows, positions)
+        lora_slots = self.adapters.slots_of([r.adapter_id for r in rows]) if self.adapters.pooled else None
         if self.graphs is not None:
-            logits = self.graphs.run(ids, positions, slots, tables)
+            logits = self.graphs.run(ids, positions, slots, tables, lens, lora_slots)
         else:
-            decode = self._decode_group(list(range(len(rows))), tables, [p + 1 for p in positions])
+            decode = self._decode_group(list(range(len(rows))), tables, lens)
             decode.rows = None
             batch = AttentionBatch(to_device(slots, torch.long, self.device), [], decode)
-            hidden = self.model(ids, to_device(positions, torch.long, self.device), batch, self.kv_caches)
+            with self.adapters.batch([r.adapter_id for r in rows], self.device):
+                hidden = self.model(ids, to_device(positions, torch.long, self.device), batch, self.kv_caches)
             logits = self.model.compute_logits(hidden)
         next_ids = self.sampler.sample_ids(logits, rows)
         host, done = _read_back(next_ids)

@@ -11,12 +11,20 @@ Before a forward pass the runner says which adapter each token row uses (`batch`
 each adapter's update to its own rows: a gather of those rows, two small products, a scatter-add. Rows of the
 base model are left alone. Knows nothing of the engine, requests or names.
 
+Pooled (on CUDA, `slots` > 0): every linear a LoRA can adapt is wrapped at once, with weight pools of `slots`
+adapters of rank up to `max_rank` allocated up front (kernels/lora.py), so CUDA graphs captured with the LoRA
+kernel in them replay for any mix of resident adapters: only the rows' slots change. Every
+loaded adapter keeps a copy in pinned host memory; `slots_of` makes a step's adapters resident, copying one in
+over the least recently used one not in the step when all slots are taken (an ordinary copy on the stream, after
+the kernels already queued that read the slot).
+
 `read_served_adapter` reads either kind of adapter directory; a P-Tuning v2 prefix is not held here but in KV
 blocks the engine pins for it (LLMEngine.add_adapter).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .lora import Adapter, LoraLinear, read_adapter, targets_of
+from .lora import Adapter, LoraLinear, fused_parts, read_adapter, targets_of
 from .ptuning import PrefixAdapter, is_prefix_dir, read_prefix
 
 
@@ -49,19 +57,30 @@ class _Weights:
 
 
 class _Batch:
-    """Which rows of the current forward pass each adapter computes: (adapter id, row indices or None for all)."""
+    """Which rows of the current forward pass each adapter computes: (adapter id, row indices or None for all);
+    pooled, each row's slot instead (kernels/lora.py's LoraRows; None when no row has a LoRA)."""
 
     def __init__(self):
         self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self.rows = None
+
+
+class _Pool:
+    """One linear's share of the adapter slots: A [slots, W, in], B transposed [slots, W, out] (scale folded in),
+    zero beyond each adapter's rank (and all zero where the slot's adapter leaves this linear alone)."""
+
+    def __init__(self, slots: int, width: int, in_features: int, out_features: int, dtype, device):
+        self.a = torch.zeros(slots, width, in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(slots, width, out_features, dtype=dtype, device=device)
 
 
 class AdapterLinear(nn.Module):
     """A linear (float or quantized) plus, for the rows of each adapter in the batch, that adapter's update."""
 
-    def __init__(self, base: nn.Module, batch: _Batch):
+    def __init__(self, base: nn.Module, batch: _Batch, pool: _Pool | None = None):
         super().__init__()
-        self.base, self._batch = base, batch
-        self.weights: dict[int, _Weights] = {}
+        self.base, self._batch, self.pool = base, batch, pool
+        self.weights: dict[int, _Weights] = {}  # unpooled: on the device; pooled: in pinned host memory
 
     @property
     def in_features(self) -> int:
@@ -73,6 +92,13 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.pool is not None:
+            if self._batch.rows is not None:
+                from ..kernels.lora import add_lora
+
+                p = self.pool
+                add_lora(y, x, p.a, p.b, self._batch.rows)
+            return y
         for adapter_id, rows in self._batch.groups:
             w = self.weights.get(adapter_id)
             if w is None:  # this adapter does not adapt this linear
@@ -85,19 +111,40 @@ class AdapterLinear(nn.Module):
 
 
 class ServedAdapters:
-    """The LoRA adapters loaded into one model, by engine id."""
+    """The LoRA adapters loaded into one model, by engine id; pooled with `slots` > 0 (see the module docstring)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, slots: int = 0, max_rank: int = 16):
         self.model = model
         self._batch = _Batch()
         self._linears: dict[str, AdapterLinear] = {}  # glmkit module path -> its wrapper
         self.loaded: set[int] = set()  # ids only: the weights live in the wrappers (the read copy is let go)
+        self.slots, self.max_rank = slots, max_rank
+        self._resident: OrderedDict[int, int] = OrderedDict()  # adapter id -> its slot, least recently used first
+        if slots:
+            device, dtype = model.embed.weight.device, model.embed.weight.dtype
+            config = model.config
+            for i in range(config.num_layers):
+                for name in ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down"):
+                    module = f"layers.{i}.{name}"
+                    linear = model.get_submodule(module)
+                    width = max_rank * fused_parts(config, module)
+                    self._wrapper(module, _Pool(slots, width, linear.in_features, linear.out_features, dtype,
+                                                device))
+
+    @property
+    def pooled(self) -> bool:
+        return self.slots > 0
 
     def add(self, adapter_id: int, adapter: Adapter) -> None:
         """Load an adapter's weights under `adapter_id`. Raises ModelLoadError when it does not fit this model (a
-        module the model lacks, a shape of another model), leaving the loaded adapters as they were."""
+        module the model lacks, a shape of another model, a rank above the pool's), leaving the loaded adapters as
+        they were."""
         if adapter_id in self.loaded:
             raise ValueError(f"adapter id {adapter_id} is already loaded")
+        if self.pooled and adapter.config.r > self.max_rank:
+            raise ModelLoadError(f"the adapter at {adapter.path} has rank {adapter.config.r}, above the "
+                                 f"{self.max_rank} this model's adapter slots were sized for; start with "
+                                 f"--max-lora-rank {adapter.config.r} (or more)")
         model = self.model
         device, dtype = model.embed.weight.device, model.embed.weight.dtype  # the activations'
         names = [f"{path}.weight" for path in adapter.weights]
@@ -118,36 +165,98 @@ class ServedAdapters:
                 a, b = adapter.weights[target.path]
                 holder.set(target.path, a.float(), b.float())  # a wrong rank or shape raises ModelLoadError
             a, b = holder.lora_A.data, holder.block_b(torch.float32)
-            built[module] = _Weights(a.to(device, dtype), b.to(device, dtype), holder.scale)
+            if self.pooled:  # kept on the host, B transposed with the scale folded in, ready to copy into a slot
+                pin = torch.cuda.is_available() and device.type == "cuda"
+                host = lambda t: t.to(dtype).contiguous().pin_memory() if pin else t.to(dtype).contiguous()  # noqa
+                built[module] = _Weights(host(a), host(b.t() * holder.scale), 1.0)
+            else:
+                built[module] = _Weights(a.to(device, dtype), b.to(device, dtype), holder.scale)
         for module, w in built.items():  # only now that every module fits
             self._wrapper(module).weights[adapter_id] = w
         self.loaded.add(adapter_id)
+        if self.pooled and len(self._resident) < self.slots:
+            self.slots_of([adapter_id])  # resident from the start while slots are free
 
     def remove(self, adapter_id: int) -> None:
         self.loaded.remove(adapter_id)
+        self._resident.pop(adapter_id, None)  # its slot is free; what it holds is never read again
         for linear in self._linears.values():
             linear.weights.pop(adapter_id, None)
 
-    def _wrapper(self, module: str) -> AdapterLinear:
+    def _wrapper(self, module: str, pool: _Pool | None = None) -> AdapterLinear:
         if module not in self._linears:
             parent_name, _, child = module.rpartition(".")
             parent = self.model.get_submodule(parent_name)
-            wrapper = AdapterLinear(getattr(parent, child), self._batch)
+            wrapper = AdapterLinear(getattr(parent, child), self._batch, pool)
             setattr(parent, child, wrapper)
             self._linears[module] = wrapper
         return self._linears[module]
 
+    def lora_ids(self, row_adapters) -> list[int]:
+        """The LoRA adapters among these rows' adapters (a P-Tuning prefix or the base is not one), in order."""
+        return list(dict.fromkeys(a for a in row_adapters if a in self.loaded))
+
+    def slots_of(self, row_adapters: list[int | None]) -> list[int] | None:
+        """Pooled: the slot of each row's adapter (-1: none), making them resident first; at most `slots`
+        distinct LoRAs. None when no row has a LoRA."""
+        wanted = self.lora_ids(row_adapters)
+        if not wanted:
+            return None
+        if len(wanted) > self.slots:
+            raise ValueError(f"{len(wanted)} adapters in one pass, more than the {self.slots} slots")
+        for adapter_id in wanted:
+            if adapter_id in self._resident:
+                self._resident.move_to_end(adapter_id)
+                continue
+            taken = set(self._resident.values())
+            free = [s for s in range(self.slots) if s not in taken]
+            if free:
+                slot = free[0]
+            else:  # the least recently used one this pass does not need
+                victim = next(a for a in self._resident if a not in wanted)
+                slot = self._resident.pop(victim)
+            self._copy_in(adapter_id, slot)
+            self._resident[adapter_id] = slot
+        return [self._resident[a] if a in self._resident else -1 for a in row_adapters]
+
+    def _copy_in(self, adapter_id: int, slot: int) -> None:
+        for linear in self._linears.values():
+            p, w = linear.pool, linear.weights.get(adapter_id)
+            rank = 0 if w is None else w.a.shape[0]
+            if rank:
+                p.a[slot, :rank].copy_(w.a, non_blocking=True)
+                p.b[slot, :rank].copy_(w.b, non_blocking=True)
+            p.a[slot, rank:].zero_()
+            p.b[slot, rank:].zero_()
+
     @contextmanager
     def batch(self, row_adapters: list[int | None], device):
         """For one forward pass: the adapter of each token row (None: the base model)."""
-        present = dict.fromkeys(a for a in row_adapters if a in self.loaded)  # LoRAs (a prefix is not here)
-        if len(present) == 1 and all(a in present for a in row_adapters):
-            self._batch.groups = [(next(iter(present)), None)]
+        if self.pooled:
+            slots = self.slots_of(row_adapters)
+            if slots is not None:
+                from ..kernels.lora import lora_rows
+
+                self._batch.rows = lora_rows(slots, self.slots, device)
         else:
-            self._batch.groups = [
-                (a, torch.tensor([i for i, r in enumerate(row_adapters) if r == a], dtype=torch.long, device=device))
-                for a in present]
+            present = self.lora_ids(row_adapters)  # LoRAs (a prefix is not here)
+            if len(present) == 1 and all(a in present for a in row_adapters):
+                self._batch.groups = [(present[0], None)]
+            else:
+                self._batch.groups = [
+                    (a, torch.tensor([i for i, r in enumerate(row_adapters) if r == a], dtype=torch.long,
+                                     device=device))
+                    for a in present]
         try:
             yield
         finally:
-            self._batch.groups = []
+            self._batch.groups, self._batch.rows = [], None
+
+    @contextmanager
+    def rows(self, rows):
+        """Pooled, for a CUDA graph's capture: every pass reads the rows' slots from these tensors (LoraRows)."""
+        self._batch.rows = rows
+        try:
+            yield
+        finally:
+            self._batch.rows = None

@@ -75,6 +75,18 @@ def _row_slices(config, module: str) -> dict[str | None, slice]:
     return {}
 
 
+def fused_parts(config, module: str) -> int:
+    """How many checkpoint modules (LoRA targets) can land in one of glmkit's linears: q, k and v or gate and up
+    where the checkpoint keeps them apart (Llama, Qwen), one where it fuses them itself (ChatGLM, GLM-4)."""
+    from .loader import FAMILIES
+
+    _, names, _ = FAMILIES[config.model_type]
+    suffix = module.rpartition("layers.")[2].partition(".")[2]  # attn.qkv, mlp.gate_up ...
+    if any(f".{suffix}." in target and "#" in target for _, target in names):
+        return max(1, len(_row_slices(config, module)))
+    return 1
+
+
 def checkpoint_names(model_dir: Path) -> list[str]:
     """The tensor names of a checkpoint directory, read from its headers (no tensor data)."""
     from .loader import _tensor_names, _weight_files
@@ -249,6 +261,16 @@ class Adapter:
 
 def _refuse(path: Path, field_name: str, value, fix: str):
     raise ModelLoadError(f"{path / ADAPTER_CONFIG}: {field_name}={value!r} is not supported; {fix}")
+
+
+def lora_rank(adapter_dir: str | Path) -> int | None:
+    """The rank in a LoRA directory's adapter_config.json, without reading its weights (None: not a readable
+    LoRA; loading it says why)."""
+    try:
+        r = json.loads((Path(adapter_dir).expanduser() / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("r")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return r if isinstance(r, int) and r > 0 else None
 
 
 def read_adapter(adapter_dir: str | Path) -> Adapter:
