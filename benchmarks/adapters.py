@@ -11,6 +11,11 @@ send their requests from one thread per adapter, so they arrive the same way.
 --shape builds a random-weight checkpoint of a real model's shape as benchmarks/gpu.py does (on a GPU: the
 ChatGLM3-6B shape in bf16). On CUDA the adapters are held in GPU slots sized up front (--max-lora-rank), and the
 script reports how many decode steps each set of CUDA graphs ran (with and without the LoRA kernel).
+
+    python benchmarks/adapters.py --kernel [--shape chatglm3-6b] [--rank 16] [--adapters 8]
+
+times the LoRA kernel alone (kernels/lora.py, on a GPU) for one layer's four linears at 1, 8, 16 and 64 rows
+spread over the adapters, beside the base layer's own products, each replayed 20 times in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -74,12 +79,55 @@ def rate(llm: LLM, n: int, tokens: int, adapters: list[str | None], callers: int
     return n * tokens / (time.perf_counter() - start)
 
 
+def kernel_times(shape: str, rank: int, slots: int) -> None:
+    """Per linear of one layer: the base product and the LoRA update (us), at several row counts."""
+    from gpu import SHAPES
+
+    from glmkit.kernels.lora import add_lora, lora_rows
+
+    c, dev, dt = SHAPES[shape], "cuda", torch.bfloat16
+    hidden, inter = c["hidden_size"], c["intermediate_size"]
+    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * c["head_dim"]
+    linears = {"qkv (q, k, v: 3 targets)": (hidden, qkv, 3 * rank), "o": (hidden, hidden, rank),
+               "gate_up": (hidden, 2 * inter, rank), "down": (inter, hidden, rank)}
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 200 * 1000
+
+    print(f"{shape}, {slots} adapters of rank {rank}: us per call, replayed in a CUDA graph")
+    print("| rows | linear | base | LoRA update |\n|---:|---|---:|---:|")
+    for rows in (1, 8, 16, 64):
+        total = [0.0, 0.0]
+        for name, (k, n, w) in linears.items():
+            x, weight = torch.randn(rows, k, device=dev, dtype=dt), torch.randn(n, k, device=dev, dtype=dt)
+            a = torch.randn(slots, w, k, device=dev, dtype=dt) * 0.01
+            b = torch.randn(slots, w, n, device=dev, dtype=dt) * 0.01
+            y, which = x @ weight.t(), lora_rows([i % slots for i in range(rows)], slots, dev)
+            times = timed(lambda: x @ weight.t()), timed(lambda: add_lora(y, x, a, b, which))
+            total = [total[0] + times[0], total[1] + times[1]]
+            print(f"| {rows} | {name} | {times[0]:.1f} | {times[1]:.1f} |")
+        print(f"| {rows} | the layer | {total[0]:.1f} | {total[1]:.1f} ({total[1] / total[0]:.0%}) |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a model directory (default: the embedded model)")
     p.add_argument("--shape", default=None, help="instead of --model: a random checkpoint of this shape "
                    "(benchmarks/gpu.py's SHAPES, e.g. chatglm3-6b), built once under --work-dir")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/glmkit-bench"))
+    p.add_argument("--kernel", action="store_true", help="time the LoRA kernel alone (GPU)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--concurrent", type=int, nargs="+", default=[1, 8])
@@ -88,6 +136,8 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default="auto")
     args = p.parse_args()
+    if args.kernel:
+        return kernel_times(args.shape or "chatglm3-6b", args.rank, args.adapters)
     model = args.model
     if args.shape:
         from gpu import build_checkpoint

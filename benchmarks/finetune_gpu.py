@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -93,6 +94,8 @@ def run_glmkit(args) -> list[float]:
         from glmkit.models import training
         training.ACTIVATION_BUDGET = args.budget
     config = config_from_glm_hf(hf_config(args.shape).to_dict() | {"model_type": "glm"})
+    if args.method == "ptuning":  # ChatGLM's P-Tuning v2 (the same architecture as the -hf layout's GLM)
+        config = replace(config, model_type="chatglm")
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy of 6B weights on the way
     with torch.device("cuda"):
@@ -200,7 +203,7 @@ def main() -> None:
     for side, runs in results.items():
         step = statistics.median(t for r in runs for t in r["times"])
         rates[side] = tokens / step
-        print(f"| {side} | {rates[side]:,.0f} | {step:.3f} | {max(r['peak_gb'] for r in runs):.1f} |")
+        print(f"| {side} | {rates[side]:,.0f} | {step:.3f} | {max(r['peak_gb'] for r in runs):.2f} |")
     if len(rates) == 2:
         print(f"glmkit / transformers+peft: {rates['glmkit'] / rates['hf']:.2f}x tokens/s")
 

@@ -97,3 +97,71 @@ def test_pooled_refuses_a_rank_above_its_slots(glm_dir, adapters, monkeypatch, t
     llm.unload_adapter("qkv4")  # its slot frees; a new one takes it
     llm.load_adapter("again", adapters["all8"])
     assert llm.generate(PROMPTS, GREEDY, adapter="again")
+
+
+def test_load_and_unload_cycles_free_their_slots(glm_dir, adapters, monkeypatch):
+    """100 loads and unloads of LoRAs and a prefix while base requests stream: every answer stays right, and
+    afterwards no adapter, slot, host copy or KV block is left."""
+    import threading
+
+    llm = serve(glm_dir, {}, 2, monkeypatch)
+    llm.start_engine_thread()
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    errors, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+            except Exception as e:  # noqa: BLE001 - collected for the assert below
+                errors.append(e)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        for cycle in range(100):
+            name = ("qkv4", "all8", "mlp2", "prefix")[cycle % 4]
+            llm.load_adapter(name, adapters[name])
+            if cycle % 10 == 0:
+                assert llm.generate(["hi"], replace(GREEDY, max_tokens=2), adapter=name)
+            llm.unload_adapter(name)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors
+    served = llm.engine.runner.adapters
+    assert llm.adapters == {} and not served.loaded and not served._resident
+    assert all(not w.weights for w in served._linears.values())
+    assert llm.engine.blocks.num_used == 0 and not llm.engine.prefixes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the one-row path shares the base's GEMV")
+def test_one_row_gets_the_base_and_every_a_from_one_gemv():
+    """bf16 on CUDA: the slots' A live under the base weight, so a one-row step's update needs only the expand
+    kernel; the output equals the base product plus the row's adapter update (and the base alone without one)."""
+    from glmkit.models.adapters import AdapterLinear, _Batch, _Pool
+    from glmkit.models.layers import Linear
+
+    torch.manual_seed(0)
+    base = Linear(256, 384, bias=True).to("cuda", torch.bfloat16)
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+    batch, pool = _Batch(), _Pool(3, 16, base, torch.bfloat16, torch.device("cuda"))
+    assert pool.ext is not None and torch.equal(base.weight, w0) and torch.equal(base.bias, b0)
+    pool.a.copy_(torch.randn_like(pool.a) * 0.1)
+    pool.b.copy_(torch.randn_like(pool.b) * 0.1)
+    linear = AdapterLinear(base, batch, pool)
+    x = torch.randn(2, 256, device="cuda", dtype=torch.bfloat16)
+    plain = x.float() @ w0.float().t() + b0.float()
+    for slot in (-1, 0, 2):
+        want = plain.clone()
+        if slot >= 0:
+            want += (x.float() @ pool.a[slot].float().t()) @ pool.b[slot].float()
+        batch.rows = lora_rows([slot], 3, "cuda")
+        one = linear(x[:1])  # one GEMV over [W; A]
+        batch.rows = lora_rows([slot, slot], 3, "cuda")
+        two = linear(x)  # the base product, then the two kernels
+        for got, rows in ((one, 1), (two, 2)):
+            assert torch.allclose(got.float(), want[:rows], atol=0.1, rtol=0.02), (slot, rows)
+    batch.rows = None
+    assert torch.allclose(linear(x[:1]).float(), plain[:1], atol=0.1, rtol=0.02)

@@ -200,7 +200,7 @@ def test_load_and_unload_while_requests_stream(glm_dir, adapters):
     worker = threading.Thread(target=traffic)
     worker.start()
     try:
-        for cycle in range(20):
+        for cycle in range(100):
             llm.load_adapter("x", adapters["qkv4"])
             llm.generate(["hi"], SamplingParams(temperature=0.0, max_tokens=3), adapter="x")
             llm.unload_adapter("x")

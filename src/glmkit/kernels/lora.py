@@ -135,8 +135,8 @@ def _shrink_rows_kernel(x_ptr, a_ptr, slots_ptr, part_ptr, K, stride_xt, stride_
 
 
 @triton.jit
-def _expand_rows_kernel(part_ptr, b_ptr, slots_ptr, y_ptr, N, NUM_PIECES, stride_pt, stride_ps, stride_bs,
-                        stride_br, stride_yt, W, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+def _expand_rows_kernel(part_ptr, b_ptr, slots_ptr, y_ptr, N, NUM_PIECES, stride_pt, stride_ps, slot_stride,
+                        stride_bs, stride_br, stride_yt, W, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_P: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t)
@@ -145,8 +145,8 @@ def _expand_rows_kernel(part_ptr, b_ptr, slots_ptr, y_ptr, N, NUM_PIECES, stride
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, BLOCK_P)
-    parts = tl.load(part_ptr + t.to(tl.int64) * stride_pt + offs_p[:, None] * stride_ps + offs_r[None, :],
-                    mask=offs_p[:, None] < NUM_PIECES, other=0.0)
+    parts = tl.load(part_ptr + t.to(tl.int64) * stride_pt + slot * slot_stride + offs_p[:, None] * stride_ps
+                    + offs_r[None, :], mask=(offs_p[:, None] < NUM_PIECES) & (offs_r[None, :] < W), other=0.0)
     v = tl.sum(parts, 0)  # the pieces of K in a fixed order
     b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None].to(tl.int64) * stride_br + offs_n[None, :],
                 mask=(offs_r[:, None] < W) & (offs_n[None, :] < N), other=0.0)
@@ -181,7 +181,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: tor
                                          BLOCK_K=block_k, num_warps=4)
         block_n = 128
         _expand_rows_kernel[(T, triton.cdiv(N, block_n))](
-            parts, b_pool, rows.slots, y, N, pieces, parts.stride(0), parts.stride(1), b_pool.stride(0),
+            parts, b_pool, rows.slots, y, N, pieces, parts.stride(0), parts.stride(1), 0, b_pool.stride(0),
             b_pool.stride(1), y.stride(0), W, BLOCK_N=block_n, BLOCK_R=block_r,
             BLOCK_P=triton.next_power_of_2(pieces), num_warps=4)
         return y
@@ -198,6 +198,19 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: tor
         parts, b_pool, rows.order, rows.starts, y, N, pieces, parts.stride(0), parts.stride(1), b_pool.stride(0),
         b_pool.stride(1), y.stride(0), W, IEEE=ieee, ROWS=ROWS, BLOCK_N=block_n, BLOCK_R=block_r,
         BLOCK_P=triton.next_power_of_2(pieces), num_warps=4)
+    return y
+
+
+def expand_one(y: torch.Tensor, v_all: torch.Tensor, b_pool: torch.Tensor, rows: LoraRows) -> torch.Tensor:
+    """One row: y [1, N] += v_all[0, s * W:(s + 1) * W] @ B[s], where v_all [1, slots * W] holds every slot's
+    A @ x (computed with the base product, models/adapters.py); returns y."""
+    slots, W, N = b_pool.shape
+    if y.shape != (1, N) or v_all.shape != (1, slots * W):
+        raise ValueError(f"expand_one: y {tuple(y.shape)}, v_all {tuple(v_all.shape)}, b_pool {tuple(b_pool.shape)}")
+    block_n = 128
+    _expand_rows_kernel[(1, triton.cdiv(N, block_n))](
+        v_all, b_pool, rows.slots, y, N, 1, v_all.stride(0), 0, W, b_pool.stride(0), b_pool.stride(1), y.stride(0),
+        W, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(W)), BLOCK_P=1, num_warps=4)
     return y
 
 
