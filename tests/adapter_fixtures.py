@@ -1,7 +1,10 @@
 """Adapters for tiny test checkpoints: a peft-format LoRA and a ChatGLM P-Tuning v2 directory, both with random
-weights large enough to change a random model's greedy answers."""
+weights large enough to change a random model's greedy answers; and a way to run requests of several adapters
+in the same engine steps."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -34,3 +37,15 @@ def make_prefix(model_dir, out, pre_seq_len: int, projection: bool, seed: int):
     torch.nn.init.normal_(encoder.embedding.weight, std=1.0)
     save_prefix(out, encoder, raw)
     return out
+
+
+def run_together(llm, jobs: list[tuple[str, str | None]], params) -> list[list[int]]:
+    """(prompt, adapter name) jobs added to the engine at once, so each step batches them all: each one's tokens."""
+    engine, out = llm.engine, {}
+    for i, (prompt, name) in enumerate(jobs):
+        engine.add_request(llm.encode_prompt(prompt), replace(params, adapter_id=llm.adapter_id(name)), str(i))
+        out[str(i)] = []
+    while engine.has_unfinished():
+        for d in engine.step():
+            out[d.request_id] += d.token_ids
+    return [out[str(i)] for i in range(len(jobs))]

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adapter_fixtures import make_adapter, make_prefix
+from adapter_fixtures import make_adapter, make_prefix, run_together
 from glmkit import LLM
 from glmkit.engine.sampling_params import SamplingParams
 from glmkit.errors import ModelLoadError
@@ -42,17 +42,6 @@ def serve(glm_dir, adapters, slots: int, monkeypatch=None) -> LLM:
     return LLM(str(glm_dir), dtype="float32", device=DEVICE, adapters=paths)
 
 
-def run_together(llm, jobs):
-    engine, out = llm.engine, {}
-    for i, (prompt, name) in enumerate(jobs):
-        engine.add_request(llm.encode_prompt(prompt), replace(GREEDY, adapter_id=llm.adapter_id(name)), str(i))
-        out[str(i)] = []
-    while engine.has_unfinished():
-        for d in engine.step():
-            out[d.request_id] += d.token_ids
-    return [out[str(i)] for i in range(len(jobs))]
-
-
 def test_kernel_adds_each_rows_adapter():
     g = torch.Generator().manual_seed(0)
     T, K, N, S, W = 45, 96, 80, 3, 24  # 20 rows of slot 0: two row blocks
@@ -80,7 +69,7 @@ def test_pooled_batches_give_each_request_its_unpooled_tokens(glm_dir, adapters,
     served = pooled.engine.runner.adapters
     assert served.pooled and len(served._resident) == 2
     jobs = [(p, n) for p in PROMPTS for n in names]
-    assert run_together(pooled, jobs) == [alone[j[::-1]] for j in jobs]  # three LoRAs per step: two passes
+    assert run_together(pooled, jobs, GREEDY) == [alone[j[::-1]] for j in jobs]  # three LoRAs per step: two passes
     graphs = pooled.engine.runner.graphs
     assert graphs is None or graphs.replays["lora"] > 0  # on a GPU the adapter rows ran in the CUDA graphs
     for n in ("mlp2", "qkv4", "all8"):  # one at a time: each swapped in over the least recently used

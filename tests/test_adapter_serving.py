@@ -5,13 +5,13 @@ logits of a Qwen2 LoRA match transformers + peft; adapters load and unload while
 
 from __future__ import annotations
 
+import json
 import threading
-from dataclasses import replace
 
 import pytest
 import torch
 
-from adapter_fixtures import make_adapter, make_prefix
+from adapter_fixtures import make_adapter, make_prefix, run_together
 from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state, write_weights
 from glmkit import LLM
 from glmkit.engine.sampling_params import SamplingParams
@@ -42,24 +42,12 @@ def tokens(outputs) -> list[list[int]]:
     return [out.outputs[0].token_ids for out in outputs]
 
 
-def run_together(llm, jobs: list[tuple[str, str | None]]) -> list[list[int]]:
-    """(prompt, adapter name) jobs added to the engine at once, so each step batches them all."""
-    engine, out = llm.engine, {}
-    for i, (prompt, name) in enumerate(jobs):
-        engine.add_request(llm.encode_prompt(prompt), replace(GREEDY, adapter_id=llm.adapter_id(name)), str(i))
-        out[str(i)] = []
-    while engine.has_unfinished():
-        for d in engine.step():
-            out[d.request_id] += d.token_ids
-    return [out[str(i)] for i in range(len(jobs))]
-
-
 def test_a_mixed_batch_gives_each_request_its_tokens_alone(llm):
     names = [None, "qkv4", "all8", "prefix"]
     alone = {(name, p): tokens(llm.generate([p], GREEDY, adapter=name))[0] for name in names for p in PROMPTS}
     assert len({tuple(alone[(n, PROMPTS[1])]) for n in names}) == 4  # each adapter changes the answer
     jobs = [(p, name) for p in PROMPTS for name in names]  # interleaved: base and adapter rows side by side
-    assert run_together(llm, jobs) == [alone[(name, p)] for p, name in jobs]
+    assert run_together(llm, jobs, GREEDY) == [alone[(name, p)] for p, name in jobs]
 
 
 def test_served_adapter_equals_its_weights_folded_in(glm_dir, adapters, llm, tmp_path):
@@ -182,6 +170,66 @@ def test_served_qwen2_lora_logits_match_transformers_peft(tmp_path, hf_tokenizer
     assert len(ours) == 20
     for token_id, logprob in ours:
         assert abs(logprob - theirs[token_id].item()) < 1e-3
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_served_qwen2_peft_prefix_tuning_matches_transformers_peft(tmp_path, hf_tokenizer_dir, hf, projection):
+    """peft's prefix tuning (its own save format) served beside the base: the first token's logprobs and eight
+    greedy tokens (decode steps attending to the pinned prefix, rotary positions after it) as transformers + peft
+    compute them."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = llama_config(hf.vocab_size, "qwen2")
+    qwen = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=9), config, hf_tokenizer_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(qwen), dtype=torch.float32)
+    torch.manual_seed(4)
+    theirs_model = peft.get_peft_model(base, peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=16, prefix_projection=projection, encoder_hidden_size=32))
+    theirs_model.save_pretrained(str(tmp_path / "prefix"))
+    theirs_model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(str(qwen), dtype=torch.float32), str(tmp_path / "prefix"))
+    theirs_model.eval()
+    llm = LLM(str(qwen), dtype="float32", device="cpu", adapters={"p": str(tmp_path / "prefix")})
+    ids = [5, 17, 33, 2, 61, 7, 9, 40]
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=20, ignore_eos=True)
+    out = llm.generate([ids], params, adapter="p")[0].outputs[0]
+    with torch.no_grad():
+        first = torch.log_softmax(theirs_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        greedy = list(ids)
+        for _ in range(8):
+            greedy.append(int(theirs_model(torch.tensor([greedy])).logits[0, -1].argmax()))
+    _, _, ours = out.logprobs[0]
+    for token_id, logprob in ours:
+        assert abs(logprob - first[token_id].item()) < 1e-3
+    assert out.token_ids == greedy[len(ids):]
+    runner, launched = llm.engine.runner, []  # decode steps launched ahead (as on a GPU) take the same positions
+    launch = runner._launch_ahead
+    runner._launch_ahead = lambda *a: launched.append(1) or launch(*a)
+    runner.lookahead = True
+    plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)  # logprobs would not run ahead
+    assert llm.generate([ids], plain, adapter="p")[0].outputs[0].token_ids == out.token_ids and launched
+    runner.lookahead = False
+    base_tokens = llm.generate([ids], params)[0].outputs[0].token_ids
+    assert base_tokens != out.token_ids  # the prefix changes the answer
+
+
+def test_peft_prefix_for_other_heads_is_refused(glm_dir, tmp_path):
+    """A peft prefix sized for full multi-head keys (what peft makes for ChatGLM, whose config does not name its
+    grouped KV heads) does not fit ChatGLM's 2 KV heads: refused at load, naming the shapes."""
+    _, config = read_config(glm_dir)
+    out = tmp_path / "prefix"
+    out.mkdir()
+    width = config.num_heads * config.head_dim
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "PREFIX_TUNING", "num_virtual_tokens": 16, "num_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "token_dim": width}))
+    from safetensors.torch import save_file
+    save_file({"prompt_embeddings": torch.zeros(16, config.num_layers * 2 * width)},
+              str(out / "adapter_model.safetensors"))
+    llm = LLM(str(glm_dir), dtype="float32", device="cpu")
+    with pytest.raises(ModelLoadError, match=f"{config.num_heads} key/value heads.*{config.num_kv_heads} heads"):
+        llm.load_adapter("p", out)
+    assert llm.adapters == {}
 
 
 def test_load_and_unload_while_requests_stream(glm_dir, adapters):

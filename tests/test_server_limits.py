@@ -181,6 +181,28 @@ def test_admission_counts_sequences(small, small_app):
     assert state.in_flight == 0 and state.work_in_flight == 0
 
 
+def test_admission_counts_tokens(small, small_app):
+    """Prompt + max_tokens of every sequence against --max-queue-tokens (default: four times the KV cache)."""
+    state = state_of(small_app)
+    assert state.token_limit == 4 * state.client.kv_tokens
+    state.settings.max_queue_tokens = 100
+    try:
+        r = small.post(COMPLETIONS, json={"model": "tiny", "prompt": "a", "n": 2, "max_tokens": 60})
+        assert_openai_error(r, 400, param="max_tokens", contains=["at most 100", "--max-queue-tokens"])
+        state.tokens_in_flight = 50  # other requests' work
+        r = small.post(CHAT, json=chat_body(max_tokens=60))
+        assert_openai_error(r, 429, code="queue_full", contains=["50 tokens of work in flight"])
+        assert r.headers["retry-after"] == "1"
+        r = small.post(CHAT, json=chat_body(max_tokens=4))
+        assert r.status_code == 200, r.text
+        state.tokens_in_flight = 0
+        r = small.post(COMPLETIONS, json={"model": "tiny", "prompt": "a", "n": 2, "max_tokens": 40})
+        assert r.status_code == 200, r.text
+    finally:
+        state.settings.max_queue_tokens, state.tokens_in_flight = None, 0
+    assert state.in_flight == 0 and state.work_in_flight == 0 and state.tokens_in_flight == 0
+
+
 # --- in real servers: read deadlines, the connection cap, the request deadline -------------------------------------
 
 @pytest.fixture(scope="module")

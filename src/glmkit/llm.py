@@ -211,7 +211,8 @@ class LLM:
             self._on_engine(lambda engine: engine.add_adapter(adapter_id, adapter))
             self.adapters[name] = adapter_id
         steps.info("glmkit: adapter %s loaded from %s (%s)", name, adapter.path,
-                   f"P-Tuning v2, a {adapter.pre_seq_len}-token prefix" if isinstance(adapter, PrefixAdapter) else
+                   f"{'peft prefix tuning' if adapter.after_prefix else 'P-Tuning v2'}, a {adapter.pre_seq_len}-token "
+                   "prefix" if isinstance(adapter, PrefixAdapter) else
                    f"LoRA r={adapter.config.r} on {len(adapter.weights)} modules")
         return adapter_id
 

@@ -40,6 +40,10 @@ def add_arguments(p) -> None:
     g.add_argument("--max-queue", default=256, help="sequences in flight (each prompt times n; an embeddings "
                    "request counts one per 32 texts) before answering 429 (default 256)",
                    type=integer("--max-queue", 1, fix="e.g. --max-queue 256"))
+    g.add_argument("--max-queue-tokens", default=None, metavar="N", help="tokens of work in flight (prompt + "
+                   "max_tokens of every sequence) before answering 429; a request alone above it gets a 400 "
+                   "(default: four times what the KV cache holds)",
+                   type=integer("--max-queue-tokens", 1, fix="e.g. --max-queue-tokens 1000000"))
     g.add_argument("--embedding-model", default="default", type=_embedding_model,
                    help="sentence-embedding model directory, 'default' (all-MiniLM-L6-v2) or 'none'")
     g.add_argument("--default-max-tokens", default=4096, type=integer("--default-max-tokens", 0, fix="0 lets an "
@@ -127,7 +131,8 @@ def main(args) -> int:
 
     settings = ServerSettings(
         model=args.model, served_model_names=args.served_model_name, api_keys=api_keys(args),
-        cors_origins=args.cors_origin, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens or None,
+        cors_origins=args.cors_origin, max_queue=args.max_queue, max_queue_tokens=args.max_queue_tokens,
+        default_max_tokens=args.default_max_tokens or None,
         embedding_model=None if args.embedding_model == "none" else args.embedding_model,
         engine_kwargs=engine_kwargs(args) | dict(max_num_seqs=args.max_num_seqs), open_docs=args.open_docs,
         access_log=args.access_log, engine_stall_s=args.engine_stall_timeout,

@@ -44,6 +44,7 @@ class LLMEngine:
         self._released: list[int] = []  # seq_ids finished since the last step, for the runner to forget
         self.adapter_ids: set[int] = set()         # the adapters requests may name (params.adapter_id)
         self.prefixes: dict[int, list[int]] = {}  # a P-Tuning adapter's pinned prefix blocks
+        self.after_prefix: set[int] = set()       # prefixes whose real tokens take positions after them (peft)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise the error a request would get, without touching engine state (safe from any thread)."""
@@ -99,6 +100,8 @@ class LLMEngine:
                                      "retry when fewer requests run, or raise --kv-cache-memory") from None
             self.runner.write_prefix(blocks, adapter.kv)
             self.prefixes[adapter_id] = blocks
+            if adapter.after_prefix:
+                self.after_prefix.add(adapter_id)
         else:
             self.runner.adapters.add(adapter_id, adapter)
         self.adapter_ids.add(adapter_id)
@@ -111,6 +114,7 @@ class LLMEngine:
         self.adapter_ids.discard(adapter_id)
         if adapter_id in self.prefixes:
             self.blocks.unpin(self.prefixes.pop(adapter_id))
+            self.after_prefix.discard(adapter_id)
         else:
             self.runner.adapters.remove(adapter_id)
         return 0
@@ -166,7 +170,7 @@ class LLMEngine:
         return StepRow(seq.seq_id, seq.token_ids(start, end), start, seq.block_table, end == len(seq), p,
                        len(seq.output_ids), seq.stop_ids, seq.prompt_ids if penalties else None,
                        seq.output_ids if penalties else None, seq.num_resets, seq.adapter_id,
-                       self.prefixes.get(seq.adapter_id, []))
+                       self.prefixes.get(seq.adapter_id, []), seq.adapter_id in self.after_prefix)
 
     def _constrain(self, seqs: list[Sequence], rows: list[StepRow]) -> None:
         """Give each sampling row of a constrained sequence the bitmask of the tokens its grammar allows next

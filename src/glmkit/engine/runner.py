@@ -114,9 +114,10 @@ class ModelRunner:
         for row in rows:
             q_start = len(input_ids)
             input_ids.extend(row.token_ids)
-            positions.extend(range(row.start, row.end))  # rotary positions: a P-Tuning prefix takes none
             table = row.prefix_blocks + row.block_table if row.prefix_blocks else row.block_table
             skip = len(row.prefix_blocks) * bs  # the prefix's K/V come first in the cache
+            shift = skip if row.after_prefix else 0  # a ChatGLM prefix takes no rotary positions, peft's does
+            positions.extend(range(row.start + shift, row.end + shift))
             start, end = row.start + skip, row.end + skip
             slots.extend(slot_range(table, start, end, bs))
             if start > 0 and end - start == 1:  # a decode step: batched with the others
@@ -193,16 +194,18 @@ class ModelRunner:
         return DecodeGroup(row_ids, torch.tensor(padded, device=self.device), mask)
 
     def _decode_inputs(self, rows: list[StepRow], positions: list[int]):
-        """(slots, block tables, context lengths) of decode rows computing these positions; a P-Tuning prefix's
-        blocks come first in the table and shift the row's cache positions, not its rotary ones."""
-        bs, slots, tables, lens = self.block_size, [], [], []
+        """(rotary positions, slots, block tables, context lengths) of decode rows computing these positions; a
+        prefix's blocks come first in the table and shift the row's cache positions (and for peft's prefix
+        tuning its rotary ones too)."""
+        bs, rotary, slots, tables, lens = self.block_size, [], [], [], []
         for r, p in zip(rows, positions):
             table = r.prefix_blocks + r.block_table if r.prefix_blocks else r.block_table
             at = p + len(r.prefix_blocks) * bs
+            rotary.append(at if r.after_prefix else p)
             slots.append(table[at // bs] * bs + at % bs)
             tables.append(table)
             lens.append(at + 1)
-        return slots, tables, lens
+        return rotary, slots, tables, lens
 
     def _graphable(self, rows: list[StepRow]) -> bool:
         """Whether these rows' adapters can run in the captured graphs: none is a LoRA, or LoRAs are pooled and
@@ -218,9 +221,8 @@ class ModelRunner:
         if self.graphs is not None and self._graphable(rows) \
                 and all(r.sample and len(r.token_ids) == 1 and r.start > 0 for r in rows) \
                 and self.graphs.can_run(len(rows)):
-            positions = [r.start for r in rows]
             lora_slots = self.adapters.slots_of([r.adapter_id for r in rows]) if loras else None
-            return self.graphs.run([r.token_ids[0] for r in rows], positions, *self._decode_inputs(rows, positions),
+            return self.graphs.run([r.token_ids[0] for r in rows], *self._decode_inputs(rows, [r.start for r in rows]),
                                    lora_slots)
         input_ids, positions, batch, last_rows = self._prepare(rows)
         if loras:  # each token row through its own adapter
@@ -307,16 +309,16 @@ class ModelRunner:
         if not self.sampler.batchable(rows, ahead=1):
             return None
         positions = [r.end for r in rows]  # the sampled token's position: the next step computes it
-        slots, tables, lens = self._decode_inputs(rows, positions)
+        rotary, slots, tables, lens = self._decode_inputs(rows, positions)
         lora_slots = self.adapters.slots_of([r.adapter_id for r in rows]) if self.adapters.pooled else None
         if self.graphs is not None:
-            logits = self.graphs.run(ids, positions, slots, tables, lens, lora_slots)
+            logits = self.graphs.run(ids, rotary, slots, tables, lens, lora_slots)
         else:
             decode = self._decode_group(list(range(len(rows))), tables, lens)
             decode.rows = None
             batch = AttentionBatch(to_device(slots, torch.long, self.device), [], decode)
             with self.adapters.batch([r.adapter_id for r in rows], self.device):
-                hidden = self.model(ids, to_device(positions, torch.long, self.device), batch, self.kv_caches)
+                hidden = self.model(ids, to_device(rotary, torch.long, self.device), batch, self.kv_caches)
             logits = self.model.compute_logits(hidden)
         next_ids = self.sampler.sample_ids(logits, rows)
         host, done = _read_back(next_ids)

@@ -37,6 +37,7 @@ class StepRow:
     # A P-Tuning adapter's prefix: the pinned blocks holding its keys and values. They come before block_table:
     # token t's K/V sit at position len(prefix_blocks) * block_size + t, while its rotary position stays t.
     prefix_blocks: list[int] = field(default_factory=list)
+    after_prefix: bool = False  # peft's prefix tuning: the rotary positions start after the prefix, at P + t
     # Constrained decoding: the tokens the sampled one may be, as int32 words on the CPU (bit b of word w is
     # id 32*w + b); None: any token. Filled by the engine for this step only: such a row cannot run ahead.
     allowed: torch.Tensor | None = None

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .lora import Adapter, LoraLinear, fused_parts, read_adapter, targets_of
+from .peft_prefix import is_peft_prefix_dir, read_peft_prefix
 from .ptuning import PrefixAdapter, is_prefix_dir, read_prefix
 
 
@@ -44,14 +45,16 @@ def _cuda_gemv():
 
 
 def read_served_adapter(directory, config) -> Adapter | PrefixAdapter:
-    """An adapter directory as it was saved: a peft LoRA (adapter_config.json) or ChatGLM's P-Tuning v2
-    (config.json with pre_seq_len), for a model of `config`."""
+    """An adapter directory as it was saved: a peft LoRA or prefix tuning (adapter_config.json) or ChatGLM's
+    P-Tuning v2 (config.json with pre_seq_len), for a model of `config`."""
     path = Path(directory).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a directory; pass what a fine-tuning saved (glmkit finetune's "
                              "--output, peft's save_pretrained, or ChatGLM's P-Tuning v2 checkpoint)")
     if is_prefix_dir(path) and not (path / "adapter_config.json").is_file():
         return read_prefix(path, config)
+    if is_peft_prefix_dir(path):
+        return read_peft_prefix(path, config)
     return read_adapter(path)
 
 

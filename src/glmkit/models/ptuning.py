@@ -71,10 +71,13 @@ def load_prefix(directory: Path, encoder: PrefixEncoder) -> None:
 
 @dataclass
 class PrefixAdapter:
-    """A P-Tuning v2 adapter read for serving: per layer (keys, values) [pre_seq_len, kv_groups, kv_channels]."""
+    """A prefix read for serving: per layer (keys, values) [pre_seq_len, kv_groups, kv_channels]. ChatGLM's
+    P-Tuning v2 gives the real tokens rotary positions from 0; peft's prefix tuning (through transformers, which
+    counts the prefix as past tokens) from pre_seq_len: `after_prefix`."""
     path: Path
     pre_seq_len: int
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+    after_prefix: bool = False
 
 
 def is_prefix_dir(directory: Path) -> bool:

@@ -22,6 +22,7 @@ from .anthropic_protocol import (CountTokensRequest, MessageResponse, MessagesRe
 from .errors import anthropic_error_body, error_responses, from_glmkit
 from .generation import admitted_collect, admitted_stream
 from .limits import check_prompt_size
+from .state import Work
 
 router = APIRouter()
 
@@ -65,7 +66,8 @@ async def messages(req: MessagesRequest, request: Request):
         raise from_glmkit(e, "messages")
     message_id = sse.random_id("msg_")
     if req.stream:
-        return admitted_stream(state, _stream(client, req, prompt, params, parallel, message_id))
+        return admitted_stream(state, _stream(client, req, prompt, params, parallel, message_id),
+                               Work.of([prompt.prompt_ids], params))
     result = await admitted_collect(state, request, prompt.prompt_ids, params)
     out = result.outputs[0]
     parsed = client.chat.parse(prompt, out.token_ids)

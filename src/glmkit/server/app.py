@@ -35,7 +35,7 @@ from .protocol import (ChatCompletionChunk, CompletionChunk, EmbeddingList, Embe
                        Status)
 from .anthropic_protocol import MessageStreamEvent
 from .responses_schema import ResponseStreamEvent
-from .state import ServerSettings, ServerState
+from .state import ServerSettings, ServerState, Work
 
 
 def create_app(settings: ServerSettings, load_in_background: bool = True) -> FastAPI:
@@ -130,7 +130,7 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
             raise APIError(400, f"dimensions={req.dimensions} exceeds the model's {state.embedder.dimensions}",
                            param="dimensions", code="invalid_value")
         # counted with the generation requests (429 beyond --max-queue), a batch of texts as one sequence
-        admission = state.admit(-(-len(texts) // EMBED_BATCH))
+        admission = state.admit(Work(-(-len(texts) // EMBED_BATCH)))
         try:
             # queued and batched off the loop; a client that leaves takes its texts off the queue
             vectors, tokens = await unless_client_leaves(request, state.embedder.embed(texts, req.dimensions))

@@ -15,6 +15,7 @@ from .errors import error_responses, from_glmkit
 from .generation import admitted_collect, admitted_stream, request_params
 from .limits import check_prompt_size
 from .protocol import ChatCompletion, ChatCompletionRequest
+from .state import Work
 
 router = APIRouter()
 
@@ -104,7 +105,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         raise from_glmkit(e, "messages")
     request_id, created = sse.random_id("chatcmpl-"), sse.now()
     if req.stream:
-        return admitted_stream(state, _stream(client, req, prompt, params, legacy, request_id, created), req.n)
+        return admitted_stream(state, _stream(client, req, prompt, params, legacy, request_id, created),
+                               Work.of([prompt.prompt_ids], params, req.n))
     result = await admitted_collect(state, request, prompt.prompt_ids, params, req.n)
     out = []
     for c in result.outputs:

@@ -13,6 +13,7 @@ from .errors import APIError, error_responses, from_glmkit
 from .generation import admitted_stream, collect, sampling_params
 from .limits import check_prompt_size
 from .protocol import Completion, CompletionRequest
+from .state import Work
 
 router = APIRouter()
 
@@ -52,7 +53,7 @@ async def completions(req: CompletionRequest, request: Request):
             client.validate(p, sp)
         except GlmkitError as e:
             raise from_glmkit(e, "prompt")
-    work = len(prompts) * req.n  # sequences
+    work = Work.of(prompts, params, req.n)
     request_id, created = sse.random_id("cmpl-"), sse.now()
     if req.stream:
         return admitted_stream(state, _stream(client, req, prompts, params, request_id, created), work)

@@ -15,6 +15,7 @@ from ..engine.sampling_params import SamplingParams
 from ..errors import ContextLengthError, GlmkitError
 from .engine_client import EngineClient
 from .errors import from_glmkit
+from .state import Work
 
 
 class ClientDisconnected(Exception):
@@ -63,16 +64,16 @@ def sampling_params(req, client: EngineClient, num_prompt_tokens: int, max_token
     return replace(request_params(req, max_tokens, logprobs, adapter_id), max_tokens=min(max_tokens or room, room))
 
 
-def admitted_stream(state, stream, work: int = 1) -> EngineStream:
+def admitted_stream(state, stream, work: Work) -> EngineStream:
     """The SSE response over `stream` once the request's work is admitted (a 429 otherwise); the queue share
     is given back when the stream ends, however it ends."""
     return EngineStream(stream, state.admit(work).release)
 
 
 async def admitted_collect(state, request: Request, prompt_ids: list[int], params: SamplingParams,
-                           work: int = 1) -> RequestOutput:
+                           n: int = 1) -> RequestOutput:
     """`collect` once the request's work is admitted (a 429 otherwise), giving the queue share back after."""
-    admission = state.admit(work)
+    admission = state.admit(Work.of([prompt_ids], params, n))
     try:
         return await collect(state.client, prompt_ids, params, request)
     finally:

@@ -26,6 +26,7 @@ from .limits import check_prompt_size
 from .response_store import ResponseStore, StoredResponse
 from .responses_protocol import ResponsesRequest
 from .responses_schema import DeletedResponse, InputItemList, ResponseObject
+from .state import Work
 
 router = APIRouter()
 LOGPROBS = "message.output_text.logprobs"
@@ -161,7 +162,8 @@ async def create_response(req: ResponsesRequest, request: Request):
     plan = _Plan(req, _echo(req, echo_tools, echo_text, req.store is not False), history, items, logprobs,
                  req.store is not False)
     if req.stream:
-        return admitted_stream(state, _stream(client, plan, prompt, params, store))
+        return admitted_stream(state, _stream(client, plan, prompt, params, store),
+                               Work.of([prompt.prompt_ids], params))
     result = await admitted_collect(state, request, prompt.prompt_ids, params)
     out = result.outputs[0]
     parsed = client.chat.parse(prompt, out.token_ids)

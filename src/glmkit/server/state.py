@@ -33,6 +33,8 @@ class ServerSettings:
     api_keys: list[str] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)
     max_queue: int = 256                                 # sequences in flight (prompts x n) before 429
+    max_queue_tokens: int | None = None                  # their prompt + max_tokens before 429 (None: 4x the KV
+                                                         # cache; a request alone above it is a 400)
     default_max_tokens: int | None = 4096                # chat requests without max_tokens (None: the context)
     embedding_model: str | None = "default"             # "default", a path, or None (no embeddings)
     open_docs: bool = False                              # /docs, /redoc, /openapi.json without the API key
@@ -51,6 +53,7 @@ class ServerState:
         self.load_error: str | None = None
         self.in_flight = 0          # admitted requests running now
         self.work_in_flight = 0     # their sequences (what --max-queue bounds)
+        self.tokens_in_flight = 0   # their prompt + max_tokens (what --max-queue-tokens bounds)
         self.responses = ResponseStore()  # /v1/responses kept for previous_response_id (bounded, in memory)
         self.started = time.time()
         self.http_requests: dict[tuple[str, int], int] = {}
@@ -163,21 +166,38 @@ class ServerState:
             return 503, {"status": "draining"}
         return (status, body) if status != 200 else (200, {"status": "ready"})
 
-    def admit(self, work: int = 1) -> "Admission":
-        """Count a request's work (the sequences it runs: prompts x n; embeddings: batches of texts) against
-        --max-queue: a 429 while the server is full, a 400 for a request that could never fit. Release the
-        returned Admission when the request ends."""
-        limit = self.settings.max_queue
-        if work > limit:
-            raise APIError(400, f"the request asks for {work} sequences at once (prompts x n) but this server runs "
-                           f"at most {limit} (--max-queue); send fewer prompts or a lower n", param="n",
+    @property
+    def token_limit(self) -> int | None:
+        """Tokens (prompt + max_tokens of every sequence) admitted at once: --max-queue-tokens, else four times
+        what the KV cache holds (more would wait in the queue for minutes). None before the model is loaded."""
+        if self.settings.max_queue_tokens:
+            return self.settings.max_queue_tokens
+        return 4 * self.client.kv_tokens if self.client is not None else None
+
+    def admit(self, work: "Work") -> "Admission":
+        """Count a request's work against --max-queue (sequences: prompts x n; embeddings: batches of texts) and
+        --max-queue-tokens (their prompt + max_tokens): a 429 while the server is full, a 400 for a request that
+        could never fit. Release the returned Admission when the request ends."""
+        limit, tokens = self.settings.max_queue, self.token_limit
+        if work.sequences > limit:
+            raise APIError(400, f"the request asks for {work.sequences} sequences at once (prompts x n) but this "
+                           f"server runs at most {limit} (--max-queue); send fewer prompts or a lower n", param="n",
                            code="invalid_value")
-        if self.work_in_flight + work > limit:
+        if tokens is not None and work.tokens > tokens:
+            raise APIError(400, f"the request may take {work.tokens} tokens (prompt + max_tokens for each of its "
+                           f"sequences) but this server admits at most {tokens} at once (--max-queue-tokens); "
+                           "lower max_tokens or n, or send fewer prompts", param="max_tokens", code="invalid_value")
+        if self.work_in_flight + work.sequences > limit:
             raise APIError(429, f"the server has {self.work_in_flight} sequences in flight and this request adds "
-                           f"{work} (max_queue={limit}); retry shortly", "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"})
+                           f"{work.sequences} (max_queue={limit}); retry shortly", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"})
+        if tokens is not None and self.tokens_in_flight + work.tokens > tokens:
+            raise APIError(429, f"the server has {self.tokens_in_flight} tokens of work in flight and this request "
+                           f"adds {work.tokens} (max_queue_tokens={tokens}); retry shortly", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"})
         self.in_flight += 1
-        self.work_in_flight += work
+        self.work_in_flight += work.sequences
+        self.tokens_in_flight += work.tokens
         return Admission(self, work)
 
 
@@ -189,16 +209,30 @@ class ModelUsage:
     generation_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Work:
+    """What one request asks of the engine: sequences, and the tokens they may hold in the KV cache."""
+    sequences: int = 1
+    tokens: int = 0
+
+    @classmethod
+    def of(cls, prompts: list[list[int]], params, n: int = 1) -> "Work":
+        """Each prompt run n times, each sequence up to its params' max_tokens (params: one or one per prompt)."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        return cls(len(prompts) * n, n * sum(len(p) + (sp.max_tokens or 0) for p, sp in zip(prompts, per_prompt)))
+
+
 class Admission:
     """One admitted request's share of the queue; release() gives it back (once, however often it is called)."""
 
-    def __init__(self, state: ServerState, work: int):
+    def __init__(self, state: ServerState, work: Work):
         self._state, self._work = state, work
 
     def release(self) -> None:
         if self._state is not None:
             self._state.in_flight -= 1
-            self._state.work_in_flight -= self._work
+            self._state.work_in_flight -= self._work.sequences
+            self._state.tokens_in_flight -= self._work.tokens
             self._state = None
 
 
