@@ -282,12 +282,13 @@ class LLM:
                          c.max_num_batched_tokens, eos_token_ids, c.enable_prefix_caching)
 
     def _lora_slots(self) -> tuple[int, int]:
-        """(GPU slots, their rank) for LoRA adapters: none unless on CUDA with adapters at start or a rank set."""
+        """(GPU slots, their rank) for LoRA adapters: none unless on CUDA with a LoRA among the start adapters (a
+        prefix needs no slot) or a rank set."""
         c = self.config
-        if self.device.type != "cuda" or not (c.adapters or c.max_lora_rank):
+        ranks = [r for r in map(lora_rank, (c.adapters or {}).values()) if r]
+        if self.device.type != "cuda" or not (ranks or c.max_lora_rank):
             return 0, 16
-        ranks = [lora_rank(path) for path in (c.adapters or {}).values()]
-        return c.max_gpu_adapters, c.max_lora_rank or max([r for r in ranks if r] or [16])
+        return c.max_gpu_adapters, c.max_lora_rank or max(ranks)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

@@ -2,7 +2,7 @@
 slot of row t's adapter; rows of the base model are left alone.
 
 The adapters' weights live in pools allocated once, so a captured CUDA graph can replay with other adapters in
-the same slots (only the row grouping, two int32 tensors filled from the host, changes between replays):
+the same slots (only the rows' slots, LoraRows filled from the host, change between replays):
 
     a_pool [slots, W, K]   each slot's A (several targets stacked)
     b_pool [slots, W, N]   each slot's B transposed and laid out over the whole output, scale folded in (row i
@@ -22,6 +22,8 @@ of rows (measured on an H200, ChatGLM3-6B's linears, 8 adapters of rank 16, benc
   - more, a program per slot (SGMV): a weight tile is read once for all of that adapter's rows and multiplied 16
     rows at a time on the tensor cores (a program per row reads it once per row: at 64 rows over 8 adapters
     that cost more than the base layer itself). Programs of a slot without rows return at once.
+`expand_one` is the second half alone, for one row whose A @ x for every slot came with the base product
+(models/adapters.py keeps the slots' A under a float base weight, so one GEMV computes both).
 """
 
 from __future__ import annotations
