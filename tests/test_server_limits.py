@@ -193,6 +193,7 @@ def test_admission_counts_tokens(small, small_app):
         r = small.post(CHAT, json=chat_body(max_tokens=60))
         assert_openai_error(r, 429, code="queue_full", contains=["50 tokens of work in flight"])
         assert r.headers["retry-after"] == "1"
+        assert "\nglmkit_admitted_tokens 50\n" in small.get("/metrics").text
         r = small.post(CHAT, json=chat_body(max_tokens=4))
         assert r.status_code == 200, r.text
         state.tokens_in_flight = 0

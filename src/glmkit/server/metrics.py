@@ -29,6 +29,10 @@ def render_metrics(state, snapshot: EngineSnapshot | None) -> str:
     lines = ["# HELP glmkit_ready 1 once the model is loaded", "# TYPE glmkit_ready gauge",
              _line("glmkit_ready", int(state.ready and not state.load_error)),
              "# TYPE glmkit_http_requests_in_flight gauge", _line("glmkit_http_requests_in_flight", state.in_flight),
+             "# HELP glmkit_admitted_sequences their sequences (what --max-queue bounds)",
+             "# TYPE glmkit_admitted_sequences gauge", _line("glmkit_admitted_sequences", state.work_in_flight),
+             "# HELP glmkit_admitted_tokens their prompt + max_tokens (what --max-queue-tokens bounds)",
+             "# TYPE glmkit_admitted_tokens gauge", _line("glmkit_admitted_tokens", state.tokens_in_flight),
              "# HELP glmkit_http_requests_total HTTP requests by route and status", "# TYPE glmkit_http_requests_total counter"]
     for (path, status), count in sorted(state.http_requests.items()):
         lines.append(_line("glmkit_http_requests_total", count, {"route": path, "status": status}))
