@@ -4,6 +4,8 @@ in the same engine steps."""
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -49,3 +51,26 @@ def run_together(llm, jobs: list[tuple[str, str | None]], params) -> list[list[i
         for d in engine.step():
             out[d.request_id] += d.token_ids
     return [out[str(i)] for i in range(len(jobs))]
+
+
+@contextmanager
+def steady_traffic(llm, prompts, params):
+    """Base-model requests sent one after another on a thread for as long as the block runs, each checked to get
+    the tokens it got before; yields the list of failures (empty if every answer held)."""
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    errors, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+            except Exception as e:  # noqa: BLE001 - collected for the caller's assert
+                errors.append(e)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        yield errors
+    finally:
+        stop.set()
+        worker.join()

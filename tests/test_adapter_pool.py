@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adapter_fixtures import make_adapter, make_prefix, run_together
+from adapter_fixtures import make_adapter, make_prefix, run_together, steady_traffic
 from glmkit import LLM
 from glmkit.engine.sampling_params import SamplingParams
 from glmkit.errors import ModelLoadError
@@ -91,32 +91,15 @@ def test_pooled_refuses_a_rank_above_its_slots(glm_dir, adapters, monkeypatch, t
 def test_load_and_unload_cycles_free_their_slots(glm_dir, adapters, monkeypatch):
     """100 loads and unloads of LoRAs and a prefix while base requests stream: every answer stays right, and
     afterwards no adapter, slot, host copy or KV block is left."""
-    import threading
-
     llm = serve(glm_dir, {}, 2, monkeypatch)
     llm.start_engine_thread()
-    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
-    errors, stop = [], threading.Event()
-
-    def traffic():
-        while not stop.is_set():
-            try:
-                assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
-            except Exception as e:  # noqa: BLE001 - collected for the assert below
-                errors.append(e)
-
-    worker = threading.Thread(target=traffic)
-    worker.start()
-    try:
+    with steady_traffic(llm, PROMPTS, GREEDY) as errors:
         for cycle in range(100):
             name = ("qkv4", "all8", "mlp2", "prefix")[cycle % 4]
             llm.load_adapter(name, adapters[name])
             if cycle % 10 == 0:
                 assert llm.generate(["hi"], replace(GREEDY, max_tokens=2), adapter=name)
             llm.unload_adapter(name)
-    finally:
-        stop.set()
-        worker.join()
     assert not errors
     served = llm.engine.runner.adapters
     assert llm.adapters == {} and not served.loaded and not served._resident

@@ -6,12 +6,11 @@ logits of a Qwen2 LoRA match transformers + peft; adapters load and unload while
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
 
-from adapter_fixtures import make_adapter, make_prefix, run_together
+from adapter_fixtures import make_adapter, make_prefix, run_together, steady_traffic
 from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state, write_weights
 from glmkit import LLM
 from glmkit.engine.sampling_params import SamplingParams
@@ -235,26 +234,11 @@ def test_peft_prefix_for_other_heads_is_refused(glm_dir, tmp_path):
 def test_load_and_unload_while_requests_stream(glm_dir, adapters):
     llm = LLM(str(glm_dir), dtype="float32", device="cpu", max_num_seqs=8)
     llm.start_engine_thread()
-    expected = tokens(llm.generate(PROMPTS[:2], GREEDY))
-    errors, stop = [], threading.Event()
-
-    def traffic():
-        while not stop.is_set():
-            try:
-                assert tokens(llm.generate(PROMPTS[:2], GREEDY)) == expected
-            except Exception as e:  # noqa: BLE001 - collected for the assert below
-                errors.append(e)
-
-    worker = threading.Thread(target=traffic)
-    worker.start()
-    try:
+    with steady_traffic(llm, PROMPTS[:2], GREEDY) as errors:
         for cycle in range(100):
             llm.load_adapter("x", adapters["qkv4"])
             llm.generate(["hi"], SamplingParams(temperature=0.0, max_tokens=3), adapter="x")
             llm.unload_adapter("x")
-    finally:
-        stop.set()
-        worker.join()
     assert not errors
     assert llm.adapters == {} and not llm.engine.runner.adapters.loaded
     assert all(not w.weights for w in llm.engine.runner.adapters._linears.values())

@@ -207,10 +207,11 @@ class ModelRunner:
             lens.append(at + 1)
         return rotary, slots, tables, lens
 
-    def _graphable(self, rows: list[StepRow]) -> bool:
-        """Whether these rows' adapters can run in the captured graphs: none is a LoRA, or LoRAs are pooled and
-        fit the slots."""
-        loras = self.adapters.lora_ids(r.adapter_id for r in rows)
+    def _graphable(self, rows: list[StepRow], loras: list[int] | None = None) -> bool:
+        """Whether these rows' adapters (`loras`: their LoRAs, if already known) can run in the captured graphs:
+        none is a LoRA, or LoRAs are pooled and fit the slots."""
+        if loras is None:
+            loras = self.adapters.lora_ids(r.adapter_id for r in rows)
         return not loras or (self.adapters.pooled and len(loras) <= self.adapters.slots)
 
     def _logits(self, rows: list[StepRow]) -> torch.Tensor | None:
@@ -218,7 +219,7 @@ class ModelRunner:
         loras = self.adapters.lora_ids(r.adapter_id for r in rows)
         if self.adapters.pooled and len(loras) > self.adapters.slots:
             return self._logits_in_parts(rows, loras)
-        if self.graphs is not None and self._graphable(rows) \
+        if self.graphs is not None and self._graphable(rows, loras) \
                 and all(r.sample and len(r.token_ids) == 1 and r.start > 0 for r in rows) \
                 and self.graphs.can_run(len(rows)):
             lora_slots = self.adapters.slots_of([r.adapter_id for r in rows]) if loras else None

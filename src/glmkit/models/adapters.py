@@ -38,6 +38,12 @@ from .peft_prefix import is_peft_prefix_dir, read_peft_prefix
 from .ptuning import PrefixAdapter, is_prefix_dir, read_prefix
 
 
+def _host(t: torch.Tensor, dtype, device) -> torch.Tensor:
+    """A slot's copy kept in host memory: pinned when the slots are on a GPU, so copying it in does not wait."""
+    t = t.to(dtype).contiguous()
+    return t.pin_memory() if device.type == "cuda" else t
+
+
 def _cuda_gemv():
     from ..kernels.gemv import gemv
 
@@ -198,9 +204,7 @@ class ServedAdapters:
                 holder.set(target.path, a.float(), b.float())  # a wrong rank or shape raises ModelLoadError
             a, b = holder.lora_A.data, holder.block_b(torch.float32)
             if self.pooled:  # kept on the host, B transposed with the scale folded in, ready to copy into a slot
-                pin = torch.cuda.is_available() and device.type == "cuda"
-                host = lambda t: t.to(dtype).contiguous().pin_memory() if pin else t.to(dtype).contiguous()  # noqa
-                built[module] = _Weights(host(a), host(b.t() * holder.scale), 1.0)
+                built[module] = _Weights(_host(a, dtype, device), _host(b.t() * holder.scale, dtype, device), 1.0)
             else:
                 built[module] = _Weights(a.to(device, dtype), b.to(device, dtype), holder.scale)
         for module, w in built.items():  # only now that every module fits

@@ -273,6 +273,21 @@ def lora_rank(adapter_dir: str | Path) -> int | None:
     return r if isinstance(r, int) and r > 0 else None
 
 
+def read_adapter_weights(path: Path) -> tuple[Path, object]:
+    """(file, what it holds) of a peft adapter directory's weights: adapter_model.safetensors or .bin."""
+    file = next((path / n for n in ADAPTER_WEIGHTS if (path / n).is_file()), None)
+    if file is None:
+        raise ModelLoadError(f"{path} has no adapter weights: expected {' or '.join(ADAPTER_WEIGHTS)}")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return file, load_file(str(file))
+        return file, torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file fails as its reader pleases
+        raise ModelLoadError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def read_adapter(adapter_dir: str | Path) -> Adapter:
     """A peft LoRA directory (adapter_config.json + adapter_model.safetensors or .bin)."""
     path = Path(adapter_dir).expanduser()
@@ -299,18 +314,7 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         _refuse(path, "bias" if raw.get("bias", "none") != "none" else "modules_to_save",
                 raw.get("bias") if raw.get("bias", "none") != "none" else raw.get("modules_to_save"),
                 "adapters that also train biases or whole modules are not supported")
-    file = next((path / n for n in ADAPTER_WEIGHTS if (path / n).is_file()), None)
-    if file is None:
-        raise ModelLoadError(f"{path} has no adapter weights: expected {' or '.join(ADAPTER_WEIGHTS)}")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file fails as its reader pleases
-        raise ModelLoadError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    file, state = read_adapter_weights(path)
     if not isinstance(state, dict):
         raise ModelLoadError(f"{file} holds {type(state).__name__}, not a dict of LoRA tensors")
     pairs: dict[str, dict[str, torch.Tensor]] = {}

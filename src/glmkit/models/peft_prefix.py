@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ..errors import ModelLoadError
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .lora import ADAPTER_CONFIG, read_adapter_weights
 from .ptuning import PrefixAdapter
 
 KEY = "prompt_embeddings"
@@ -45,18 +43,7 @@ def read_peft_prefix(directory: str | Path, config) -> PrefixAdapter:
             f"model's keys are {want[0]} layers of {want[1]} heads ({want[2]}); it was made for another model"
             + (" (peft sizes a prefix by the attention heads where a model's config does not name its grouped KV "
                "heads, as ChatGLM's does not)" if heads == config.num_heads != config.num_kv_heads else ""))
-    file = next((path / n for n in ADAPTER_WEIGHTS if (path / n).is_file()), None)
-    if file is None:
-        raise ModelLoadError(f"{path} has no prefix weights: expected {' or '.join(ADAPTER_WEIGHTS)}")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file fails as its reader pleases
-        raise ModelLoadError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    file, state = read_adapter_weights(path)
     table = state.get(KEY) if isinstance(state, dict) else None
     if table is None or tuple(table.shape) != (tokens, layers * 2 * width):
         got = "none" if table is None else tuple(table.shape)
