@@ -85,13 +85,16 @@ def hf(hf_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
-def server():
+def server(tmp_path_factory):
     """One real `glmkit serve` with the embedded default model, shared by the client test modules; served under
-    its own name and as `chatglm3-6b` (the model name LangChain's ChatGLM3 sends by default)."""
+    its own name and as `chatglm3-6b` (the model name LangChain's ChatGLM3 sends by default). Its knowledge
+    bases live in `proc.kb_dir`."""
     from default_server import ALIAS, MODEL
     from server_fixtures import ServerProcess
 
-    proc = ServerProcess("--served-model-name", MODEL, "--served-model-name", ALIAS)
+    kb_dir = tmp_path_factory.mktemp("kb")
+    proc = ServerProcess("--served-model-name", MODEL, "--served-model-name", ALIAS, "--kb-dir", str(kb_dir))
+    proc.kb_dir = kb_dir
     yield proc
     proc.stop()
 

@@ -70,7 +70,10 @@ OPERATIONS = {"GET /health", "GET /ready", "GET /metrics", "GET /v1/models", "GE
               "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/embeddings", "POST /",
               "POST /v1/responses", "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}",
               "GET /v1/responses/{response_id}/input_items", "POST /v1/messages", "POST /v1/messages/count_tokens",
-              "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter"}
+              "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter",
+              "GET /v1/knowledge_bases", "POST /v1/knowledge_bases", "GET /v1/knowledge_bases/{name}",
+              "DELETE /v1/knowledge_bases/{name}", "PUT /v1/knowledge_bases/{name}/files/{source}",
+              "DELETE /v1/knowledge_bases/{name}/files/{source}", "POST /v1/knowledge_bases/{name}/search"}
 
 
 # --- settling what no schema can say ----------------------------------------------------------------------------
@@ -174,7 +177,8 @@ def known_refusal(context, failure, case, response) -> bool:
     schema can know: a prompt longer than the context (a token count); a previous response or an input item that
     is not stored (any more); a JSON schema (of an answer, of a tool's parameters) that the constrained decoder
     cannot compile; tool-call arguments between braces that are not JSON (a JSON schema's contentMediaType and
-    contentSchema only annotate a string)."""
+    contentSchema only annotate a string); an uploaded file whose bytes are not a readable document; dense search of a knowledge base made
+    without embeddings; a chunk overlap not below the chunk size (one field bounded by another)."""
     from schemathesis.openapi.checks import RejectedPositiveData
 
     if not isinstance(failure, RejectedPositiveData) or response.status_code != 400:
@@ -193,7 +197,10 @@ KNOWN_REFUSALS = {"context length": ("context_length_exceeded", "(max_model_len)
                   "no such previous response": ("previous_response_not_found", None),
                   "no such stored item": (None, "names no stored item"),
                   "JSON schema the decoder cannot compile": (None, "cannot be used for constrained decoding"),
-                  "arguments not JSON": (None, "must be the text of a JSON object")}
+                  "arguments not JSON": (None, "must be the text of a JSON object"),
+                  "a file that is not a document": ("unreadable_file", None),
+                  "dense search of a keyword-only knowledge base": (None, "has no embeddings"),
+                  "overlap not below chunk_tokens": (None, "must be an integer from 0 to chunk_tokens - 1")}
 
 
 # --- running schemathesis ---------------------------------------------------------------------------------------
@@ -294,8 +301,9 @@ def served_tokenizer(sp):
 
 
 @pytest.mark.slow  # about a minute: ~3,200 cases in 45-60 s on two busy cores, and the server's start
-def test_schemathesis_finds_no_failure(tiny_dir, served_tokenizer):
-    server = ServerProcess("--model", str(tiny_dir), "--embedding-model", "none", *SERVE_ARGS)
+def test_schemathesis_finds_no_failure(tiny_dir, served_tokenizer, tmp_path):
+    server = ServerProcess("--model", str(tiny_dir), "--embedding-model", "none", "--kb-dir", str(tmp_path),
+                           *SERVE_ARGS)
     SERVED.names = {path: MODEL for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/",
                                              *ANTHROPIC)}
     try:
@@ -340,7 +348,8 @@ def test_schemathesis_on_embeddings_with_a_model(tiny_dir, served_tokenizer, tmp
     """The one operation the test above leaves at its 404: served by a tiny sentence-transformers model."""
     pytest.importorskip("sentence_transformers")
     embedder = tiny_sentence_transformer(tmp_path)
-    server = ServerProcess("--model", str(tiny_dir), "--embedding-model", embedder, *SERVE_ARGS)
+    server = ServerProcess("--model", str(tiny_dir), "--embedding-model", embedder, "--kb-dir", str(tmp_path / "kb"),
+                           *SERVE_ARGS)
     SERVED.names = {"/v1/embeddings": "tiny-embedder"}
     try:
         run = run_schemathesis(server.url, "/v1/embeddings", max_examples=10 * MAX_EXAMPLES)

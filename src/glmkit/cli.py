@@ -29,6 +29,7 @@ COMMANDS = {
     "finetune": ("glmkit.commands.finetune", "fine-tune a model (LoRA, P-Tuning v2) on your own conversations"),
     "eval": ("glmkit.commands.evaluate", "score a model (and adapter) on a dev set: ROUGE-1/2/L and BLEU-4"),
     "merge": ("glmkit.commands.merge", "fold a LoRA adapter into the model's weights and save the result"),
+    "kb": ("glmkit.commands.kb", "knowledge bases from your own files: create, add, remove, list, delete, search"),
 }
 EXIT_USAGE, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for any tool whose reader went away (`| head`)

@@ -46,6 +46,11 @@ def add_arguments(p) -> None:
                    type=integer("--max-queue-tokens", 1, fix="e.g. --max-queue-tokens 1000000"))
     g.add_argument("--embedding-model", default="default", type=_embedding_model,
                    help="sentence-embedding model directory, 'default' (all-MiniLM-L6-v2) or 'none'")
+    g.add_argument("--kb-dir", default=None, metavar="DIR", help="knowledge bases' folder, as `glmkit kb` "
+                   "uses it (default $GLMKIT_HOME/kb, else ~/.local/share/glmkit/kb)")
+    g.add_argument("--reranker", default=None, metavar="PATH", help="a local cross-encoder folder (e.g. "
+                   "bge-reranker-base) that orders the passages `knowledge_base` retrieves",
+                   type=existing_path("--reranker", "pass a local sentence-transformers CrossEncoder folder"))
     g.add_argument("--default-max-tokens", default=4096, type=integer("--default-max-tokens", 0, fix="0 lets an "
                    "answer run until the context is full"), help="answer length for chat requests that set no "
                    "max_tokens, so a model stuck in a loop cannot hold a slot for the whole context (default 4096; "
@@ -135,7 +140,8 @@ def main(args) -> int:
         default_max_tokens=args.default_max_tokens or None,
         embedding_model=None if args.embedding_model == "none" else args.embedding_model,
         engine_kwargs=engine_kwargs(args) | dict(max_num_seqs=args.max_num_seqs), open_docs=args.open_docs,
-        access_log=args.access_log, engine_stall_s=args.engine_stall_timeout,
+        access_log=args.access_log, engine_stall_s=args.engine_stall_timeout, kb_dir=args.kb_dir,
+        reranker=args.reranker,
         limits=Limits(max_body_bytes=args.max_body_size, read_timeout_s=args.read_timeout,
                       max_connections=args.max_connections, request_timeout_s=args.request_timeout or None))
     log.info("glmkit serve: http://%s:%d (auth %s)", args.host, args.port, "on" if settings.api_keys else "off")

@@ -22,7 +22,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GlmkitError, excerpt
-from . import adapter_routes, anthropic_routes, chat_routes, completion_routes, legacy, responses_routes
+from . import adapter_routes, anthropic_routes, chat_routes, completion_routes, knowledge, legacy, responses_routes
 from .embeddings import BATCH as EMBED_BATCH, encode_vector
 from .errors import (AnthropicErrorResponse, APIError, ErrorResponse, ServerShuttingDown, api_error_handler,
                      disconnected_handler, error_response, error_responses, glmkit_error_handler,
@@ -147,6 +147,7 @@ def create_app(settings: ServerSettings, load_in_background: bool = True) -> Fas
     app.include_router(anthropic_routes.router)
     app.include_router(legacy.router)
     app.include_router(adapter_routes.router)
+    app.include_router(knowledge.router)
     app.openapi = lambda: app.openapi_schema or _openapi(app, state)
     return app
 

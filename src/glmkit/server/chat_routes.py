@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from ..errors import GlmkitError
-from . import streaming as sse
+from . import knowledge, streaming as sse
 from .errors import error_responses, from_glmkit
 from .generation import admitted_collect, admitted_stream, request_params
 from .limits import check_prompt_size
@@ -94,18 +94,25 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     messages = _messages(req)
     check_prompt_size([messages, tools], client, "messages")
+    max_tokens = req.max_completion_tokens or req.max_tokens or state.settings.default_max_tokens
+    grounding = None
+    if req.knowledge_base is not None:
+        grounding = await knowledge.ground(state, client, req.knowledge_base, messages,
+                                           max_tokens or client.max_model_len // 4)
+        if not grounding.hits:
+            return knowledge.not_found(req, grounding)
+        messages = grounding.messages
     try:  # tokenizing is CPU work: off the event loop, which keeps serving the other clients meanwhile
         prompt = await asyncio.to_thread(
             client.chat.render, messages, tools, character, choice, choice_field=choice_field,
             response_format=_response_format(req), parallel_tool_calls=req.parallel_tool_calls)
-        max_tokens = req.max_completion_tokens or req.max_tokens or state.settings.default_max_tokens
         params = client.chat.sampling_params(request_params(req, max_tokens, logprobs, adapter_id), prompt,
                                              client.max_model_len)
     except GlmkitError as e:
         raise from_glmkit(e, "messages")
     request_id, created = sse.random_id("chatcmpl-"), sse.now()
     if req.stream:
-        return admitted_stream(state, _stream(client, req, prompt, params, legacy, request_id, created),
+        return admitted_stream(state, _stream(client, req, prompt, params, legacy, request_id, created, grounding),
                                Work.of([prompt.prompt_ids], params, req.n))
     result = await admitted_collect(state, request, prompt.prompt_ids, params, req.n)
     out = []
@@ -115,19 +122,25 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                     "logprobs": sse.chat_logprobs(client.tokenizer, c.logprobs or []) if logprobs is not None else None,
                     "finish_reason": _finish_reason(c.finish_reason, parsed.tool_calls, legacy)})
     usage = sse.usage(len(prompt.prompt_ids), result.num_output_tokens, result.num_cached_tokens)
-    return {"id": request_id, "object": "chat.completion", "created": created, "model": req.model,
+    body = {"id": request_id, "object": "chat.completion", "created": created, "model": req.model,
             "system_fingerprint": "glmkit", "choices": out, "usage": usage}
+    if grounding is not None:
+        body["citations"] = grounding.citations(out[0]["message"]["content"] or "")
+    return body
 
 
-async def _stream(client, req, prompt, params, legacy, request_id, created):
+async def _stream(client, req, prompt, params, legacy, request_id, created, grounding=None):
     model = req.model
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     streams = [client.chat.stream(prompt) for _ in range(req.n)]
     prompt_tokens = completion_tokens = cached = 0
     try:
         for i in range(req.n):
-            yield sse.sse(sse.chat_chunk(request_id, model, created, [
-                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]))
+            first = sse.chat_chunk(request_id, model, created, [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            if grounding is not None and i == 0:  # the passages before the answer: a page can show them at once
+                first["citations"] = grounding.citations()
+            yield sse.sse(first)
         async for d in client.generate(prompt.prompt_ids, params, uuid.uuid4().hex):
             stream = streams[d.index]
             new = stream.feed(d.token_ids, d.finished)

@@ -73,10 +73,7 @@ class Embedder:
     async def embed(self, texts: list[str], dimensions: int | None = None) -> tuple[np.ndarray, int]:
         """(unit vectors [len(texts), dimensions], tokens counted) for these texts; cancelling the awaiting task
         (a client that left) takes the rest of them off the queue."""
-        job = _Job([clean_text(t) for t in texts])
-        with self._wake:
-            self._jobs.append(job)
-            self._wake.notify()
+        job = self._submit(texts)
         try:
             vectors = await asyncio.wrap_future(job.future)
         finally:
@@ -85,6 +82,24 @@ class Embedder:
             vectors = vectors[:, :dimensions]
             vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
         return vectors.astype(np.float32), job.num_tokens
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors for `texts`, waited for on the calling thread (never the event loop's): a knowledge
+        base's chunks take their turn on the same queue as the requests' texts."""
+        if not texts:
+            return np.zeros((0, self.dimensions), np.float32)
+        job = self._submit(texts)
+        try:
+            return job.future.result().astype(np.float32)
+        finally:
+            job.cancelled = True
+
+    def _submit(self, texts: list[str]) -> _Job:
+        job = _Job([clean_text(t) for t in texts])
+        with self._wake:
+            self._jobs.append(job)
+            self._wake.notify()
+        return job
 
     @property
     def num_waiting_texts(self) -> int:

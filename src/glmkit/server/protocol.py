@@ -214,6 +214,11 @@ ResponseFormat = one_of(TextFormat, JSONSchemaFormat, fallback=TextFormat)
 AnyChatMessage = one_of(ChatMessage, AssistantChatMessage, key="role", fallback=ChatMessage)
 
 
+# A knowledge base's name is its folder's (rag/library.py): letters of any script, digits, _ - ., not a leading dot
+KB_NAME_PATTERN = r"^[\w-][\w.-]{0,63}$"
+KBName = Annotated[str, Field(min_length=1, max_length=64, pattern=KB_NAME_PATTERN)]
+
+
 class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[AnyChatMessage] = Field(min_length=1)
@@ -231,6 +236,8 @@ class ChatCompletionRequest(SamplingFields):
     functions: list[FunctionDef] | None = Field(None, max_length=MAX_TOOLS)
     function_call: Literal["none", "auto"] | FunctionName | None = None
     character: Character | None = Field(None, description="CharacterGLM profile")
+    knowledge_base: KBName | None = Field(None, description="answer from this knowledge base's documents: the "
+                                          "response carries `citations`")
 
 
 class CompletionRequest(SamplingFields):
@@ -274,6 +281,21 @@ class LoadLoraAdapterRequest(Model):
 class UnloadLoraAdapterRequest(Model):
     """vLLM's `POST /v1/unload_lora_adapter` body (vLLM's `lora_int_id` is ignored)."""
     lora_name: NonEmpty
+
+
+class KnowledgeBaseRequest(Model):
+    name: KBName
+    embedding_model: Literal["server", "none"] = Field("server", description="server: the server's "
+                                                        "--embedding-model for hybrid search (keyword only when it "
+                                                        "has none); none: keyword only")
+    chunk_tokens: int = Field(300, ge=32, le=4096)
+    overlap: int = Field(50, ge=0, le=2048)
+
+
+class KnowledgeSearchRequest(Model):
+    query: NonEmpty = Field(max_length=4000)
+    top_k: int = Field(5, ge=1, le=100)
+    mode: Literal["hybrid", "keyword", "dense"] = "hybrid"
 
 
 class LegacyChatResponse(Model):

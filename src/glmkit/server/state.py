@@ -42,6 +42,8 @@ class ServerSettings:
     engine_stall_s: float = 120.0                        # /health fails when one engine step runs longer
     limits: Limits = field(default_factory=Limits)       # body size, read/request timeouts, connections
     ui_path: str | None = None                           # where the web page is mounted (its own login)
+    kb_dir: str | None = None                            # knowledge bases' folder (None: $GLMKIT_HOME/kb or XDG)
+    reranker: str | None = None                          # a cross-encoder folder ordering retrieved passages
 
 
 class ServerState:
@@ -50,6 +52,7 @@ class ServerState:
         self.llm = None             # the model loaded in this process (routes use `client`, never this)
         self.client = None          # EngineClient
         self.embedder = None
+        self.knowledge = None       # rag.service.Knowledge, made on first use (server/knowledge.py)
         self.load_error: str | None = None
         self.in_flight = 0          # admitted requests running now
         self.work_in_flight = 0     # their sequences (what --max-queue bounds)

@@ -63,14 +63,15 @@ def check_flags(args) -> None:
         raise InvalidParameterError("--max-rounds", args.max_rounds, "must be at least 1")
 
 
-def build_agent(args, backend, settings: dict):
-    """(Agent, [things to close]) for the flags (checked by check_flags)."""
+def build_agent(args, backend, settings: dict, extra: list | None = None):
+    """(Agent, [things to close]) for the flags (checked by check_flags); `extra`: more tools (a knowledge
+    base's search)."""
     from .agent import Agent
     from .builtins import builtin_tools
     from .registry import load_tools_file
 
     workspace = Path(args.workspace).expanduser() if args.workspace else Path(tempfile.mkdtemp(prefix="glmkit-"))
-    tools, closing = [], []
+    tools, closing = list(extra or []), []
     for source in args.tools:
         if source == "builtin":
             tools += builtin_tools(workspace, allow_shell=args.allow_shell, allow_network=args.allow_network)

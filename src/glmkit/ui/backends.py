@@ -31,6 +31,7 @@ class Chunk:
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last chunk
     total_tokens: int | None = None   # the exact count when the source reports it (usage)
     tool_calls: list[ToolCall] = field(default_factory=list)  # on the last chunk: the calls the answer makes
+    citations: list[dict] | None = None  # a knowledge base's passages (glmkit's `knowledge_base`), before the text
 
 
 class BackendError(GlmkitError):
@@ -152,9 +153,10 @@ class RemoteBackend:
             raise BackendError(f"{self.base}/models lists no model; pass --model NAME") from None
 
     def stream(self, messages: list[dict], settings: dict, tools: list[dict] | None = None,
-               tool_choice=None) -> Iterator[Chunk]:
+               tool_choice=None, extra: dict | None = None) -> Iterator[Chunk]:
+        """`extra`: more body fields for a server that takes them (glmkit's `knowledge_base`)."""
         httpx = _httpx()
-        body = self._body(messages, settings)
+        body = {**self._body(messages, settings), **(extra or {})}
         if tools:
             body["tools"] = tools
             if tool_choice is not None:
@@ -200,6 +202,8 @@ class RemoteBackend:
             return ContextOverflow(message)
         if status == 401:
             return BackendError(f"{self.base} refused the API key (401): {message}; pass --api-key KEY")
+        if code == "knowledge_base_not_found":  # the message names the knowledge bases there are
+            return BackendError(f"{message} (404)")
         if status == 404:
             return BackendError(f"{self.base}: 404 {message}; check --url (it should end in /v1) and --model")
         return BackendError(f"{self.base} answered {status}: {message}")
@@ -242,6 +246,8 @@ def _sse_chunks(lines) -> Iterator[Chunk]:
         if "error" in event:
             message, code = _error_fields(json.dumps(event).encode())
             raise ContextOverflow(message) if code == "context_length_exceeded" else BackendError(message)
+        if isinstance(event.get("citations"), list):  # glmkit's knowledge_base: the passages come first
+            yield Chunk("", 0, citations=event["citations"])
         usage = event.get("usage")
         for choice in event.get("choices") or []:
             if choice.get("index", 0) != 0:

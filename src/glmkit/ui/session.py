@@ -32,6 +32,9 @@ class Reply:
     messages: list[dict] | None = None  # with tools: the conversation after this turn (calls, observations)
 
 
+REMOTE_CONTEXT_GUESS = 4096  # a server's context for fitting passages, until it refuses a longer prompt
+
+
 class StopRequest:
     """Set by the first Ctrl-C during an answer; the stream stops at its next chunk."""
     requested = False
@@ -58,10 +61,12 @@ def stop_on_interrupt(raise_at_once: bool):
 
 class ChatSession:
     def __init__(self, backend: Backend, console: Console, conversation: Conversation, settings: dict,
-                 show_stats: bool, agent=None):
-        """`agent`: a tools.agent.Agent over the same backend; then each answer may call tools first."""
+                 show_stats: bool, agent=None, knowledge=None):
+        """`agent`: a tools.agent.Agent over the same backend; then each answer may call tools first.
+        `knowledge`: (rag.service.Knowledge, knowledge base name): each answer comes from its passages."""
         self.backend, self.console, self.conversation = backend, console, conversation
         self.settings, self.show_stats, self.agent = settings, show_stats, agent
+        self.knowledge = knowledge
         self.image_dir: Path | None = None  # where tool images are saved (kept after the session: paths were shown)
         self.num_images = 0
 
@@ -71,11 +76,21 @@ class ChatSession:
         self.conversation.add("user", text)
         if not self._fit_local(before):
             return None
+        hits = None
+        if self.knowledge is not None:
+            hits = self._retrieve(before, text)
+            if hits is None:
+                return None
+            if not hits:
+                return self._not_found(text)
         num_dropped = 0
         while True:
             try:
                 dropped = f"(dropped {_turns(num_dropped)} to fit the server's context)" if num_dropped else None
-                reply = self._agent_reply(dropped) if self.agent is not None else self._stream_reply(dropped)
+                if self.agent is not None:
+                    reply = self._agent_reply(dropped)
+                else:
+                    reply = self._stream_reply(dropped, self._grounded(hits, text) if hits else None)
                 break
             except ContextOverflow as e:
                 # A server does not say its context size: learn it from the refusal, one turn at a time.
@@ -92,7 +107,51 @@ class ChatSession:
         else:
             self.conversation.add("assistant", reply.text.strip())
         self._after(reply)
+        if hits:
+            self._sources(hits, reply.text)
         return reply
+
+    def _retrieve(self, before: list[dict], text: str) -> list | None:
+        """The knowledge base's passages for `text` ([] when none is relevant; None when the search failed)."""
+        from ..errors import GlmkitError
+
+        knowledge, name = self.knowledge
+        try:
+            with self.console.loading(f"searching {name}"):
+                return knowledge.search(name, text)
+        except GlmkitError as e:
+            self._refuse(before, str(e))
+            return None
+
+    def _grounded(self, hits: list, text: str) -> list[dict]:
+        """The conversation with the passages that fit put into the question's turn."""
+        from ..rag.answer import ground
+
+        limit = self.backend.max_model_len or REMOTE_CONTEXT_GUESS
+        room = limit - min(self.settings["max_tokens"] or limit, limit // 2)
+        return ground(self.conversation.rendered(), hits, text, self.knowledge[0].count_tokens, room).messages
+
+    def _not_found(self, text: str) -> Reply:
+        """Nothing relevant in the documents: say so instead of letting the model invent an answer."""
+        from ..rag.answer import NOT_FOUND, language
+
+        reply = Reply(text=NOT_FOUND[language(text)], finish_reason="stop")
+        self.console.answer_header(self.backend.name)
+        self.console.write_answer(reply.text)
+        self.console.write("\n")
+        self.conversation.add("assistant", reply.text)
+        return reply
+
+    def _sources(self, hits: list, answer: str) -> None:
+        """The passages the answer cites (all that were given when it cites none), one line each."""
+        from ..rag.answer import citations
+
+        given = citations(hits, answer)
+        shown = [c for c in given if c["cited"]] or given
+        for c in shown:
+            place = c["source"] + (f" > {c['heading']}" if c["heading"] else "") + (f" (p. {c['page']})" if c["page"]
+                                                                                   else "")
+            self.console.notice(f"[{c['index']}] {place}")
 
     def _refuse(self, before: list[dict], message: str) -> None:
         self.conversation.messages = before
@@ -119,12 +178,13 @@ class ChatSession:
             self.console.notice(f"(dropped {_turns(num_dropped)} to fit the {limit}-token context)")
         return True
 
-    def _stream_reply(self, notice: str | None = None) -> Reply:
-        """Stream one answer to the screen, `notice` just before it. Errors before the first text propagate
-        (nothing was shown yet, so the caller may try again)."""
+    def _stream_reply(self, notice: str | None = None, messages: list[dict] | None = None) -> Reply:
+        """Stream one answer to the screen, `notice` just before it; `messages`: what to send instead of the
+        conversation (it with a knowledge base's passages). Errors before the first text propagate (nothing was
+        shown yet, so the caller may try again)."""
         view = _AnswerView(self.console, self.backend.name, notice)
         reply, start = Reply(), time.monotonic()
-        stream = self.backend.stream(self.conversation.rendered(), self.settings)
+        stream = self.backend.stream(messages or self.conversation.rendered(), self.settings)
         try:
             with stop_on_interrupt(self.backend.interruptible) as stop, self.console.typeahead_hidden():
                 try:

@@ -47,6 +47,13 @@ def add_arguments(p) -> None:
     g.add_argument("--no-history", action="store_true",
                    help="do not read or write the input history file ($GLMKIT_HOME/chat_history or "
                    "~/.config/glmkit/chat_history)")
+    k = p.add_argument_group("knowledge base")
+    k.add_argument("--kb", default=None, metavar="NAME", help="answer from this knowledge base's documents "
+                   "(glmkit kb create), citing them; with tools on, the model searches it as a tool instead")
+    k.add_argument("--kb-dir", default=None, metavar="DIR", help="where knowledge bases live (default "
+                   "$GLMKIT_HOME/kb, else ~/.local/share/glmkit/kb)")
+    k.add_argument("--reranker", default=None, metavar="PATH", help="a local cross-encoder folder (e.g. "
+                   "bge-reranker-base) that orders the passages --kb retrieves")
     tool_setup.add_arguments(p)
 
 
@@ -81,6 +88,7 @@ def main(args) -> int:
     character = load_character(args.character)
     settings = checked_settings(args)
     tool_setup.check_flags(args)
+    library = open_library(args)
     started = time.monotonic()
     try:
         backend, location = open_backend(args, character, console)
@@ -91,14 +99,20 @@ def main(args) -> int:
         console.notice(f"[loaded in {time.monotonic() - started:.2f}s]")
     conversation = Conversation(system=args.system, greeting=(character or {}).get("greeting"))
     agent, closing = None, []
+    knowledge = knowledge_for(library, backend, args.reranker) if library is not None else None
+    if knowledge is not None:
+        closing.append(knowledge)
     if tool_setup.wants_tools(args):
         try:
             with console.loading("starting the tools"):
-                agent, closing = tool_setup.build_agent(args, backend, settings)
+                extra = [knowledge_tool(knowledge, args.kb)] if knowledge is not None else []
+                agent, more = tool_setup.build_agent(args, backend, settings, extra)
+                closing += more
         except BaseException:
             backend.close()
             raise
-    session = ChatSession(backend, console, conversation, settings, args.stats, agent=agent)
+    grounding = (knowledge, args.kb) if knowledge is not None and agent is None else None
+    session = ChatSession(backend, console, conversation, settings, args.stats, agent=agent, knowledge=grounding)
     try:
         if interactive:
             return interactive_chat(session, console, args, location, character)
@@ -109,6 +123,35 @@ def main(args) -> int:
         for thing in closing:
             thing.close()
         backend.close()
+
+
+def open_library(args):
+    """The knowledge base folder for --kb, its name checked before a model loads (None without --kb)."""
+    if args.kb is None:
+        return None
+    from ..rag import require
+    from ..rag.library import Library, default_root
+
+    require()
+    library = Library(Path(args.kb_dir).expanduser() if args.kb_dir else default_root())
+    library.open(args.kb).close()  # an unknown name lists the ones there are
+    return library
+
+
+def knowledge_for(library, backend, reranker: str | None = None):
+    """The Knowledge for --kb: chunks are not made here, so the token counter only fits passages in the
+    context: the model's own tokenizer when it is loaded here, an estimate for a server."""
+    from ..rag.service import Knowledge
+
+    llm = getattr(backend, "llm", None)
+    count = (lambda text: len(llm.tokenizer.encode(text))) if llm is not None else (lambda text: len(text) // 2 + 1)
+    return Knowledge(count, backend.name, library.root, None, reranker=reranker)
+
+
+def knowledge_tool(knowledge, name: str):
+    from ..tools.knowledge import knowledge_tool as make
+
+    return make(knowledge, name)
 
 
 def open_backend(args, character: dict | None, console: Console):

@@ -1,9 +1,12 @@
-"""The web chat page (Gradio Blocks): Chat, Tools, Code Interpreter and Character modes over one HTTP API.
+"""The web chat page (Gradio Blocks): Chat, Tools, Code Interpreter, Character and Knowledge modes over one HTTP
+API.
 
 The page is a client of an OpenAI-compatible server (`ui/backends.RemoteBackend`), nothing more: mounted in
 `glmkit serve` it calls its own server over the loopback; `glmkit web --url` points it at any server. Each
 answer runs through the agent loop (tools/agent.py) with the mode's tools: none, the configured tools, or the
-conversation's own Python kernel (a KernelPool keyed by conversation id). Conversations are kept per user in
+conversation's own Python kernel (a KernelPool keyed by conversation id). Knowledge mode answers from a
+knowledge base of the user's documents (knowledge.py: its panel, and the request's `knowledge_base`), the cited
+passages kept with the answer. Conversations are kept per user in
 SQLite (store.py) and listed in the sidebar. With API keys, the page asks for one at login (the password; the
 user name is only a label): each key sees its own conversations and kernels, and its requests carry that key.
 
@@ -27,13 +30,14 @@ import gradio as gr
 from ...chat.messages import persona_system_prompt
 from ...tools.agent import Agent, TextDelta
 from ..backends import BackendError, RemoteBackend
-from .i18n import translations
+from . import knowledge
+from .i18n import message, translations
 from .store import ConversationStore, export_json, export_markdown
 from .turns import Turn, api_messages, display
 
 log = logging.getLogger("glmkit")
 
-MODES = ("chat", "tools", "code", "character")
+MODES = ("chat", "tools", "code", "character", "knowledge")
 TOOL_MODES = ("tools", "code")
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
          {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
@@ -59,6 +63,7 @@ class Ask:
     user_name: str
     user_info: str
     greeting: str
+    knowledge_base: str | None = None  # Knowledge mode's knowledge base
 
     def character(self) -> dict:
         """The CharacterGLM profile (defaults where a field is empty), with the greeting if there is one."""
@@ -69,7 +74,7 @@ class Ask:
 
 
 ASK = [f.name for f in fields(Ask)]
-PROFILE = ASK[-5:]  # the character fields: bot_name, bot_info, user_name, user_info, greeting
+PROFILE = ASK[ASK.index("bot_name"):ASK.index("greeting") + 1]  # bot_name, bot_info, user_name, user_info, greeting
 
 
 @dataclass
@@ -93,6 +98,8 @@ class WebApp:
         self.tools_refused = False               # the server answered a request with tools with a refusal
         self._backends: dict[tuple, RemoteBackend] = {}
         self._lock = threading.Lock()
+        self.language = knowledge.language_of(config.language)  # request -> "en" / "zh" for run-time lines
+        self.knowledge = knowledge.KnowledgePanel(lambda request: self._backend(request, None), self.language)
 
     # --- users -----------------------------------------------------------------------------------------------
     def login(self, username: str, password: str) -> bool:
@@ -134,10 +141,19 @@ class WebApp:
         models = self.models(request)
         rows = self.config.store.list(self._owner(request))
         modes = [m for m in MODES if not (self.tools_refused and m in TOOL_MODES)]
+        if not self._has_knowledge(request):
+            modes.remove("knowledge")
         opened = list(self.open(rows[0].id if rows else "", request))
         opened[4] = gr.Radio(choices=[(self.i18n(f"mode_{m}"), m) for m in modes],
                              value=opened[4] if opened[4] in modes else "chat")
         return (gr.Dropdown(choices=models, value=models[0] if models else None), *opened)
+
+    def _has_knowledge(self, request) -> bool:
+        """Whether the server keeps knowledge bases (another server, or glmkit without the rag extra, does not)."""
+        try:
+            return knowledge.available(self._backend(request, None))
+        except BackendError:
+            return True  # unreachable now: the mode says so when used
 
     def models(self, request) -> list[str]:
         try:
@@ -152,17 +168,27 @@ class WebApp:
         return gr.Radio(choices=[(row.title or "…", row.id) for row in rows], value=current or None)
 
     def open(self, conversation_id: str, request: gr.Request):
-        """(sidebar, conversation id, chatbot, stats, mode, system, title, the five character fields): the
-        conversation as it was left."""
+        """(sidebar, conversation id, chatbot, stats, mode, system, title, the five character fields, the
+        knowledge base): the conversation as it was left."""
         if not conversation_id:
-            return self._sidebar(request, ""), "", [], "", "chat", "", "", *[""] * len(PROFILE)
+            return self._sidebar(request, ""), "", [], "", "chat", "", "", *[""] * len(PROFILE), gr.skip()
         conversation = self.config.store.get(self._owner(request), conversation_id)
         settings = conversation.settings
         last = next((m for m in reversed(conversation.messages) if m.get("glmkit", {}).get("line")), None)
         character = settings.get("character") or {}
         return (self._sidebar(request, conversation_id), conversation_id, display(conversation.messages).messages,
                 last["glmkit"]["line"] if last else "", conversation.mode, settings.get("system", ""),
-                conversation.title, *[character.get(name, "") for name in PROFILE])
+                conversation.title, *[character.get(name, "") for name in PROFILE],
+                self._opened_knowledge_base(request, settings.get("knowledge_base")))
+
+    def _opened_knowledge_base(self, request, kb: str | None):
+        """A Knowledge conversation's knowledge base chosen again (if it still exists)."""
+        if not kb:
+            return gr.skip()
+        try:
+            return self.knowledge.choices(request, kb)
+        except (knowledge.KnowledgeError, BackendError):
+            return gr.skip()
 
     def new(self, request: gr.Request):
         return "", [], "", self._sidebar(request, ""), ""
@@ -197,9 +223,9 @@ class WebApp:
     # --- answers ---------------------------------------------------------------------------------------------
     # The three answer events take the same inputs, in ASK order (also the order of the page's /send API).
     def send(self, text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
-             user_name, user_info, greeting, request: gr.Request):
+             user_name, user_info, greeting, knowledge_base, request: gr.Request):
         ask = Ask(text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
-                  user_name, user_info, greeting)
+                  user_name, user_info, greeting, knowledge_base)
         if not text.strip():
             yield gr.skip(), gr.skip(), conversation_id, gr.skip(), text
             return
@@ -207,16 +233,16 @@ class WebApp:
                                 clear_input=True)
 
     def retry(self, text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
-              user_name, user_info, greeting, data: gr.RetryData, request: gr.Request):
+              user_name, user_info, greeting, knowledge_base, data: gr.RetryData, request: gr.Request):
         ask = Ask(text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
-                  user_name, user_info, greeting)
+                  user_name, user_info, greeting, knowledge_base)
         k = self._user_index(request, conversation_id, data.index)
         yield from self._answer(request, ask, lambda messages: messages[:k + 1])
 
     def edit(self, text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
-             user_name, user_info, greeting, data: gr.EditData, request: gr.Request):
+             user_name, user_info, greeting, knowledge_base, data: gr.EditData, request: gr.Request):
         ask = Ask(text, conversation_id, model, mode, system, max_tokens, temperature, top_p, bot_name, bot_info,
-                  user_name, user_info, greeting)
+                  user_name, user_info, greeting, knowledge_base)
         k = self._user_index(request, conversation_id, data.index)
         value = data.value if isinstance(data.value, str) else str(data.value)
         yield from self._answer(request, ask, lambda messages: messages[:k] + [{"role": "user", "content": value}])
@@ -239,6 +265,12 @@ class WebApp:
         """Stream one answer into the page: (chatbot, stats, conversation id, sidebar, input box) at each step."""
         store, owner = self.config.store, self._owner(request)
         mode, system, model, conversation_id = ask.mode, (ask.system or "").strip(), ask.model, ask.conversation_id
+        kb = ask.knowledge_base if mode == "knowledge" else None
+        if mode == "knowledge" and not kb:  # nothing to answer from: say so, keep the message
+            line = message("kb_none", self.language(request))
+            gr.Warning(line)
+            yield gr.skip(), line, conversation_id, gr.skip(), gr.skip()
+            return
         new = not conversation_id
         conversation = store.create(owner, mode) if new else store.get(owner, conversation_id)
         conversation_id = conversation.id
@@ -257,6 +289,8 @@ class WebApp:
         settings = {"max_tokens": int(ask.max_tokens), "temperature": float(ask.temperature),
                     "top_p": float(ask.top_p)}
         agent = self._agent(request, model, mode, conversation_id, character, settings)
+        if kb:
+            agent.backend = knowledge.KnowledgeBackend(agent.backend, kb, turn.cite)
         self._running[request.session_hash] = agent
         try:
             events = agent.run(api_messages(sent))
@@ -278,7 +312,8 @@ class WebApp:
                 gr.Warning(turn.error)
         finally:
             self._running.pop(request.session_hash, None)
-            kept = {"system": system, "model": model, **({"character": character} if character else {})}
+            kept = {"system": system, "model": model, **({"character": character} if character else {}),
+                    **({"knowledge_base": kb} if kb else {})}
             store.save(owner, conversation_id, turn.messages, mode=mode, settings=kept)
         stats = turn.figures.line() or (f"error: {turn.error}" if turn.error else "")
         yield turn.shown(), stats, conversation_id, self._sidebar(request, conversation_id), gr.skip()
@@ -345,6 +380,7 @@ class WebApp:
             ui.bot_info = gr.Textbox(label=i18n("bot_info"), lines=2, elem_id="bot-info")
             ui.user_info = gr.Textbox(label=i18n("user_info"), lines=1, elem_id="user-info")
             ui.greeting = gr.Textbox(label=i18n("greeting"), elem_id="greeting")
+        self.knowledge.build(ui, i18n)
         ui.chatbot = gr.Chatbot(elem_id="chat", editable="user", latex_delimiters=LATEX, height="62vh",
                                 buttons=["copy", "copy_all"], feedback_options=None, show_label=False)
         ui.stats = gr.Markdown(elem_id="stats")
@@ -365,8 +401,9 @@ class WebApp:
         ui.chatbot.undo(self.undo, ui.conversation_id, [ui.chatbot, ui.text])
         ui.chatbot.clear(self.new, None, [ui.conversation_id, ui.chatbot, ui.stats, ui.conversations, ui.title])
         ui.mode.change(lambda m: gr.Accordion(visible=m == "character", open=True), ui.mode, ui.character_box)
+        self.knowledge.wire(ui)
         opened = [ui.conversations, ui.conversation_id, ui.chatbot, ui.stats, ui.mode, ui.system, ui.title,
-                  *[getattr(ui, name) for name in PROFILE]]
+                  *[getattr(ui, name) for name in PROFILE], ui.kb]
         ui.conversations.input(self.open, ui.conversations, opened)
         cleared = [ui.conversation_id, ui.chatbot, ui.stats, ui.conversations, ui.title]
         ui.new.click(self.new, None, cleared)

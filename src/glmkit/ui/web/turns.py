@@ -11,6 +11,7 @@ as events arrive. Knows nothing of Gradio's components, HTTP routes or the engin
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -52,14 +53,19 @@ class Shown:
 
 
 def display(messages: list[dict]) -> Shown:
-    shown, steps = Shown(), {}
+    shown, steps, question = Shown(), {}, ""
     for i, m in enumerate(messages):
         extras = m.get(EXTRAS) or {}
         if m["role"] == "user":
-            shown.add({"role": "user", "content": _text(m["content"])}, i)
+            question = _text(m["content"])
+            shown.add({"role": "user", "content": question}, i)
         elif m["role"] == "assistant":
             if m.get("content"):
                 shown.add({"role": "assistant", "content": _text(m["content"])}, i)
+            if extras.get("citations"):  # a knowledge base's passages, under the answer
+                shown.add({"role": "assistant", "content": sources_text(extras["citations"], _text(m.get("content"))),
+                           "metadata": {"title": sources_title(extras["citations"], question), "status": "done"}},
+                          i)
             for call in m.get("tool_calls") or []:
                 function = call["function"]
                 steps[call["id"]] = shown.add({"role": "assistant", "content": call_text(function["name"],
@@ -76,6 +82,36 @@ def display(messages: list[dict]) -> Shown:
             for path in extras.get("images", []):
                 shown.add({"role": "assistant", "content": {"path": path, "mime_type": "image/png"}}, i)
     return shown
+
+
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]<>#|~])")
+
+
+def sources_title(citations: list[dict], question: str) -> str:
+    """The Sources block's title, naming the files (the block opens on a click), in the question's language
+    (as the server picks its "not found" sentence)."""
+    files = ", ".join(dict.fromkeys(_escape(str(c.get("source") or "?")) for c in citations))
+    return f"来源：{files}" if _CJK.search(question or "") else f"Sources: {files}"
+
+
+def sources_text(citations: list[dict], answer: str) -> str:
+    """Each passage as `[n] source > heading (p. N)` and its text quoted; the ones the answer cites ([n])
+    marked. A streamed answer's citations do not say which are cited (the answer came after them)."""
+    blocks = []
+    for c in citations:
+        n = c.get("index", len(blocks) + 1)
+        place = str(c.get("source") or "?") + (f" > {c['heading']}" if c.get("heading") else "")
+        place += f" (p. {c['page']})" if c.get("page") else ""
+        cited = c.get("cited") or f"[{n}]" in (answer or "")
+        quoted = "\n".join("> " + _escape(line) for line in str(c.get("text") or "").splitlines())
+        blocks.append(f"**[{n}] {_escape(place)}**{' ✓' if cited else ''}\n\n{quoted}")
+    return "\n\n".join(blocks)
+
+
+def _escape(text: str) -> str:
+    """A document's words shown as written, not as Markdown or HTML."""
+    return _MARKDOWN.sub(r"\\\1", text)
 
 
 def _text(content) -> str:
@@ -120,12 +156,20 @@ class Turn:
         self._save_image = save_image
         self._start = time.monotonic()
         self._calls: dict[str, dict] = {}
+        self.citations: list[dict] = []   # a knowledge base's passages the answer was given
+
+    def cite(self, citations: list[dict]) -> None:
+        """The passages the server retrieved for this answer (Knowledge mode): kept with the answer."""
+        self.citations = list(citations)
 
     @property
     def messages(self) -> list[dict]:
         tail = [{"role": "assistant", "content": self.text}] if self.text or not self.done else []
-        if self.figures.finish_reason is not None and tail:
-            tail[0][EXTRAS] = {"tokens": self.figures.num_tokens, "line": self.figures.line()}
+        extras = {"citations": self.citations} if self.citations else {}
+        if self.figures.finish_reason is not None:
+            extras.update(tokens=self.figures.num_tokens, line=self.figures.line())
+        if extras and tail:
+            tail[0][EXTRAS] = extras
         return self.before + self.done + tail
 
     def shown(self) -> list[dict]:
