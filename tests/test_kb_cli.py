@@ -5,6 +5,7 @@ model's own run is tests/test_kb_default.py."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -157,3 +158,57 @@ def test_reranker_orders_the_candidates(capsys, docs, kb, tmp_path):
     assert [h["score"] for h in reranked] == [round(61 / (60 + r), 4) for r in range(1, len(reranked) + 1)]
     code, _, err = run(capsys, "kb", "search", "m", "x", "--reranker", str(tmp_path / "nope"), *where)
     assert code == 2 and "--reranker" in err
+
+
+def chat(*argv, stdin: str, env_home) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "glmkit.cli", "chat", *argv], input=stdin, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "GLMKIT_HOME": str(env_home), "NO_COLOR": "1"})
+
+
+def test_chat_kb_sends_the_passages_and_prints_the_sources(capsys, docs, kb, tmp_path):
+    """`glmkit chat --kb` against a scripted server: the passages go in a system message; nothing relevant means
+    the not-found sentence and no request at all."""
+    from scripted_server import ScriptedServer
+
+    where, indexing = kb
+    run(capsys, "kb", "create", "m", str(docs), *where, *indexing)
+    server = ScriptedServer([("text", "It listens on port 7311 [1].", "stop", 9)])
+    try:
+        done = chat("--url", server.url, "--kb", "m", *where, stdin="Which port does the Frobnicator listen on?",
+                    env_home=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "It listens on port 7311 [1]." in done.stdout
+        assert "[1] service.md > Frobnicator service" in done.stderr
+        system = server.requests[0]["messages"][0]
+        assert system["role"] == "system" and "cite the passages you used as [1]" in system["content"]
+        assert "[1] service.md > Frobnicator service\nThe Frobnicator service listens on port 7311" in system["content"]
+        assert server.requests[0]["messages"][-1] == {"role": "user",
+                                                       "content": "Which port does the Frobnicator listen on?"}
+        done = chat("--url", server.url, "--kb", "m", *where, stdin="今天的天气怎么样？", env_home=tmp_path)
+        assert done.stdout.strip() == "知识库的文档中没有找到与这个问题相关的内容。"
+        assert len(server.requests) == 1
+    finally:
+        server.close()
+
+
+def test_chat_kb_with_tools_searches_as_a_tool(capsys, docs, kb, tmp_path):
+    from scripted_server import ScriptedServer
+
+    where, indexing = kb
+    run(capsys, "kb", "create", "m", str(docs), *where, *indexing)
+    server = ScriptedServer([("call", "search_knowledge_base", {"query": "报销 材料"}),
+                             ("text", "需要发票原件、行程单和出差审批单 [1]。", "stop", 12)])
+    try:
+        done = chat("--url", server.url, "--kb", "m", "--tools", "builtin", *where, stdin="报销要什么？",
+                    env_home=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "需要发票原件、行程单和出差审批单 [1]。" in done.stdout
+        tool = next(t for t in server.requests[0]["tools"] if t["function"]["name"] == "search_knowledge_base")
+        assert "'m'" in tool["function"]["description"]
+        observation = server.requests[1]["messages"][-1]
+        assert observation["role"] == "tool" and observation["content"].startswith("[1] zh/policy.md > 报销制度 > 差旅报销")
+    finally:
+        server.close()

