@@ -15,7 +15,7 @@ from adapter_fixtures import make_adapter, make_prefix, run_together, steady_tra
 from glmkit import LLM
 from glmkit.engine.sampling_params import SamplingParams
 from glmkit.errors import ModelLoadError
-from glmkit.kernels.lora import add_lora, lora_rows
+from glmkit.kernels.lora import add_lora, expand, lora_rows
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # without CUDA the kernel runs in Triton's interpreter
@@ -58,6 +58,11 @@ def test_kernel_adds_each_rows_adapter():
             want[t] += b[s].t() @ (a[s] @ x[t])
     for n in (T, 5):  # a program per slot, a program per row
         got = add_lora(on(y[:n].clone()), on(x[:n]), on(a), on(b), lora_rows(slots[:n].tolist(), S, DEVICE))
+        assert torch.allclose(got.cpu(), want[:n], atol=1e-3), n
+        # expand alone, from every slot's A @ x computed beside the base output (one product over [y | v]): the
+        # output rows are strided, as a slice of that product
+        both = torch.cat([y[:n], x[:n] @ a.reshape(S * W, K).t()], dim=1)
+        got = expand(on(both)[:, :N], on(both)[:, N:], on(b), lora_rows(slots[:n].tolist(), S, DEVICE))
         assert torch.allclose(got.cpu(), want[:n], atol=1e-3), n
 
 

@@ -182,13 +182,22 @@ def test_the_official_demos_lora_yaml(model_dir, data, tmp_path):
     assert proc.returncode == 2 and "P-Tuning v2 is ChatGLM's" in proc.stderr  # a Qwen2 model: LoRA only
 
 
-def test_two_processes_train_what_one_does(model_dir, data, tmp_path):
-    """torchrun with two gloo processes on a CPU: each takes half of every batch and the gradients are summed,
-    so the losses and the adapter equal one process's on the whole batches."""
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(_gpus() < 2, reason="needs two CUDA devices")])])
+def test_two_processes_train_what_one_does(model_dir, data, tmp_path, device):
+    """torchrun with two processes (gloo on a CPU; NCCL on two GPUs, one each): each takes half of every batch
+    and the gradients are summed, so the losses and the adapter equal one process's on the whole batches."""
     from safetensors.torch import load_file
 
     args = ["--model", str(model_dir), "--data", str(data), "--max-steps", "4", "--batch-size", "2",
-            "--lora-r", "4", "--lora-dropout", "0", "--learning-rate", "1e-2", "--threads", "1", "--device", "cpu"]
+            "--lora-r", "4", "--lora-dropout", "0", "--learning-rate", "1e-2", "--threads", "1", "--device", device,
+            "--dtype", "float32"]
     single = subprocess.run([sys.executable, "-m", "glmkit", "finetune", *args, "--output", str(tmp_path / "one")],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stdout + single.stderr

@@ -22,8 +22,8 @@ of rows (measured on an H200, ChatGLM3-6B's linears, 8 adapters of rank 16, benc
   - more, a program per slot (SGMV): a weight tile is read once for all of that adapter's rows and multiplied 16
     rows at a time on the tensor cores (a program per row reads it once per row: at 64 rows over 8 adapters
     that cost more than the base layer itself). Programs of a slot without rows return at once.
-`expand_one` is the second half alone, for one row whose A @ x for every slot came with the base product
-(models/adapters.py keeps the slots' A under a float base weight, so one GEMV computes both).
+`expand` is the second half alone, for rows whose A @ x for every slot came with the base product
+(models/adapters.py keeps the slots' A under a float base weight, so one GEMV or GEMM computes both).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, part_ptr, K, stride_xt, 
 
 
 @triton.jit
-def _expand_kernel(part_ptr, b_ptr, order_ptr, starts_ptr, y_ptr, N, NUM_PIECES, stride_pt, stride_ps,
+def _expand_kernel(part_ptr, b_ptr, order_ptr, starts_ptr, y_ptr, N, NUM_PIECES, stride_pt, stride_ps, slot_stride,
                    stride_bs, stride_br, stride_yt, W, IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     slot = tl.program_id(0)
@@ -105,8 +105,8 @@ def _expand_kernel(part_ptr, b_ptr, order_ptr, starts_ptr, y_ptr, N, NUM_PIECES,
     for r0 in range(first, last, ROWS):
         m = r0 + offs_m
         rows = tl.load(order_ptr + m, mask=m < last, other=0).to(tl.int64)
-        parts = tl.load(part_ptr + rows[:, None, None] * stride_pt + offs_p[None, :, None] * stride_ps
-                        + offs_r[None, None, :],
+        parts = tl.load(part_ptr + slot * slot_stride + rows[:, None, None] * stride_pt
+                        + offs_p[None, :, None] * stride_ps + offs_r[None, None, :],
                         mask=(m[:, None, None] < last) & (offs_p[None, :, None] < NUM_PIECES)
                         & (offs_r[None, None, :] < W), other=0.0)
         v = tl.sum(parts, 1)  # the pieces of K in a fixed order
@@ -197,22 +197,35 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: tor
                                     BLOCK_R=block_r, CHUNK=chunk, SUB_K=sub_k, num_warps=4)
     block_n = 256 if block_r <= 16 else 128 if block_r <= 32 else 64
     _expand_kernel[(slots, triton.cdiv(N, block_n))](
-        parts, b_pool, rows.order, rows.starts, y, N, pieces, parts.stride(0), parts.stride(1), b_pool.stride(0),
+        parts, b_pool, rows.order, rows.starts, y, N, pieces, parts.stride(0), parts.stride(1), 0, b_pool.stride(0),
         b_pool.stride(1), y.stride(0), W, IEEE=ieee, ROWS=ROWS, BLOCK_N=block_n, BLOCK_R=block_r,
         BLOCK_P=triton.next_power_of_2(pieces), num_warps=4)
     return y
 
 
-def expand_one(y: torch.Tensor, v_all: torch.Tensor, b_pool: torch.Tensor, rows: LoraRows) -> torch.Tensor:
-    """One row: y [1, N] += v_all[0, s * W:(s + 1) * W] @ B[s], where v_all [1, slots * W] holds every slot's
-    A @ x (computed with the base product, models/adapters.py); returns y."""
+def expand(y: torch.Tensor, v_all: torch.Tensor, b_pool: torch.Tensor, rows: LoraRows) -> torch.Tensor:
+    """The second half alone: y [T, N] += v_all[t, s * W:(s + 1) * W] @ B[s] for each adapted row t (slot s),
+    where v_all [T, slots * W] holds every slot's A @ x, computed with the base product (models/adapters.py
+    keeps the slots' A under the base weight, so one GEMM or GEMV gives both); returns y. Rows may be strided."""
     slots, W, N = b_pool.shape
-    if y.shape != (1, N) or v_all.shape != (1, slots * W):
-        raise ValueError(f"expand_one: y {tuple(y.shape)}, v_all {tuple(v_all.shape)}, b_pool {tuple(b_pool.shape)}")
-    block_n = 128
-    _expand_rows_kernel[(1, triton.cdiv(N, block_n))](
-        v_all, b_pool, rows.slots, y, N, 1, v_all.stride(0), 0, W, b_pool.stride(0), b_pool.stride(1), y.stride(0),
-        W, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(W)), BLOCK_P=1, num_warps=4)
+    T = y.shape[0]
+    if y.shape != (T, N) or v_all.shape != (T, slots * W) or rows.slots.shape[0] < T or y.stride(1) != 1 \
+            or v_all.stride(1) != 1:
+        raise ValueError(f"expand: y {tuple(y.shape)}, v_all {tuple(v_all.shape)}, b_pool {tuple(b_pool.shape)}")
+    if T == 0:
+        return y
+    block_r = max(16, triton.next_power_of_2(W))
+    if T <= PER_ROW:
+        block_n = 128
+        _expand_rows_kernel[(T, triton.cdiv(N, block_n))](
+            v_all, b_pool, rows.slots, y, N, 1, v_all.stride(0), 0, W, b_pool.stride(0), b_pool.stride(1),
+            y.stride(0), W, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_P=1, num_warps=4)
+        return y
+    block_n = 256 if block_r <= 16 else 128 if block_r <= 32 else 64
+    _expand_kernel[(slots, triton.cdiv(N, block_n))](
+        v_all, b_pool, rows.order, rows.starts, y, N, 1, v_all.stride(0), 0, W, b_pool.stride(0), b_pool.stride(1),
+        y.stride(0), W, IEEE=y.dtype == torch.float32, ROWS=ROWS, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_P=1,
+        num_warps=4)
     return y
 
 

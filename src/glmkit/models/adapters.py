@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
@@ -85,9 +86,10 @@ class _Pool:
     zero beyond each adapter's rank (and all zero where the slot's adapter leaves this linear alone).
 
     For a float linear on CUDA, A sits in one buffer under the base weight (`ext` [out + slots * W, in]; the base
-    keeps the first `out` rows as its weight, a view), so a one-row step gets the base output and every slot's
-    A @ x from one GEMV that reads 1-3% more bytes, and only the expand kernel is added: at batch 1 the extra
-    kernel launches, not the bytes, are what adapters cost."""
+    keeps the first `out` rows as its weight, a view), so a step gets the base output and every slot's A @ x from
+    one GEMV (one row) or GEMM (more) that reads 1-3% more bytes, and only the expand kernel is added: the extra
+    kernel launches, not the bytes, are what adapters cost (at 64 rows the shrink kernel this replaces cost about
+    as much as the expand)."""
 
     def __init__(self, slots: int, width: int, base: nn.Module, dtype, device):
         from .layers import Linear
@@ -130,10 +132,11 @@ class AdapterLinear(nn.Module):
         if p is not None and self._batch.rows is not None:
             from ..kernels import lora
 
-            if p.ext is not None and x.shape[0] == 1 and x.dtype == p.ext.dtype:  # one GEMV: base and every A
-                out = _cuda_gemv()(x, p.ext, p.ext_bias)
+            if p.ext is not None and x.dtype == p.ext.dtype:  # one product: base and every slot's A
+                out = _cuda_gemv()(x, p.ext, p.ext_bias) if x.shape[0] == 1 else F.linear(x, p.ext, p.ext_bias)
                 n = self.out_features
-                return lora.expand_one(out[:, :n], out[:, n:], p.b, self._batch.rows)
+                y = lora.expand(out[:, :n], out[:, n:], p.b, self._batch.rows)
+                return y if x.shape[0] == 1 else y.contiguous()  # the next layers take whole rows
             return lora.add_lora(self.base(x), x, p.a, p.b, self._batch.rows)
         y = self.base(x)
         if p is not None:
