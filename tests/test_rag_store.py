@@ -201,14 +201,27 @@ def test_dense_mode_needs_a_vector(vkb, kb):
 
 def test_hybrid_fusion_order_and_scores(vkb):
     hits = search(vkb, "turbine blades", unit(0, 0, 0.5, 1), min_dense=0.3)
-    # keyword: "delta turbine blades" (both words), "gamma turbine" (one: under 0.5, dropped);
-    # dense: delta first, gamma second
+    # keyword: "delta turbine blades" (both words), then "gamma turbine" (one: under the 0.5 gate, but the best
+    # passed it, and it is above half of it); dense: delta first, gamma second
     assert [h.chunk.text for h in hits] == ["delta turbine blades", "gamma turbine"]
     assert hits[0].score == pytest.approx(1.0)
-    assert hits[1].score == pytest.approx((1 / 62) / (2 / 61))
+    assert hits[1].score == pytest.approx((2 / 62) / (2 / 61))
     assert hits[0].keyword == pytest.approx(1.0) and hits[0].dense > hits[1].dense > 0.3
-    assert hits[1].keyword is None
+    assert 0.25 <= hits[1].keyword < 0.5
+    # the gate is on the best: a strict dense threshold alone, with no keyword, finds nothing
     assert search(vkb, "submarine", unit(1, 1, 1, 1), min_dense=0.9) == []
+    # past the gate the weaker candidates stay
+    assert [h.chunk.text for h in search(vkb, "turbine blades", None, mode="keyword")] == \
+        ["delta turbine blades", "gamma turbine"]
+
+
+def test_chinese_question_skips_an_english_only_embedder(vkb):
+    """dense_chinese=False: a Chinese question is searched by keyword alone, an English one by both."""
+    vkb.replace("zh.md", "z", chunks("zh.md", "涡轮叶片的检修"), unit(0, 0, 0, 1)[None])
+    hits = search(vkb, "涡轮叶片", unit(0, 0, 0, 1), dense_chinese=False)
+    assert [h.chunk.text for h in hits] == ["涡轮叶片的检修"] and hits[0].dense is None
+    assert hits[0].score == pytest.approx(1.0)  # one retriever ran: its rank 1 scores 1
+    assert search(vkb, "涡轮叶片", unit(0, 0, 0, 1))[0].dense == pytest.approx(1.0)
 
 
 def test_rerank_hook(vkb):

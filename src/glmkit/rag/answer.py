@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 
 from . import Hit
+from .text import language
 
 NOT_FOUND = {"en": "I could not find an answer to this in the knowledge base's documents.",
              "zh": "知识库的文档中没有找到与这个问题相关的内容。"}
@@ -21,16 +22,7 @@ _INSTRUCTIONS = {
            "passages you used as [1], [2]. If the passages do not answer it, say that the documents do not say."),
     "zh": "请只根据下面编号的资料，用完整的句子回答用户的问题，并用 [1]、[2] 标出所依据的资料。如果资料中没有答案，请说明文档中没有相关内容。",
 }
-_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _CITE = re.compile(r"\[(\d{1,3})\]")
-
-
-def language(text: str) -> str:
-    """'zh' when a fair share of the letters are Chinese characters, else 'en'."""
-    letters = [c for c in text if c.isalpha()]
-    if not letters:
-        return "en"
-    return "zh" if sum(bool(_CJK.match(c)) for c in letters) / len(letters) >= 0.2 else "en"
 
 
 def where(hit: Hit) -> str:

@@ -22,6 +22,7 @@ _CJK = re.compile(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]")
 _DIGITS = re.compile(r"\d+")
 _CJK_END = re.compile(r"[\u4e00-\u9fff，、“（《]$")
 _CJK_START = re.compile(r"[\u4e00-\u9fff，。、：；！？”）》]")
+_CJK_BREAK = re.compile(r"(?<=[\u4e00-\u9fff，、“（《])[ \t]*\n\s*(?=[\u4e00-\u9fff，。、：；！？”）》])")  # wrapped Chinese
 
 
 class UnreadableDocument(GlmkitError):
@@ -240,7 +241,7 @@ def _html_parts(root, stack: list[tuple[int, str]]) -> list[tuple[str, int | Non
             if node.name in _HEADINGS:
                 parts.append((_path(stack), None, "".join(text)))
                 text.clear()
-                _push(stack, _HEADINGS[node.name], node.get_text(" "))
+                _push(stack, _HEADINGS[node.name], " ".join(node.get_text().split()))  # inline markup: no gaps
                 continue
             if node.name == "br":
                 text.append("\n")
@@ -257,7 +258,7 @@ def _html_parts(root, stack: list[tuple[int, str]]) -> list[tuple[str, int | Non
         elif isinstance(node, PreformattedString):
             continue
         elif isinstance(node, NavigableString):
-            text.append(str(node) if pre else _WHITESPACE.sub(" ", node))
+            text.append(str(node) if pre else _WHITESPACE.sub(" ", _CJK_BREAK.sub("", node)))
         else:
             text.append(node)
     parts.append((_path(stack), None, "".join(text)))

@@ -20,6 +20,9 @@ from .retrieve import load_reranker, search
 from .store import KnowledgeBase, Settings
 
 
+ENGLISH_ONLY = {"default"}  # embedders whose ranking of Chinese text is noise (all-MiniLM-L6-v2): not asked
+
+
 def embedding_spec(value: str | None) -> str | None:
     """--embedding-model as a knowledge base records it: 'default', an absolute path, or None (keyword only)."""
     if value in (None, "", "none"):
@@ -49,7 +52,7 @@ class Knowledge:
     def embedder(self, spec: str):
         with self._lock:
             if spec not in self._embedders:
-                from ..server.embeddings import Embedder, INSTALL_HINT
+                from .embeddings import Embedder, INSTALL_HINT
                 import importlib.util
 
                 if importlib.util.find_spec("sentence_transformers") is None:
@@ -99,7 +102,8 @@ class Knowledge:
                                         "keyword search only); use mode 'keyword' or 'hybrid'")
         embed = self.embed_for(kb) if mode != "keyword" else None
         vector = embed([query])[0] if embed is not None else None
-        return search(kb, query, vector, top_k=top_k, mode=mode, rerank=self._reranker())
+        return search(kb, query, vector, top_k=top_k, mode=mode, rerank=self._reranker(),
+                      dense_chinese=kb.settings.embedding not in ENGLISH_ONLY)
 
     def _reranker(self):
         with self._lock:

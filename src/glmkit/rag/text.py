@@ -78,3 +78,12 @@ def _stem(word: str) -> str:
 
         stemmer = _local.stemmer = Stemmer.Stemmer("english")
     return stemmer.stemWord(word)
+
+
+def language(text: str) -> str:
+    """'zh' when a fair share (a fifth) of the letters are Chinese characters, else 'en'."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return "en"
+    han = sum(bool(re.match(f"[{_HAN}]", c)) for c in letters)
+    return "zh" if han / len(letters) >= 0.2 else "en"

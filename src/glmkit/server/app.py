@@ -10,9 +10,11 @@ the routers' (Responses, Anthropic Messages, vLLM's POST /v1/load_lora_adapter a
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 from contextlib import asynccontextmanager
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -22,8 +24,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GlmkitError, excerpt
+from ..rag.embeddings import BATCH as EMBED_BATCH
 from . import adapter_routes, anthropic_routes, chat_routes, completion_routes, knowledge, legacy, responses_routes
-from .embeddings import BATCH as EMBED_BATCH, encode_vector
 from .errors import (AnthropicErrorResponse, APIError, ErrorResponse, ServerShuttingDown, api_error_handler,
                      disconnected_handler, error_response, error_responses, glmkit_error_handler,
                      http_error_handler, is_anthropic_path, unexpected_handler, validation_handler)
@@ -241,3 +243,9 @@ async def shutting_down_handler(request, exc: ServerShuttingDown):
     """A request still waiting for its answer when the drain ended: the engine aborted it."""
     return error_response(request.url.path, 503, str(exc), "server_error", None, "server_shutting_down",
                           {"Retry-After": "5", "Connection": "close"})
+
+
+def encode_vector(vector: np.ndarray, encoding_format: str):
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    return vector.tolist()

@@ -89,7 +89,7 @@ class ServerState:
                 raise InvalidParameterError("--adapter", clash, "is also the name the model is served under; give "
                                             "the adapter another name: --adapter NAME=DIR")
             if self.settings.embedding_model:
-                from .embeddings import load_embedder
+                from ..rag.embeddings import load_embedder
 
                 self.embedder = load_embedder(self.settings.embedding_model)
             self.client = TallyingClient(LocalEngineClient(self.llm), self.settings.limits.request_timeout_s)

