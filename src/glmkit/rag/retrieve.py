@@ -1,15 +1,17 @@
 """Search a knowledge base: keyword (FTS5 BM25) and dense (cosine) candidates fused by reciprocal rank.
 
 Relevance is decided once, on the best candidates: when neither retriever's best passes its threshold (the share
-of the question's words a passage holds; the cosine), the answer is [] ("not in the documents"), never the least
-bad chunks. Past that gate, candidates are kept down to half the thresholds: filtering each one at the full
-threshold dropped most right answers whose passage words the question differently (benchmarks/rag_quality.py:
-keyword Hits@5 0.40 against 0.86 unfiltered on the Debian Reference).
+of the question's words a passage holds, weighted by rarity; the cosine), the answer is [] ("not in the
+documents"), never the least bad chunks. Past that gate, candidates are kept down to half the thresholds:
+filtering each one at the full threshold dropped most right answers whose passage words the question
+differently. The keyword gate, 0.3, comes from benchmarks/rag_quality.py (Debian Reference): the best coverage
+of on-topic questions was 0.35 or more in English and under 0.3 for 5 of 42 in Chinese; of 10 off-topic
+questions per language, 2 English ones reached 0.36 and 0.42, no Chinese one 0.3.
 
 Reciprocal rank fusion needs no calibration between BM25 scores and cosines (they are on unrelated scales);
 each retriever only contributes ranks. A reranker, when given, orders the fused candidates instead. A Chinese
-question skips an English-only embedder (`dense_chinese=False`): its ranking of Chinese text is noise, and fused
-in it cut Chinese Hits@1 from 0.57 to 0.26 there."""
+question skips an English-only embedder (`dense_chinese=False`): its ranking of Chinese text is noise (Chinese
+Hits@5 0.19 dense alone), and fused in it cut Chinese Hits@1 from 0.57 to 0.26."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ Rerank = Callable[[str, list[str]], list[float]]  # (query, passages) -> one rel
 
 
 def search(kb: KnowledgeBase, query: str, vector: np.ndarray | None = None, *, top_k: int = 5,
-           mode: str = "hybrid", min_keyword: float = 0.5, min_dense: float = 0.5, candidates: int = 50,
+           mode: str = "hybrid", min_keyword: float = 0.3, min_dense: float = 0.5, candidates: int = 50,
            rerank: Rerank | None = None, dense_chinese: bool = True) -> list[Hit]:
     """The best `top_k` chunks for `query` (and its embedding `vector`), best first; [] when neither retriever's
     best candidate passes its threshold. mode "hybrid" without a vector (a keyword-only knowledge base), or for a
