@@ -84,7 +84,7 @@ def citations(hits: list[Hit], answer: str | None = None) -> list[dict]:
 
 
 class Grounded:
-    """A chat turn prepared from a knowledge base: the messages to send (the last user turn carries the
+    """A chat turn prepared from a knowledge base: the messages to send (a system message carries the
     passages), the passages given, and the question they were retrieved for. No hits: answer `not_found()`."""
 
     def __init__(self, messages: list[dict], hits: list[Hit], question: str):
@@ -99,7 +99,7 @@ class Grounded:
 
 def ground(messages: list[dict], hits: list[Hit], question: str, count_tokens: Callable[[str], int],
            room: int) -> Grounded:
-    """Put the hits that fit into the last user turn. room: the tokens left in the context for the whole
+    """Put the hits that fit into the system message. room: the tokens left in the context for the whole
     conversation and its answer's passages (context minus the answer's max tokens)."""
     if not hits:
         return Grounded(messages, [], question)

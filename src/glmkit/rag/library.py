@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
 from ..errors import GlmkitError, InvalidParameterError
+from ..storage import data_dir
 from .store import DATABASE, KnowledgeBase, Settings
 
 NAME_RULE = ("must be 1 to 64 characters: letters (any script, 中文 included), digits, '_', '-' and '.', "
@@ -17,11 +17,7 @@ _NAME = re.compile(r"(?!\.)[\w.-]{1,64}")  # a folder name: no separators, never
 
 def default_root() -> Path:
     """$GLMKIT_HOME/kb, else the XDG data directory's glmkit/kb (read at call time)."""
-    home = os.environ.get("GLMKIT_HOME")
-    if home:
-        return Path(home).expanduser() / "kb"
-    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(data) / "glmkit" / "kb"
+    return data_dir() / "kb"
 
 
 def check_name(name: str) -> str:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..storage import write_transaction
+
 from ..errors import GlmkitError, InvalidParameterError
 from . import Chunk
 from .text import words
@@ -254,15 +256,9 @@ class KnowledgeBase:
 
     @contextmanager
     def _write(self) -> Iterator[None]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            self._matrix = None  # our own commits do not move our connection's data_version
+        with write_transaction(self._db, self._lock):
+            yield
+        self._matrix = None  # our own commits do not move our connection's data_version
 
     def _delete(self, source: str) -> bool:
         """Removes a file's chunks and row (caller holds the write transaction)."""

@@ -124,7 +124,7 @@ class ChatSession:
             return None
 
     def _grounded(self, hits: list, text: str) -> list[dict]:
-        """The conversation with the passages that fit put into the question's turn."""
+        """The conversation with the passages that fit in a system message before it."""
         from ..rag.answer import ground
 
         limit = self.backend.max_model_len or REMOTE_CONTEXT_GUESS

@@ -10,20 +10,18 @@ messages is the caller's job.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ...errors import GlmkitError, InvalidParameterError, excerpt
+from ...storage import data_dir, write_transaction
 
 SCHEMA_VERSION = 1
 TITLE_MAX_CHARS = 200
@@ -48,11 +46,7 @@ _COLUMNS = "id, owner, title, mode, settings, messages, created, updated"
 
 def default_path() -> Path:
     """$GLMKIT_HOME/web.sqlite3, else the XDG data directory's glmkit/web.sqlite3 (read at call time)."""
-    home = os.environ.get("GLMKIT_HOME")
-    if home:
-        return Path(home).expanduser() / "web.sqlite3"
-    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(data) / "glmkit" / "web.sqlite3"
+    return data_dir() / "web.sqlite3"
 
 
 @dataclass
@@ -120,16 +114,8 @@ class ConversationStore:
                     self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    @contextmanager
-    def _write(self) -> Iterator[None]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _write(self):
+        return write_transaction(self._db, self._lock)
 
     def _row(self, owner: str, conversation_id: str) -> tuple:
         """The conversation's row (caller holds the lock), or ConversationNotFound."""
