@@ -249,6 +249,7 @@ def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device:
             raise ModelLoadError(f"{model_dir}: tensor {key} has shape {tuple(tensor.shape)} but config.json "
                                  f"implies {tuple(want)}; the config and weights are from different models")
     model.load_state_dict(state, assign=True, strict=False)
+    state.clear()  # the model holds the tensors now; packing them below must be able to free each old layout
     if config.tie_word_embeddings:  # before the move: the head has no tensor of its own yet
         model.lm_head.weight = model.embed.weight
     model = model.to(device).eval()
