@@ -22,11 +22,11 @@ ABSENT = (404, 405, 501)  # no such route (another server), or glmkit without th
 
 
 class KnowledgeError(Exception):
-    """A failed call, as one line; `status` and `param` as the server gave them."""
+    """A failed call, as one line; `status` as the server gave it."""
 
-    def __init__(self, line: str, status: int | None = None, param: str | None = None):
+    def __init__(self, line: str, status: int | None = None):
         super().__init__(line)
-        self.status, self.param = status, param
+        self.status = status
 
 
 # --- the HTTP calls (backend: a ui.backends.RemoteBackend, for its client, key and API root) -------------------
@@ -39,11 +39,7 @@ def _call(backend, method: str, path: str, **kwargs) -> dict:
         raise KnowledgeError(str(backend._connection_error(e))) from None
     if r.status_code >= 400:
         text, _ = _error_fields(r.content)
-        try:
-            param = r.json()["error"].get("param")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            param = None
-        raise KnowledgeError(f"{text} ({r.status_code})", r.status_code, param)
+        raise KnowledgeError(f"{text} ({r.status_code})", r.status_code)
     try:
         return r.json()
     except ValueError:
@@ -76,13 +72,8 @@ def files(backend, kb: str) -> list[dict]:
 
 
 def create(backend, kb: str) -> None:
-    """Hybrid search when the server has an embedding model, keyword search when it has none."""
-    try:
-        _call(backend, "POST", "", json={"name": kb})
-    except KnowledgeError as e:
-        if e.param != "embedding_model":
-            raise
-        _call(backend, "POST", "", json={"name": kb, "embedding_model": "none"})
+    """Hybrid search when the server has an embedding model, keyword search when it has none (its choice)."""
+    _call(backend, "POST", "", json={"name": kb})
 
 
 def upload(backend, kb: str, path: str, source: str) -> dict:
