@@ -7,9 +7,11 @@ The pipeline, one module per step, one type across each hop:
     index.add_files(kb, paths, ...)          -> IndexReport (incremental: unchanged files are skipped)
     store.KnowledgeBase                      (SQLite: chunks, an FTS5 keyword index, embedding vectors)
     retrieve.search(kb, query, vector, ...)  -> list[Hit] (keyword + dense, fused by reciprocal rank)
-    answer.prompt(question, hits, budget)    -> the messages that ask the model to answer and cite
+    answer.ground(messages, hits, ...)       -> Grounded: the messages that ask the model to answer and cite
 
-Retrieval runs outside the engine: a slow search never holds a batch slot."""
+service.Knowledge ties them together for a process (the terminal, `glmkit kb`, the server, the agent's tool),
+with the embedders (embeddings.py, shared with /v1/embeddings). Retrieval runs outside the engine: a slow
+search never holds a batch slot."""
 
 from __future__ import annotations
 
