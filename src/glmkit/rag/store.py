@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..storage import write_transaction
-
 from ..errors import GlmkitError, InvalidParameterError
+from ..storage import write_transaction
 from . import Chunk
 from .text import words
 
