@@ -16,7 +16,7 @@ import pytest
 from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
 from glmkit import LLM, SamplingParams
 
-STEPS = 10
+STEPS = 40  # long enough that a test sees checkpoint-4 before the run ends, even at 100 steps a second
 ARGS = ["--max-steps", str(STEPS), "--save-every", "2", "--learning-rate", "2e-2", "--batch-size", "2",
         "--lora-r", "8", "--lora-dropout", "0.1", "--threads", "1", "--device", "cpu"]
 
@@ -71,7 +71,8 @@ def test_trains_and_serves_the_adapter(uninterrupted, model_dir):
     assert config["peft_type"] == "LORA" and config["r"] == 8
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"}
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]  # the newest 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{STEPS - 4}",
+                                                                 f"checkpoint-{STEPS - 2}"]  # the newest 2
     params = SamplingParams(temperature=0, max_tokens=4)
     tuned = LLM(str(model_dir), dtype="float32", device="cpu", adapters={"tuned": str(out)})
     tuned.default_adapter = "tuned"
@@ -86,7 +87,7 @@ def wait_for_checkpoint(out, step: int, proc, timeout_s: float = 120) -> None:
     while not (out / f"checkpoint-{step}" / "trainer_state.pt").exists():
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.002)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
