@@ -313,11 +313,11 @@ class Trainer:
                     eval_loss = self.eval_loss()
                     if eval_loss is not None:
                         last["eval_loss"] = eval_loss
-                if self.step % save_every == 0 and self.step < self.total_steps:
-                    self.checkpoint()
-                if logf:
+                if logf:  # before the checkpoint: a run killed once a checkpoint exists has logged its step
                     logf.write(json.dumps(last) + "\n")
                     logf.flush()
+                if self.step % save_every == 0 and self.step < self.total_steps:
+                    self.checkpoint()
                 bar.set_postfix(_postfix(last, self.device), refresh=False)
                 bar.update()
             if self.stop_requested and self.step < self.total_steps:
