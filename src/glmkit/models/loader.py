@@ -236,7 +236,7 @@ def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device:
     with torch.device("meta"):
         model = DecoderModel(config)
         if plan is not None:
-            replace_linears(model, plan)
+            replace_linears(model, plan, state)
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:

@@ -1,14 +1,21 @@
-"""Weight-only quantization: int8 per output channel, int4 in groups along the input, both symmetric.
+"""Weight-only quantization: int8 per output channel, int4 in groups along the input; glmkit's own are symmetric.
 
 Portable layout (what is saved, and what ChatGLM's own int4/int8 checkpoints hold):
   int8: `qweight` int8 [out, in], `scales` [out]                  w = q * scale[row]
   int4: `qweight` int8 [out, in/2], two signed nibbles per byte, the even element in the high nibble;
         `scales` [out, in/group_size]                             w = q * scale[row, col // group_size]
-ChatGLM's official int4 checkpoint is this layout with one group per row (group_size = in).
+        optional `offsets` [out, in/group_size] (asymmetric int4: AWQ, GPTQ; models/awq_gptq.py)
+                                                                  w = q * scale[row, g] + offset[row, g]
+        optional `perm` int64 [in] (GPTQ act-order): the layer computes x[..., perm] @ w.T, so that columns
+        that share a group are contiguous
+ChatGLM's official int4 checkpoint is this layout with one group per row (group_size = in). Symmetric layers have
+no `offsets` (no buffer, nothing saved), so everything written before offsets existed loads unchanged.
 
 At load time each QuantLinear packs its weight once for the device's kernel: PyTorch's `_weight_int8pack_mm` /
 `_weight_int4pack_mm_for_cpu` on CPU, our Triton kernel (kernels/quant_matmul.py) on CUDA. Activations stay
-in bf16/fp16 (W8A16, W4A16); nothing is compiled at run time.
+in bf16/fp16 (W8A16, W4A16); nothing is compiled at run time. Offsets cost no kernel of their own: the CPU
+kernel computes (u - 8) * scale + zero per group and takes them as its zeros; on CUDA the Triton kernel computes
+the symmetric part and QuantLinear adds sum(x over each group) @ offsets.T.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ class QuantPlan:
     bits: int
     group_size: int | None = DEFAULT_GROUP_SIZE  # int4 only; None: one group per row (ChatGLM's own checkpoints)
     head_bits: int | None = HEAD_BITS            # None: the output layer stays in float
-    source: str = "fresh"  # fresh: quantize float weights while loading; glmkit: saved by us; chatglm: official
+    source: str = "fresh"  # fresh: quantize float weights while loading; glmkit: saved by us; chatglm: official;
+    #                        awq / gptq: 4-bit checkpoints of AutoAWQ / AutoGPTQ, converted while loading
     int8_layers: tuple[str, ...] = ()            # int4 mode: linears (name suffixes) kept in int8
 
     @classmethod
@@ -143,15 +151,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).flatten(-2)
 
 
-def dequantize(bits: int, qweight: torch.Tensor, scales: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The portable layout back to a [out, in] weight in `dtype` (computed in it: no fp32 copy on the way)."""
+def dequantize(bits: int, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+               offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """The portable layout back to a [out, in] weight in `dtype` (computed in it: no fp32 copy on the way).
+    With a `perm` the columns are in the layer's permuted order (what x[..., perm] multiplies)."""
     if bits == 8:
         return qweight.to(dtype) * scales.to(dtype)[:, None]
     q = unpack_int4(qweight).to(dtype)
     out_features, in_features = q.shape
     groups = scales.shape[1]
-    return (q.view(out_features, groups, in_features // groups) * scales.to(dtype)[..., None]).view(q.shape)
+    w = q.view(out_features, groups, in_features // groups) * scales.to(dtype)[..., None]
+    if offsets is not None:
+        w += offsets.to(dtype)[..., None]
+    return w.view(q.shape)
 
 
 def quantize(bits: int, weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE):
@@ -166,20 +178,25 @@ class _DequantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: "QuantLinear") -> torch.Tensor:
         ctx.module = module
-        weight = dequantize(module.bits, module.qweight, module.scales, x.dtype)
+        weight = dequantize(module.bits, module.qweight, module.scales, x.dtype, module.offsets)
         bias = None if module.bias is None else module.bias.to(x.dtype)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         m = ctx.module
-        return grad @ dequantize(m.bits, m.qweight, m.scales, grad.dtype), None
+        return grad @ dequantize(m.bits, m.qweight, m.scales, grad.dtype, m.offsets), None
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with a weight-only quantized weight; `prepare()` packs it for the device's kernel."""
+    """A linear layer with a weight-only quantized weight; `prepare()` packs it for the device's kernel.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int):
+    `offsets`: an asymmetric int4 layer (buffer `offsets` [out, groups]); `permuted`: a GPTQ act-order layer
+    (buffer `perm` [in]: the input columns in the order of the weight's columns). Without them neither buffer
+    exists (both attributes are None), so symmetric layers hold and save exactly what they always did."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
+                 offsets: bool = False, permuted: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size = group_size if bits == 4 else in_features
@@ -187,11 +204,16 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, cols, dtype=torch.int8))
         scale_shape = (out_features,) if bits == 8 else (out_features, in_features // self.group_size)
         self.register_buffer("scales", torch.empty(scale_shape))
+        assert bits == 4 or not offsets, "offsets are an int4 feature"
+        self.asymmetric = offsets
+        self.register_buffer("offsets", torch.empty(scale_shape) if offsets else None)
+        self.register_buffer("perm", torch.empty(in_features, dtype=torch.long) if permuted else None)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self._forward = None
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, group_size={self.group_size}"
+        extras = (", offsets" if self.asymmetric else "") + (", act-order" if self.perm is not None else "")
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, group_size={self.group_size}{extras}"
 
     def prepare(self, dtype: torch.dtype) -> None:
         """Pack the weight for this device's kernel (once, after the move to the device)."""
@@ -202,11 +224,7 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             self.bias.data = self.bias.data.to(dtype)
         if self.qweight.device.type == "cuda":
-            from ..kernels.quant_matmul import QuantMatmul
-
-            mm = QuantMatmul(self.bits, self.qweight, self.scales, self.group_size, dtype)
-            self.qweight, self.scales = mm.qweight, mm.scales  # the kernel's layout replaces ours (no 2nd copy)
-            self._forward = mm
+            self._forward = self._triton(dtype)
         elif self.bits == 8:
             # A fresh allocation: the kernel's vector loads crash on tensors at odd offsets inside a file mapping.
             self.qweight = self.qweight.clone(memory_format=torch.contiguous_format)
@@ -216,32 +234,58 @@ class QuantLinear(nn.Module):
             self._forward = self._cpu_int4(dtype)
         self.qweight.requires_grad_(False)
 
+    def _triton(self, dtype: torch.dtype):
+        """The CUDA forward: our Triton kernel for q * scale, plus the offsets' share in torch (fp32 accumulation,
+        fixed shapes and no host syncs, so it captures in a CUDA graph). `self.offsets` stays a plain fp32 buffer
+        [out, groups] on the device, for a kernel that folds it in later. (Under Triton's interpreter this runs
+        on CPU tensors too: the tests call it directly.)"""
+        from ..kernels.quant_matmul import QuantMatmul
+
+        mm = QuantMatmul(self.bits, self.qweight, self.scales, self.group_size, dtype)
+        self.qweight, self.scales = mm.qweight, mm.scales  # the kernel's layout replaces ours (no 2nd copy)
+        if self.offsets is None:
+            return mm
+        self.offsets = self.offsets.float().contiguous()
+        offsets, groups, size = self.offsets, self.offsets.shape[1], self.group_size
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            sums = x.reshape(x.shape[0], groups, size).sum(-1, dtype=torch.float32)  # [M, groups]
+            return torch.addmm(mm(x).float(), sums, offsets.t()).to(x.dtype)
+        return forward
+
     def _cpu_int4(self, dtype: torch.dtype):
         group = self.group_size
         scales = self.scales
+        offsets = torch.zeros_like(scales) if self.offsets is None else self.offsets.float()
         if group not in _CPU_INT4_GROUPS:  # e.g. ChatGLM's one group per row: repeat the scale per kernel group
             group = next((g for g in _CPU_INT4_GROUPS if self.group_size % g == 0 and self.in_features % g == 0), None)
             if group is None:
                 raise InvalidParameterError("group_size", self.group_size, "must be a multiple of 32 for the CPU "
                                             "int4 kernel")
+            # An offset times the sum of x over its group is the sum of its shares over the group's parts.
             scales = scales.repeat_interleave(self.group_size // group, dim=1)
+            offsets = offsets.repeat_interleave(self.group_size // group, dim=1)
         unsigned = unpack_int4(self.qweight).to(torch.int32) + 8
         pad = -self.out_features % 16  # the kernel wants whole tiles of 16 output rows: zero rows fill up
         if pad:
             unsigned = F.pad(unsigned, (0, 0, 0, pad), value=8)
             scales = F.pad(scales, (0, 0, 0, pad))
+            offsets = F.pad(offsets, (0, 0, 0, pad))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), 1)
-        # The kernel computes (q - 8) * scale + zero per group; [groups, out, 2] holds (scale, zero = 0).
-        scales_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).to(dtype).contiguous()
+        # The kernel computes (q + 8 - 8) * scale + zero per group; [groups, out, 2] holds (scale, zero = offset).
+        scales_zeros = torch.stack([scales.t(), offsets.t()], dim=-1).to(dtype).contiguous()
         del self.qweight  # the packed copy replaces it
         self.register_buffer("qweight", packed)
         self.scales = scales_zeros
+        self.offsets = None  # folded into scales_zeros
         n = self.out_features
         if pad:
             return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)[:, :n]
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:  # act-order: the weight's columns are x's columns in this order
+            x = x.index_select(-1, self.perm)
         if self._forward is None:  # not packed for a kernel (loaded for training): dequantize as it goes
             return _DequantizedLinear.apply(x, self)
         shape = x.shape
@@ -249,16 +293,20 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def replace_linears(model: nn.Module, plan: QuantPlan) -> None:
-    """Swap the quantized linears of a (meta) DecoderModel for QuantLinear shells of the same shape."""
+def replace_linears(model: nn.Module, plan: QuantPlan, state: dict | None = None) -> None:
+    """Swap the quantized linears of a (meta) DecoderModel for QuantLinear shells of the same shape. `state` (the
+    tensors about to be loaded) says which layers have offsets or a permutation, and which a checkpoint left in
+    float (a plain `weight`: AWQ's modules_to_not_convert)."""
+    state = state or {}
     for name, module in list(model.named_modules()):
         bits = plan.bits_for(name)
-        if isinstance(module, nn.Linear) and name.endswith(QUANTIZED) and bits:
+        if isinstance(module, nn.Linear) and name.endswith(QUANTIZED) and bits and name + ".weight" not in state:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             group = (plan.group_size or module.in_features) if bits == 4 else module.in_features
             setattr(parent, child, QuantLinear(module.in_features, module.out_features, module.bias is not None,
-                                               bits, group))
+                                               bits, group, offsets=name + ".offsets" in state,
+                                               permuted=name + ".perm" in state))
 
 
 def prepare_model(model: nn.Module, dtype: torch.dtype) -> None:
