@@ -1,12 +1,16 @@
 """Single-row products (batch-1 decode) on a GPU: glmkit's GEMV kernel against cuBLAS (torch's F.linear), per
 linear layer of a model shape, in the same run.
 
-    python benchmarks/gemv.py [--shape chatglm3-6b|glm4-9b] [--sweep]
+    python benchmarks/gemv.py [--shape chatglm3-6b|glm4-9b] [--sweep] [--quant int8 int4] [--group-size 32]
 
 Each product is timed inside a CUDA graph (as the decode step runs) over enough copies of the weight that L2
 cannot hold them, median of 5 rounds. Prints microseconds and TB/s per layer, the ratio to cuBLAS, and the
 weight-reading time of one token (layers x calls). --sweep also tries other tile configurations and prints the
 best few per layer (what kernels/gemv.py's config() was chosen from).
+
+--quant instead times the weight-only quantized product of one row (kernels/quant_matmul.py; random weights
+quantized as `--quantization` does, int4 in groups of --group-size) against the bf16 GEMV in the same run, in
+TB/s of the bytes it reads (weights and scales): how far a quantized decode step is from its bandwidth limit.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from glmkit.kernels.gemv import config, gemv
+from glmkit.kernels.quant_matmul import QuantMatmul
+from glmkit.models.quant import quantize
 
 # (N, K) of the decoder's linear layers and how many of each one decode step reads
 SHAPES = {
@@ -53,7 +59,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="chatglm3-6b")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--quant", nargs="+", choices=["int8", "int4"], default=[])
+    parser.add_argument("--group-size", type=int, default=32)
     args = parser.parse_args()
+    if args.quant:
+        for mode in args.quant:
+            quantized(args.shape, int(mode[3:]), args.group_size)
+        return
     print(f"# {torch.cuda.get_device_name()}, {args.shape}, bf16, one row, torch {torch.__version__}")
     print("| layer | N x K | cuBLAS us | TB/s | glmkit us | TB/s | cuBLAS / glmkit |\n|---|---|---|---|---|---|---|")
     totals = [0.0, 0.0]
@@ -82,6 +94,33 @@ def main() -> None:
         del weights
         torch.cuda.empty_cache()
     print(f"\nweights of one token: cuBLAS {totals[0] * 1e3:.3f} ms, glmkit {totals[1] * 1e3:.3f} ms "
+          f"({totals[0] / totals[1]:.2f}x)")
+
+
+def quantized(shape: str, bits: int, group_size: int) -> None:
+    print(f"\n# {torch.cuda.get_device_name()}, {shape}, int{bits}" + (f" g{group_size}" if bits == 4 else "")
+          + ", one row; x bf16 = bf16 GEMV time / quantized time")
+    print("| layer | N x K | bf16 us | TB/s | int us | TB/s | x bf16 |\n|---|---|---|---|---|---|---|")
+    totals = [0.0, 0.0]
+    for name, (N, K, count) in SHAPES[shape].items():
+        copies = max(2, int(400e6 // (N * K * 2)))
+        mms = []
+        for _ in range(copies):
+            q, s = quantize(bits, torch.randn(N, K, device="cuda"), group_size)
+            mms.append(QuantMatmul(bits, q, s, group_size, torch.bfloat16))
+        nbytes = mms[0].qweight.numel() + mms[0].scales.numel() * mms[0].scales.element_size()
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, copies // 4))]
+        base = graph_time(lambda: [gemv(x, w) for w in weights], len(weights))
+        del weights
+        ours = graph_time(lambda: [mm(x) for mm in mms], copies)
+        totals[0] += base * count
+        totals[1] += ours * count
+        print(f"| {name} | {N} x {K} | {base * 1e6:.1f} | {N * K * 2 / base / 1e12:.2f} | {ours * 1e6:.1f} | "
+              f"{nbytes / ours / 1e12:.2f} | {base / ours:.2f} |", flush=True)
+        del mms
+        torch.cuda.empty_cache()
+    print(f"\nweights of one token: bf16 {totals[0] * 1e3:.3f} ms, int{bits} {totals[1] * 1e3:.3f} ms "
           f"({totals[0] / totals[1]:.2f}x)")
 
 
