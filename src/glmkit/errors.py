@@ -42,6 +42,10 @@ class InvalidParameterError(GlmkitError, ValueError):
         self.value = value
 
 
+class KnowledgeBaseNotFound(GlmkitError):
+    """No knowledge base of that name (the message lists the ones there are)."""
+
+
 class ContextLengthError(GlmkitError, ValueError):
     """The prompt (plus what must be generated) does not fit the model's context."""
 

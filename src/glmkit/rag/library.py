@@ -6,7 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ..errors import GlmkitError, InvalidParameterError
+from ..errors import InvalidParameterError, KnowledgeBaseNotFound
 from ..storage import data_dir
 from .store import DATABASE, KnowledgeBase, Settings
 
@@ -43,13 +43,13 @@ class Library:
 
     def open(self, name: str) -> KnowledgeBase:
         if not self.exists(name):
-            raise GlmkitError(self._unknown(name))
+            raise KnowledgeBaseNotFound(self._unknown(name))
         return KnowledgeBase.open(self.root / name)
 
     def delete(self, name: str) -> None:
         """Removes the knowledge base's folder and everything in it."""
         if not self.exists(name):
-            raise GlmkitError(self._unknown(name))
+            raise KnowledgeBaseNotFound(self._unknown(name))
         shutil.rmtree(self.root / name)
 
     def _unknown(self, name: str) -> str:

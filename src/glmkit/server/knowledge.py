@@ -28,7 +28,7 @@ from pathlib import Path
 from fastapi import APIRouter, Path as PathParam, Request
 from fastapi.responses import StreamingResponse
 
-from ..errors import GlmkitError, InvalidParameterError, excerpt
+from ..errors import GlmkitError, InvalidParameterError, KnowledgeBaseNotFound, excerpt
 from . import streaming as sse
 from .errors import APIError, error_responses
 from .protocol import KB_NAME_PATTERN, KnowledgeBaseRequest, KnowledgeSearchRequest
@@ -68,11 +68,10 @@ async def _run(fn, *args, param: str | None = None):
         return await asyncio.to_thread(fn, *args)
     except InvalidParameterError as e:
         raise APIError(400, str(e), param=e.field, code="invalid_value")
+    except KnowledgeBaseNotFound as e:
+        raise APIError(404, str(e), "not_found_error", param, "knowledge_base_not_found")
     except GlmkitError as e:
-        message = str(e)
-        status = 404 if "no knowledge base" in message or "has no file" in message else 400
-        raise APIError(status, message, "not_found_error" if status == 404 else "invalid_request_error", param,
-                       "knowledge_base_not_found" if status == 404 else "invalid_value")
+        raise APIError(400, str(e), "invalid_request_error", param, "invalid_value")
 
 
 def _summary(kb) -> dict:

@@ -196,7 +196,7 @@ class RemoteBackend:
         return BackendError(f"{self.base}: {type(e).__name__}: {e}")
 
     def _status_error(self, status: int, content: bytes) -> BackendError:
-        message, code = _error_fields(content)
+        message, code = error_fields(content)
         if code == "context_length_exceeded" or (status == 400 and "context" in message.lower()
                                                  and "length" in message.lower()):
             return ContextOverflow(message)
@@ -218,7 +218,7 @@ def _httpx():
     return httpx
 
 
-def _error_fields(content: bytes) -> tuple[str, str | None]:
+def error_fields(content: bytes) -> tuple[str, str | None]:
     """(message, code) of an OpenAI-shaped error body, or the body's first line."""
     try:
         error = json.loads(content)["error"]
@@ -244,7 +244,7 @@ def _sse_chunks(lines) -> Iterator[Chunk]:
             break
         event = json.loads(data)
         if "error" in event:
-            message, code = _error_fields(json.dumps(event).encode())
+            message, code = error_fields(json.dumps(event).encode())
             raise ContextOverflow(message) if code == "context_length_exceeded" else BackendError(message)
         if isinstance(event.get("citations"), list):  # glmkit's knowledge_base: the passages come first
             yield Chunk("", 0, citations=event["citations"])

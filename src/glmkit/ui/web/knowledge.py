@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import gradio as gr
 
-from ..backends import BackendError, _error_fields
+from ..backends import BackendError, error_fields
 from .i18n import message, page_language
 
 ROUTE = "/knowledge_bases"
@@ -38,7 +38,7 @@ def _call(backend, method: str, path: str, **kwargs) -> dict:
     except httpx.HTTPError as e:
         raise KnowledgeError(str(backend._connection_error(e))) from None
     if r.status_code >= 400:
-        text, _ = _error_fields(r.content)
+        text, _ = error_fields(r.content)
         raise KnowledgeError(f"{text} ({r.status_code})", r.status_code)
     try:
         return r.json()
