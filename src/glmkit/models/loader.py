@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ModelLoadError
-from . import glm, llama
+from . import awq_gptq, glm, llama
 from .config import ModelConfig
 from .layers import DecoderModel
 from .quant import QuantPlan, is_quantized_weight, prepare_model, quantize, replace_linears
@@ -152,6 +152,17 @@ def _store(state: dict, target: str, tensor: torch.Tensor, dtype: torch.dtype, p
         state[target] = tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def _place_int4(state: dict, parts: dict, target: str | None, weight: "awq_gptq.Int4Weight") -> None:
+    """A converted AWQ/GPTQ linear: into `parts` if it is fused with others (q/k/v, gate/up), else stored."""
+    if target is None:
+        return
+    if "#" in target:
+        key, part = target.split("#")
+        parts.setdefault(key, {})[part] = weight
+    else:
+        awq_gptq.store(state, target, weight)
+
+
 def _fold(name: str, tensor: torch.Tensor, deltas: dict[str, torch.Tensor], model_dir: Path) -> torch.Tensor:
     """A checkpoint weight plus an adapter's update (scale * B @ A) for it, in fp32 (cast when stored)."""
     delta = deltas.pop(name)
@@ -183,6 +194,7 @@ def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype, plan: 
     paths = _weight_files(model_dir)
     _refuse_adapter_weights(paths)
     fresh = plan is not None and plan.source == "fresh"
+    packed = awq_gptq.PackedLayers(plan, device) if plan is not None and plan.source in ("awq", "gptq") else None
     progress = tqdm(total=_tensor_count(paths) if fresh else None, desc=f"quantizing to {plan.mode}" if fresh
                     else "loading", unit="tensor", disable=not fresh)
     for path in paths:
@@ -193,6 +205,16 @@ def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype, plan: 
                 scales = tensor.float()
                 state[target.removesuffix(".weight") + ".scales"] = scales[:, None] if plan.bits == 4 else scales
                 continue
+            if packed is not None:
+                layers = packed.take(name, tensor)
+                if layers is not None:
+                    for module, weight in layers:
+                        _place_int4(state, parts, _map_name(module + ".weight", names, skip), weight)
+                    continue
+            elif (plan is None or plan.source == "fresh") and name.endswith((".qweight", ".qzeros")):
+                raise ModelLoadError(f"{path}: tensor {name!r} is part of an AWQ/GPTQ 4-bit layer, but config.json "
+                                     "has no quantization_config saying so; load the model with its release's "
+                                     "config.json and without --quantization (it is already quantized)")
             target = _map_name(name, names, skip)
             if target is None:
                 continue
@@ -203,9 +225,20 @@ def load_state_dict(model_dir: Path, model_type: str, dtype: torch.dtype, plan: 
                 parts.setdefault(key, {})[part] = tensor
             else:
                 _store(state, target, tensor, dtype, plan, device)
+    if packed is not None:
+        for module, weight in packed.finish():
+            _place_int4(state, parts, _map_name(module + ".weight", names, skip), weight)
     for key, pieces in parts.items():  # fuse q/k/v and gate/up in the internal row order
-        fused = torch.cat([pieces[p] for p in sorted(pieces, key=_PART_ORDER.__getitem__)])
-        _store(state, key, fused, dtype, plan, device)
+        ordered = [pieces[p] for p in sorted(pieces, key=_PART_ORDER.__getitem__)]
+        kinds = {isinstance(p, awq_gptq.Int4Weight) for p in ordered}
+        if len(kinds) > 1:
+            raise ModelLoadError(f"{model_dir}: the linears that make up {key.removesuffix('.weight')} are partly "
+                                 "quantized and partly float (modules_to_not_convert?); glmkit runs them as one fused "
+                                 "layer, so they must all be quantized or all float")
+        if kinds == {True}:
+            awq_gptq.store(state, key, awq_gptq.fuse(key, ordered))
+        else:
+            _store(state, key, torch.cat(ordered), dtype, plan, device)
     progress.close()
     if deltas:
         raise ModelLoadError(f"the adapter adapts {sorted(deltas)[0].removesuffix('.weight')!r}, which {model_dir} "

@@ -49,6 +49,7 @@ class QuantPlan:
     source: str = "fresh"  # fresh: quantize float weights while loading; glmkit: saved by us; chatglm: official;
     #                        awq / gptq: 4-bit checkpoints of AutoAWQ / AutoGPTQ, converted while loading
     int8_layers: tuple[str, ...] = ()            # int4 mode: linears (name suffixes) kept in int8
+    checkpoint_format: str | None = None         # awq: "gemm"; gptq: "gptq" (v1: zeros stored minus one), "gptq_v2"
 
     @classmethod
     def fresh(cls, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> QuantPlan:
@@ -91,9 +92,19 @@ def plan_for(raw_config: dict, requested: str | None) -> QuantPlan | None:
     stored = None
     qc = raw_config.get("quantization_config")
     if qc:
-        if qc.get("quant_method") != "glmkit":
-            raise ModelLoadError(f"config.json: quantization_config.quant_method={qc.get('quant_method')!r} is not "
-                                 "supported; load the float checkpoint and pass --quantization int8 or int4")
+        method = qc.get("quant_method")
+        if method in ("awq", "gptq"):
+            from .awq_gptq import plan_from_config
+
+            stored = plan_from_config(qc)
+            if bits is not None:  # the checkpoint's own 4-bit format is what runs; nothing is quantized again
+                raise InvalidParameterError("quantization", requested, f"the checkpoint is already quantized "
+                                            f"({method}, 4-bit); omit --quantization or load the float checkpoint")
+            return stored
+        if method != "glmkit":
+            raise ModelLoadError(f"config.json: quantization_config.quant_method={method!r} is not supported "
+                                 "(supported: glmkit, awq, gptq); load the float checkpoint and pass --quantization "
+                                 "int8 or int4")
         stored = QuantPlan(qc["bits"], qc.get("group_size"), qc.get("head_bits"), source="glmkit",
                            int8_layers=tuple(qc.get("int8_layers", ())))
     elif raw_config.get("quantization_bit") in (4, 8):  # ChatGLM's -int4 / -int8 releases
@@ -153,8 +164,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(bits: int, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
                offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """The portable layout back to a [out, in] weight in `dtype` (computed in it: no fp32 copy on the way).
-    With a `perm` the columns are in the layer's permuted order (what x[..., perm] multiplies)."""
+    """The portable layout back to a [out, in] weight in `dtype` (computed in it: no fp32 copy on the way). A
+    layer with a `perm` gets its columns in that permuted order (what x[..., perm] multiplies)."""
     if bits == 8:
         return qweight.to(dtype) * scales.to(dtype)[:, None]
     q = unpack_int4(qweight).to(dtype)
