@@ -16,7 +16,7 @@ from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
 from glmkit import LLM, SamplingParams
 from glmkit.errors import InvalidParameterError, ModelLoadError
 from glmkit.models.layers import AttentionBatch, SeqSlice
-from glmkit.models.loader import load_state_dict
+from glmkit.models.loader import load_state_dict, read_config
 from glmkit.models.quant import QuantLinear, dequantize, pack_int4, plan_for
 
 
@@ -49,12 +49,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def prompt_logits(llm: LLM, ids=None) -> torch.Tensor:
     """fp32 logits at every position of `ids` (default PROMPT), from one causal pass."""
     ids = PROMPT if ids is None else ids
-    c, n = llm.model_config, len(ids)
-    caches = [(torch.zeros(n, c.num_kv_heads, c.head_dim, dtype=llm.dtype),
-               torch.zeros(n, c.num_kv_heads, c.head_dim, dtype=llm.dtype)) for _ in range(c.num_layers)]
-    hidden = llm.model(torch.tensor(ids), torch.arange(n), AttentionBatch(torch.arange(n), [SeqSlice(0, n, None)]),
-                       caches)
-    return llm.model.compute_logits(hidden).float()
+    c, n, device = llm.model_config, len(ids), llm.device
+    caches = [(torch.zeros(n, c.num_kv_heads, c.head_dim, dtype=llm.dtype, device=device),
+               torch.zeros(n, c.num_kv_heads, c.head_dim, dtype=llm.dtype, device=device))
+              for _ in range(c.num_layers)]
+    positions = torch.arange(n, device=device)
+    hidden = llm.model(torch.tensor(ids, device=device), positions,
+                       AttentionBatch(positions, [SeqSlice(0, n, None)]), caches)
+    return llm.model.compute_logits(hidden).float().cpu()
 
 
 # -- offsets and act-order in QuantLinear ----------------------------------------------------------------
@@ -193,7 +195,7 @@ LINEARS = {  # checkpoint linear: its input (linears of one input share act-orde
 
 
 def quantized_checkpoint(out, tokenizer_dir, method: str, group: int = 32, sym=False, v2=False, act_order=False,
-                         seed=0, model_type="qwen2", extra_config=None, scale=0.15):
+                         seed=0, model_type="qwen2", extra_config=None, scale=0.15, head=False):
     """(quantized model dir, float model dir with its dequantized weights, {checkpoint linear name: float weight})
     for a tiny random model (hidden 128, FFN 256: room for groups of 32 to 128 and one group per row)."""
     config = llama_config(512, model_type) | {"hidden_size": 128, "intermediate_size": 256}
@@ -212,12 +214,16 @@ def quantized_checkpoint(out, tokenizer_dir, method: str, group: int = 32, sym=F
                                    order=orders.get(LINEARS[linear]))
             weights[name] = floats[name + ".weight"] = layer.weight()
             packed |= awq_tensors(name + ".", layer) if method == "awq" else gptq_tensors(name + ".", layer, v2)
+    if head:  # GPTQModel's lm_head=True: the output layer quantized too
+        layer = quantize_layer(state.pop("lm_head.weight"), group, sym=sym, zero_min=0 if v2 else 1)
+        weights["lm_head"] = floats["lm_head.weight"] = layer.weight()
+        packed |= gptq_tensors("lm_head.", layer, v2)
     qc = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
            "modules_to_not_convert": None} if method == "awq" else
           {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order, "sym": sym,
            "damp_percent": 0.01, "true_sequential": True, "static_groups": False,
            "checkpoint_format": "gptq_v2" if v2 else "gptq"})
-    qc |= extra_config or {}
+    qc |= (extra_config or {}) | ({"lm_head": True} if head else {})
     qdir = make_hf_dir(out / method, state | packed, config | {"quantization_config": qc}, tokenizer_dir)
     fdir = make_hf_dir(out / "float", floats, config, tokenizer_dir)
     return qdir, fdir, weights
@@ -230,7 +236,7 @@ FUSED = {"q_proj": ("attn.qkv", 0), "k_proj": ("attn.qkv", 1), "v_proj": ("attn.
 
 def converted_weights(qdir, weights) -> dict:
     """{internal linear name: (dequantized weight in x's column order, the float weights it fuses, in order)}."""
-    raw = json.loads((qdir / "config.json").read_text())
+    raw, _ = read_config(qdir)
     state = load_state_dict(qdir, "qwen2", torch.bfloat16, plan_for(raw, None))
     out = {}
     for name in sorted(weights):
@@ -272,28 +278,45 @@ def test_converted_layers_dequantize_to_the_packed_float_weights(checkpoint):
         assert torch.equal(got, expected), (case, key, float((got - expected).abs().max()))
 
 
-def test_quantized_checkpoint_decodes_as_its_float_weights(checkpoint):
-    """Greedy decoding on CPU (bf16 activations, the CPU int4 kernel) against the dequantized float checkpoint in
-    bf16: the same 16 tokens. Should bf16 rounding (of either run) flip a near-tie, each token must still be the
-    float model's greedy choice up to that rounding (checked in fp32, teacher-forced)."""
-    case, qdir, fdir, _ = checkpoint
+def assert_decodes_like_float(quantized: LLM, fdir, device: str = "cpu") -> None:
+    """Greedy decoding (bf16 activations, glmkit's int4 kernels) against the dequantized float checkpoint in bf16:
+    the same 16 tokens. Should bf16 rounding (of either run) flip a near-tie, each token must still be the float
+    model's greedy choice up to that rounding (checked in fp32, teacher-forced)."""
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    exact = LLM(str(fdir), device=device, dtype="float32")
+    # bf16 activations alone put the logits ~2% (of the largest) off fp32 on these random models; a wrong
+    # nibble order, zero point or group would put them ~100% off.
+    assert rel_err(prompt_logits(quantized), prompt_logits(exact)) < 0.04
+    got = quantized.generate([PROMPT], params)[0].outputs[0].token_ids
+    expected = LLM(str(fdir), device=device, dtype="bfloat16").generate([PROMPT], params)[0].outputs[0].token_ids
+    if got != expected:
+        logits = prompt_logits(exact, PROMPT + got[:-1])[len(PROMPT) - 1:]  # [16, vocab]: what predicts each token
+        chosen = logits.gather(1, torch.tensor(got)[:, None]).squeeze(1)
+        assert bool((logits.amax(1) - chosen <= 0.03 * logits.abs().amax(1)).all()), (got, expected)
+
+
+def test_quantized_checkpoint_decodes_as_its_float_weights(checkpoint):
+    case, qdir, fdir, _ = checkpoint
     quantized = LLM(str(qdir), device="cpu")
     assert quantized.dtype == torch.bfloat16 and quantized.quantization.source == case.split("-")[0]
     layer = quantized.model.layers[0]
     assert isinstance(layer.mlp.down, QuantLinear) and not isinstance(quantized.model.lm_head, QuantLinear)
     assert layer.attn.qkv.asymmetric == (case != "gptq-sym")
     assert (layer.attn.qkv.perm is not None) == (case == "gptq-act-order")
-    exact = LLM(str(fdir), device="cpu", dtype="float32")
-    # bf16 activations alone put the logits ~2% (of the largest) off fp32 on these random models; a wrong
-    # nibble order, zero point or group would put them ~100% off.
-    assert rel_err(prompt_logits(quantized), prompt_logits(exact)) < 0.04
-    got = quantized.generate([PROMPT], params)[0].outputs[0].token_ids
-    expected = LLM(str(fdir), device="cpu", dtype="bfloat16").generate([PROMPT], params)[0].outputs[0].token_ids
-    if got != expected:
-        logits = prompt_logits(exact, PROMPT + got[:-1])[len(PROMPT) - 1:]  # [16, vocab]: what predicts each token
-        chosen = logits.gather(1, torch.tensor(got)[:, None]).squeeze(1)
-        assert bool((logits.amax(1) - chosen <= 0.03 * logits.abs().amax(1)).all()), (case, got, expected)
+    assert_decodes_like_float(quantized, fdir)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["awq", "gptq-act-order", "gptq-sym", "gptq-per-row", "awq-g16"])
+def test_cuda_decoding_matches_the_float_weights(tmp_path, hf_tokenizer_dir, case):
+    """On a GPU: the Triton kernel plus the offsets in torch, decode steps replayed from CUDA graphs (group 16 too,
+    which the CPU kernel cannot take)."""
+    kwargs = CASES.get(case) or dict(method="awq", group=16)
+    qdir, fdir, _ = quantized_checkpoint(tmp_path, hf_tokenizer_dir, **kwargs)
+    quantized = LLM(str(qdir), device="cuda")
+    assert quantized.model.layers[0].mlp.gate_up.qweight.is_cuda
+    assert_decodes_like_float(quantized, fdir, "cuda")
 
 
 def test_gptq_v1_and_v2_zero_conventions_differ_by_one(tmp_path, hf_tokenizer_dir):
@@ -307,6 +330,36 @@ def test_gptq_v1_and_v2_zero_conventions_differ_by_one(tmp_path, hf_tokenizer_di
     assert torch.equal(as_v2[key + ".qweight"], as_v1[key + ".qweight"])
     assert torch.allclose(as_v2[key + ".offsets"] - as_v1[key + ".offsets"], as_v2[key + ".scales"])
     assert torch.equal(converted_weights(qdir, weights)[key][0], weights["model.layers.1.mlp.down_proj"])
+
+
+@pytest.mark.parametrize("method,side", [("gptq", "quantize_config.json"), ("awq", "quant_config.json")])
+def test_settings_beside_config_json_are_read(tmp_path, hf_tokenizer_dir, method, side):
+    """Older AutoGPTQ / AutoAWQ releases: the settings in quantize_config.json / quant_config.json (AutoAWQ's own
+    key names), none in config.json."""
+    qdir, _, weights = quantized_checkpoint(tmp_path, hf_tokenizer_dir, method)
+    raw = json.loads((qdir / "config.json").read_text())
+    qc = raw.pop("quantization_config")
+    if method == "awq":
+        qc = {"zero_point": True, "q_group_size": qc["group_size"], "w_bit": 4, "version": "GEMM"}
+    else:
+        del qc["quant_method"], qc["checkpoint_format"]
+    (qdir / "config.json").write_text(json.dumps(raw))
+    (qdir / side).write_text(json.dumps(qc))
+    llm = LLM(str(qdir), device="cpu")
+    assert llm.quantization.source == method and llm.quantization.group_size == 32
+    for key, (got, expected) in converted_weights(qdir, weights).items():
+        assert torch.equal(got, expected), key
+
+
+def test_a_quantized_output_layer_runs_quantized(tmp_path, hf_tokenizer_dir):
+    qdir, fdir, weights = quantized_checkpoint(tmp_path, hf_tokenizer_dir, "gptq", head=True)
+    llm = LLM(str(qdir), device="cpu")
+    assert isinstance(llm.model.lm_head, QuantLinear) and not llm.model_config.tie_word_embeddings
+    raw, _ = read_config(qdir)
+    state = load_state_dict(qdir, "qwen2", torch.bfloat16, plan_for(raw, None))
+    head = dequantize(4, state["lm_head.qweight"], state["lm_head.scales"], torch.float32, state["lm_head.offsets"])
+    assert torch.equal(head, weights["lm_head"])
+    assert_decodes_like_float(llm, fdir)
 
 
 def test_fused_linears_with_different_act_orders_are_refused(tmp_path, hf_tokenizer_dir):
@@ -352,6 +405,13 @@ def test_layers_left_in_float_load_as_float(tmp_path, hf_tokenizer_dir):
 def test_unsupported_configs_are_refused_with_the_field(tmp_path, hf_tokenizer_dir, method, change, message):
     qdir, _, _ = quantized_checkpoint(tmp_path, hf_tokenizer_dir, method, extra_config=change)
     with pytest.raises(ModelLoadError, match=message):
+        LLM(str(qdir), device="cpu")
+
+
+def test_groups_the_cpu_kernel_cannot_take_are_refused_there(tmp_path, hf_tokenizer_dir):
+    qdir, _, weights = quantized_checkpoint(tmp_path, hf_tokenizer_dir, "awq", group=16)
+    assert all(torch.equal(got, expected) for got, expected in converted_weights(qdir, weights).values())
+    with pytest.raises(InvalidParameterError, match="group_size=16: must be a multiple of 32 for the CPU"):
         LLM(str(qdir), device="cpu")
 
 

@@ -19,7 +19,9 @@ Knows these two formats and the portable layout; knows nothing of model families
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +32,8 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds output co
 PIECES = ("qweight", "qzeros", "scales", "g_idx")
 _NEEDED = ("qweight", "qzeros", "scales")
 _GPTQ_FORMATS = ("gptq", "gptq_v2")
+# Older AutoGPTQ and AutoAWQ releases keep their settings beside config.json rather than in it.
+_SIDE_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
 
 
 @dataclass
@@ -43,6 +47,19 @@ class Int4Weight:
 
 def _refuse(method: str, field: str, value, why: str) -> ModelLoadError:
     return ModelLoadError(f"config.json: quantization_config.{field}={value!r} (quant_method {method!r}): {why}")
+
+
+def side_config(model_dir: Path) -> dict | None:
+    """The quantization_config of a release that keeps it in quantize_config.json (AutoGPTQ) or quant_config.json
+    (AutoAWQ) instead of config.json; None if it has neither."""
+    for name, method in _SIDE_CONFIGS.items():
+        path = model_dir / name
+        if path.is_file():
+            try:
+                return {"quant_method": method} | json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ModelLoadError(f"{path} is not valid JSON ({e}); re-copy the file from the model's release")
+    return None
 
 
 def plan_from_config(qc: dict) -> QuantPlan:

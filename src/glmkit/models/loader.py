@@ -50,6 +50,10 @@ def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
     if raw.get("pre_seq_len") is not None:  # the official base configs carry it as null
         raise ModelLoadError(f"{path}: pre_seq_len={raw['pre_seq_len']!r} marks a ChatGLM P-Tuning v2 checkpoint; "
                              + _NO_ADAPTERS)
+    if not raw.get("quantization_config") and not raw.get("quantization_bit"):
+        side = awq_gptq.side_config(model_dir)
+        if side is not None:
+            raw["quantization_config"] = side
     try:
         return raw, FAMILIES[model_type][0](raw)
     except KeyError as e:

@@ -272,7 +272,8 @@ class QuantLinear(nn.Module):
             group = next((g for g in _CPU_INT4_GROUPS if self.group_size % g == 0 and self.in_features % g == 0), None)
             if group is None:
                 raise InvalidParameterError("group_size", self.group_size, "must be a multiple of 32 for the CPU "
-                                            "int4 kernel")
+                                            "int4 kernel; run this checkpoint on a GPU, or load its float "
+                                            "checkpoint with --quantization int4")
             # An offset times the sum of x over its group is the sum of its shares over the group's parts.
             scales = scales.repeat_interleave(self.group_size // group, dim=1)
             offsets = offsets.repeat_interleave(self.group_size // group, dim=1)
