@@ -113,9 +113,11 @@ def _portable(u: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, perm: 
 def _group_size(name: str, in_features: int, groups: int, plan: QuantPlan) -> int:
     expected = plan.group_size or in_features
     if in_features % expected or groups != in_features // expected:
-        raise ModelLoadError(f"{name}.scales has {groups} groups for {in_features} input columns, but "
-                             f"quantization_config.group_size={plan.group_size or -1}; glmkit needs whole groups "
-                             "of the configured size: the config and weights are from different releases")
+        raise ModelLoadError(f"{name}.scales has {groups} groups for {in_features} input columns and "
+                             f"quantization_config.group_size={plan.group_size or -1}; glmkit needs the input split "
+                             "into whole groups of that size (a partial last group cannot run on its kernels, and a "
+                             "count that disagrees means config.json is from another release): use a release with "
+                             "another group size, or the float checkpoint with --quantization int4")
     return expected
 
 
