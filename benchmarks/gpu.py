@@ -1,7 +1,7 @@
 """GPU speed of glmkit against Hugging Face transformers, in one run, on a random-weight model of a real shape.
 
     python benchmarks/gpu.py [--shape chatglm3-6b|glm4-9b] [--concurrency 1 16 64 256] [--skip-hf]
-        [--quantization none|int8|int4] [--memory-8k]
+        [--quantization none|int8|int4] [--memory-8k [MODE ...]]
 
 Builds (once, under --work-dir) a GLM checkpoint in the transformers-native layout with random bf16 weights
 and a word-level tokenizer covering every id, then measures on the same GPU in this process:
@@ -12,8 +12,10 @@ and a word-level tokenizer covering every id, then measures on the same GPU in t
     concurrency (prompt 128, output 256 tokens, EOS ignored; median of 3 after a warm-up round), time to first
     token of a 2,048-token prompt (also with 1,920 of its tokens in the prefix cache, as a chat's next turn),
     and peak GPU memory.
-With --memory-8k it also loads the model with --quantization and reports peak memory and decode speed with
-an 8k-token context (issue: int4 <= 5.5 GB for the ChatGLM3-6B shape).
+With --memory-8k MODE ... it also loads the model with each quantization mode (none, int8, int4) in a process of
+its own and reports, with an 8k-token context: the GPU memory peak while loading and while serving
+(torch.cuda.max_memory_allocated), decode speed, and the process's peak RSS (issue: int4 <= 5.5 GB for the
+ChatGLM3-6B shape from start to finish).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import argparse
 import gc
 import json
 import random
+import resource
+import subprocess
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -219,7 +224,8 @@ def memory_8k(model_dir: Path, vocab: int, quantization: str) -> dict:
         elapsed.append(time.perf_counter() - t)
     elapsed = elapsed[-1]
     res = {"peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9, "decode_8k": 256 / elapsed,
-           "loaded_gb": loaded / 1e9, "load_peak_gb": load_peak / 1e9}
+           "loaded_gb": loaded / 1e9, "load_peak_gb": load_peak / 1e9,
+           "rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
     llm = None  # free it before the next measurement
     gc.collect()
     torch.cuda.empty_cache()
@@ -244,9 +250,14 @@ def main() -> None:
     parser.add_argument("--memory-8k", nargs="*", default=None, metavar="MODE",
                         help="also measure peak memory at 8k context for these modes (e.g. none int8 int4)")
     parser.add_argument("--work-dir", default="/tmp/glmkit-bench")
+    parser.add_argument("--child-8k", help=argparse.SUPPRESS)  # one --memory-8k mode, in a fresh process
     args = parser.parse_args()
 
     model_dir = build_checkpoint(args.shape, Path(args.work_dir), "cuda")
+    if args.child_8k:
+        print(json.dumps(memory_8k(model_dir, json.loads((model_dir / "config.json").read_text())["vocab_size"],
+                                   args.child_8k)))
+        return
     config = json.loads((model_dir / "config.json").read_text())
     vocab = config["vocab_size"]
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
@@ -280,10 +291,13 @@ def main() -> None:
         print(f"batch-1 decode step: {1e3 / ours['decode_b1']:.2f} ms in the engine, of which the CUDA graph "
               f"replay alone takes {ours['replay_b1_ms']:.2f} ms")
     for mode in args.memory_8k or []:
-        m = memory_8k(model_dir, vocab, mode)
+        # A process of its own per mode: its peak RSS and GPU peaks are that mode's alone, from start to finish.
+        child = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--work-dir", args.work_dir,
+                                "--child-8k", mode], capture_output=True, text=True, check=True)
+        m = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"8k context, {mode}: peak {m['peak_gb']:.2f} GB while serving (weights and KV pool "
               f"{m['loaded_gb']:.2f} GB; peak while quantizing/loading {m['load_peak_gb']:.2f} GB), "
-              f"decode {m['decode_8k']:.1f} tok/s")
+              f"decode {m['decode_8k']:.1f} tok/s; the process's peak RSS {m['rss_peak_gb']:.2f} GB")
 
 
 if __name__ == "__main__":
