@@ -7,7 +7,9 @@ Knows file layouts and name mappings; knows nothing of tokenizers, chat formats 
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -80,11 +82,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
 def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            yield from _read_safetensors(path)
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             yield from state.items()
@@ -93,6 +91,33 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     except Exception as e:  # truncated or corrupt file: safetensors / zipfile / pickle errors
         raise ModelLoadError(f"cannot read weights from {path} ({type(e).__name__}: {e}); the file is probably "
                              "truncated or corrupt: copy it again and compare its size with the original")
+
+
+_SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+                       "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A safetensors file's tensors in file order, each read into memory of its own (os.pread). Not through a
+    memory map: the pages of a mapped file count towards the process's RSS for as long as the file is open, so
+    loading a 12 GB checkpoint onto a GPU showed 13.75 GB of RSS; read this way the process holds one tensor."""
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        (size,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        header = json.loads(os.pread(fd, size, 8))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            data = bytearray(end - begin)
+            if end > begin and os.preadv(fd, [data], 8 + size + begin) != end - begin:
+                raise EOFError(f"tensor {name} ends past the end of the file")  # reported as truncated, below
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ModelLoadError(f"{path}: tensor {name} has dtype {info['dtype']}, which glmkit cannot load")
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            yield name, tensor.reshape(info["shape"])
 
 
 def _tensor_names(path: Path) -> list[str]:
