@@ -1,7 +1,11 @@
-"""Single-stream CPU decode tokens/s of the default model: glmkit fp32, bf16, int8, int4, and llama.cpp.
+"""Single-stream CPU decode tokens/s of the default model: glmkit fp32, bf16, int8, int8a8, int4, and llama.cpp.
 
     python benchmarks/cpu_decode.py [--threads 2] [--tokens 128] [--repeats 3]
-        [--modes fp32 bf16 int8 int4 llama.cpp] [--model PATH.gguf]
+        [--modes fp32 bf16 int8 int8a8 int4 llama.cpp] [--model PATH.gguf]
+
+int8 runs the int8 weights with bf16 activations (PyTorch's `_weight_int8pack_mm`); int8a8 the same weights with
+int8 activations quantized per token (fbgemm's dynamic quantized linear, glmkit/models/cpu_int8.py), the query/
+key/value projection kept at bf16 activations.
 
 Decode rate excludes prompt processing. glmkit: one request for 1 token and one for tokens + 1 from the same
 prompt (prefix caching off, so both prefill alike); rate = tokens / (difference of the two times). llama.cpp
@@ -24,7 +28,8 @@ from functools import partial
 from glmkit import LLM, SamplingParams
 
 GLMKIT_MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
-                "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
+                "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
+INT8_ACTIVATIONS = {"int8a8"}  # modes that switch the loaded int8 linears to int8 activations
 LLAMA = "llama.cpp"
 PROMPT = ("Write a Python function that reads a CSV file and returns its rows as a list of dictionaries, "
           "with error handling for missing files and malformed lines. Explain each step.")
@@ -82,6 +87,10 @@ def main() -> None:
         except Exception as e:  # e.g. a quantization mode this machine cannot run
             skipped[mode] = f"{type(e).__name__}: {e}"
             continue
+        if mode in INT8_ACTIVATIONS:
+            from glmkit.models.cpu_int8 import use_int8_activations
+
+            use_int8_activations(llm.model)
         quant = llm.quantization.mode if llm.quantization else "none"
         print(f"loaded glmkit {mode} ({llm.dtype}, quantization {quant}) in {time.perf_counter() - start:.1f} s",
               flush=True)

@@ -1,7 +1,8 @@
-"""Perplexity of the default model on a fixed text: fp32 (reference), bf16, int8 and int4, and each one's delta.
+"""Perplexity of the default model on a fixed text: fp32 (reference), bf16, int8, int8a8 and int4, and each one's
+delta.
 
     python benchmarks/perplexity.py [--model PATH] [--text benchmarks/data/perplexity.txt] [--window 512]
-        [--max-windows N] [--modes fp32 bf16 int8 int4] [--threads 2]
+        [--max-windows N] [--modes fp32 bf16 int8 int8a8 int4] [--threads 2]
 
 The text (English technical prose, Python functions with docstrings, a Chinese paragraph; about 1,800 tokens) is
 cut into non-overlapping windows of `--window` tokens; each window is one fresh causal pass through the model, and
@@ -10,7 +11,8 @@ scored tokens. The delta column is relative to fp32 measured in the same run (fp
 
 Each mode loads the model once, then frees it before the next, so at most one copy is in memory. Note: the
 embedded default model is a Q4_K_M GGUF, so "fp32" means those weights dequantized to fp32; int8/int4 quantize
-that again at load time (activations bf16).
+that again at load time (activations bf16). int8a8 is int8 with int8 activations quantized per token (as
+benchmarks/cpu_decode.py runs it; glmkit/models/cpu_int8.py), the query/key/value projection kept at bf16.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from glmkit.models.layers import AttentionBatch, SeqSlice
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "perplexity.txt"
 MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
-         "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
+         "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
+INT8_ACTIVATIONS = {"int8a8"}  # modes that switch the loaded int8 linears to int8 activations
 
 
 def window_nll(llm: LLM, ids: list[int], logit_rows: int = 128) -> tuple[float, int]:
@@ -80,6 +83,10 @@ def main() -> None:
         start = time.perf_counter()
         llm = LLM(args.model, dtype=dtype, quantization=quantization, num_threads=args.threads,
                   kv_cache_memory_gb=0.05, enable_prefix_caching=False)
+        if mode in INT8_ACTIVATIONS:
+            from glmkit.models.cpu_int8 import use_int8_activations
+
+            use_int8_activations(llm.model)
         loaded = time.perf_counter() - start
         if ids is None:
             ids = llm.encode_prompt(text)

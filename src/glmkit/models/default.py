@@ -32,12 +32,19 @@ LICENSE = ("Apache License 2.0 (the model's LICENSE file in the Qwen/Qwen2.5-Cod
 CPU_QUANTIZATION = "int8"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX: where bf16 activations (and so the int8/int4 kernels) are fast."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

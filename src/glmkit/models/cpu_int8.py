@@ -1,0 +1,95 @@
+"""CPU int8 products with int8 activations (W8A8): the weights of glmkit's int8 layout (`qweight` int8 [out, in],
+`scales` [out], w = q * scale[row]) run through fbgemm's dynamic quantized linear, which quantizes each call's
+input to uint8 and multiplies bytes with bytes (AVX512-VNNI `vpdpbusd` where the CPU has it). Knows nothing of
+models, plans or the engine: `DynamicInt8Linear` is a callable that QuantLinear can use as its CPU forward.
+
+Why: PyTorch's `_weight_int8pack_mm` (bf16 activations, W8A16) converts every weight byte to float before its
+multiply-add and is compute-bound on a CPU: about 6-7 GB/s of weights per core on an AVX512-BF16 EPYC, where
+this product reads 15-18 GB/s per core (the memory's pace), and stays nearly as fast for 8 rows (8 concurrent
+streams) as for one, where the bf16-activation kernel takes 4-5x longer (README, "Quantization").
+
+Activations are quantized per row (per token): fbgemm picks one (scale, zero point) per call from the whole
+input's range, so each row is first divided by its own largest magnitude and the output multiplied back (a
+linear product is homogeneous in each row). One scale for a whole prompt would let one token's outliers (the
+first token's, in Qwen models) coarsen every other token's steps: perplexity +11% instead of +1.7% for all
+linears. A single row (a decode step of one stream) needs no division: its range is already its own.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+# The overload itself: calling the packet (torch.ops.quantized.linear_dynamic) first scans the arguments in Python
+# for fake script objects, about 2 us per call, 73 calls per decode step.
+_linear_dynamic = torch.ops.quantized.linear_dynamic.default
+
+
+def available() -> bool:
+    """Whether this PyTorch has fbgemm's dynamic quantized linear (x86 CPUs)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+def cpu_has_vnni() -> bool:
+    """AVX512-VNNI or AVX-VNNI: byte products accumulate straight into int32. Without it fbgemm sums pairs of
+    byte products in int16 first, which saturates unless activations keep to 7 bits (reduce_range)."""
+    from .default import cpu_flags
+
+    flags = cpu_flags()
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+class DynamicInt8Linear:
+    """y = x @ W.T (no bias) with W = qweight * scales[:, None], W8A8 through fbgemm. x: [M, in] any float dtype;
+    y: [M, out] in x's dtype (`out_dtype` to override: fp32 logits need no bf16 round trip)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype | None = None,
+                 reduce_range: bool | None = None):
+        if torch.backends.quantized.engine != "fbgemm" and "fbgemm" in torch.backends.quantized.supported_engines:
+            torch.backends.quantized.engine = "fbgemm"
+        out_features = qweight.shape[0]
+        with warnings.catch_warnings():  # "quantized tensor creation functions are deprecated": the op's only input
+            warnings.simplefilter("ignore", UserWarning)
+            weight = torch._make_per_channel_quantized_tensor(
+                qweight.to(torch.int8).contiguous(), scales.detach().to(torch.float64).contiguous(),
+                torch.zeros(out_features, dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(weight, None)  # fbgemm's own layout: a copy of the bytes
+        self.in_features, self.out_features, self.out_dtype = qweight.shape[1], out_features, out_dtype
+        self.reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range  # 7-bit activations
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.out_dtype or x.dtype
+        x = x.float()
+        if x.shape[0] == 1:
+            y = _linear_dynamic(x, self.packed, self.reduce_range)
+        else:  # per-row ranges: scale every row to a peak of 1, multiply the product back
+            peak = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+            y = _linear_dynamic(x / peak, self.packed, self.reduce_range).mul_(peak)
+        return y if y.dtype == dtype else y.to(dtype)
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight int8 [out, in], scales fp32 [out]) back from the packed layout (tests, exports)."""
+        weight, _ = torch.ops.quantized.linear_unpack(self.packed)
+        return weight.int_repr(), weight.q_per_channel_scales().float()
+
+
+# The qkv projection keeps bf16 activations: alone in W8A8 it costs the default model +1.07% perplexity, all the
+# other linears together +0.71% (benchmarks/perplexity.py); it is 7% of a layer's weights.
+KEEP_BF16_ACTIVATIONS = ("attn.qkv",)
+
+
+def use_int8_activations(model: torch.nn.Module, keep: tuple[str, ...] = KEEP_BF16_ACTIVATIONS) -> int:
+    """Switch the prepared CPU int8 QuantLinears of a loaded model (but those named `keep`) to W8A8; the packed
+    copy replaces `qweight`. Returns how many were switched."""
+    from .quant import QuantLinear
+
+    switched = 0
+    for name, module in model.named_modules():
+        if (isinstance(module, QuantLinear) and module.bits == 8 and module._forward is not None
+                and module.qweight.device.type == "cpu" and not name.endswith(keep)):
+            out_dtype = torch.float32 if name.endswith("lm_head") else None  # logits are wanted in fp32
+            module._forward = DynamicInt8Linear(module.qweight, module.scales.float(), out_dtype)
+            module.qweight = torch.empty(0, dtype=torch.int8)
+            switched += 1
+    return switched
