@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import random
-import resource
 import subprocess
 import sys
 import statistics
@@ -225,11 +224,19 @@ def memory_8k(model_dir: Path, vocab: int, quantization: str) -> dict:
     elapsed = elapsed[-1]
     res = {"peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9, "decode_8k": 256 / elapsed,
            "loaded_gb": loaded / 1e9, "load_peak_gb": load_peak / 1e9,
-           "rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+           "rss_peak_gb": rss_peak_gb()}
     llm = None  # free it before the next measurement
     gc.collect()
     torch.cuda.empty_cache()
     return res
+
+
+def rss_peak_gb() -> float:
+    """This process's peak resident memory (VmHWM: getrusage's ru_maxrss would carry the parent's over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
 
 
 def llm_kv_bytes(model_dir: Path) -> int:

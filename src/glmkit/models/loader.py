@@ -164,8 +164,8 @@ def _tensor_count(paths: list[Path]) -> int | None:
 
 def _store(state: dict, target: str, tensor: torch.Tensor, dtype: torch.dtype, plan: QuantPlan | None,
            device: torch.device | None = None) -> None:
-    """Put one finished tensor into the state dict: quantized (on `device`, fast on a GPU) if the plan says so,
-    else in the model dtype."""
+    """Put one finished tensor into the state dict: quantized on `device` (fast on a GPU) if the plan says so, else
+    in the model dtype."""
     if plan is not None and is_quantized_weight(target):
         base = target.removesuffix(".weight")
         bits = plan.bits_for(base)
@@ -177,7 +177,9 @@ def _store(state: dict, target: str, tensor: torch.Tensor, dtype: torch.dtype, p
             return
     if target.endswith(".scales"):
         state[target] = tensor.float()
-    else:
+    elif plan is None:  # a float model goes onto the device tensor by tensor: the host never holds all of it
+        state[target] = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+    else:  # quantizing: the few float tensors wait on the host, so that they do not add to the GPU's peak
         state[target] = tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
