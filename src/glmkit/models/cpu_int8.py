@@ -48,6 +48,8 @@ class DynamicInt8Linear:
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype | None = None,
                  reduce_range: bool | None = None, input_scales: torch.Tensor | None = None):
+        # The process-wide quantized engine: "x86" (PyTorch's default here) packs linears for fbgemm too, at the
+        # same speed (measured); naming fbgemm keeps a process that chose qnnpack or onednn from packing for those.
         if torch.backends.quantized.engine != "fbgemm" and "fbgemm" in torch.backends.quantized.supported_engines:
             torch.backends.quantized.engine = "fbgemm"
         out_features = qweight.shape[0]
