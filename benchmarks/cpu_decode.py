@@ -4,8 +4,8 @@
         [--modes fp32 bf16 int8 int8a8 int4 llama.cpp] [--model PATH.gguf]
 
 int8 runs the int8 weights with bf16 activations (PyTorch's `_weight_int8pack_mm`); int8a8 the same weights with
-int8 activations quantized per token (fbgemm's dynamic quantized linear, glmkit/models/cpu_int8.py; the inputs
-of qkv and gate_up smoothed by their RMSNorm's weight).
+int8 activations quantized per token (fbgemm's dynamic quantized linear, glmkit/models/cpu_int8.py), the qkv
+projection kept at bf16 activations.
 
 Decode rate excludes prompt processing. glmkit: one request for 1 token and one for tokens + 1 from the same
 prompt (prefix caching off, so both prefill alike); rate = tokens / (difference of the two times). llama.cpp

@@ -12,7 +12,7 @@ scored tokens. The delta column is relative to fp32 measured in the same run (fp
 Each mode loads the model once, then frees it before the next, so at most one copy is in memory. Note: the
 embedded default model is a Q4_K_M GGUF, so "fp32" means those weights dequantized to fp32; int8/int4 quantize
 that again at load time (activations bf16). int8a8 is int8 with int8 activations quantized per token (as
-benchmarks/cpu_decode.py runs it; glmkit/models/cpu_int8.py).
+benchmarks/cpu_decode.py runs it; glmkit/models/cpu_int8.py), qkv kept at bf16 activations.
 """
 
 from __future__ import annotations

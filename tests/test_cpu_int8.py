@@ -55,6 +55,20 @@ def test_each_row_is_quantized_on_its_own_range():
         assert rel_err(got[i], alone[0]) < 0.01
 
 
+def test_smoothed_linears_after_a_norm_on_request(tmp_path, hf_tokenizer_dir):
+    config = llama_config(512, "qwen2")
+    d = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=4), config, hf_tokenizer_dir)
+    llm = LLM(str(d), device="cpu", quantization="int8", enable_prefix_caching=False)
+    assert use_int8_activations(llm.model, keep=(), smooth=("attn.qkv", "mlp.gate_up")) == \
+        4 * config["num_hidden_layers"] + 1
+    layer = llm.model.layers[0]
+    assert layer.attn.qkv._forward.inverse_input_scales is not None
+    assert layer.mlp.gate_up._forward.inverse_input_scales is not None
+    assert layer.mlp.down._forward.inverse_input_scales is None  # no norm right before it
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
 def test_smoothing_computes_the_same_product():
     """Input channel j divided by s[j], weight column j multiplied by it: x @ W.T again, one int8 rounding more."""
     qweight, scales = int8_weight(64, 96, seed=7)
@@ -83,13 +97,12 @@ def test_a_model_switched_to_int8_activations_generates_as_int8(tmp_path, hf_tok
     w8a16 = LLM(str(d), device="cpu", quantization="int8", enable_prefix_caching=False)
     w8a8 = LLM(str(d), device="cpu", quantization="int8", enable_prefix_caching=False)
     layers = config["num_hidden_layers"]
-    assert use_int8_activations(w8a8.model) == 4 * layers + 1  # qkv, o, gate_up, down per layer, and the head
+    assert use_int8_activations(w8a8.model) == 3 * layers + 1  # o, gate_up, down per layer, and the head
     layer = w8a8.model.layers[0]
-    assert all(isinstance(m._forward, DynamicInt8Linear) for m in (layer.attn.qkv, layer.mlp.down,
+    assert all(isinstance(m._forward, DynamicInt8Linear) for m in (layer.attn.o, layer.mlp.gate_up, layer.mlp.down,
                                                                      w8a8.model.lm_head))
-    assert layer.attn.qkv._forward.inverse_input_scales is not None  # after an RMSNorm: smoothed
-    assert layer.mlp.gate_up._forward.inverse_input_scales is not None
-    assert layer.mlp.down._forward.inverse_input_scales is None
+    assert not isinstance(layer.attn.qkv._forward, DynamicInt8Linear)  # kept at bf16 activations
+    assert layer.mlp.gate_up._forward.inverse_input_scales is None  # smoothing is opt-in
     assert all(m.qweight.numel() == 0 for m in w8a8.model.modules()  # fbgemm's packed copy replaces the bytes
                if isinstance(m, QuantLinear) and isinstance(m._forward, DynamicInt8Linear))
     with torch.inference_mode():
