@@ -209,7 +209,7 @@ def test_bf16_cpu_keeps_only_the_int8_copy(tiny_default, monkeypatch):
     monkeypatch.setattr(default, "default_gguf_path", lambda: pytest.fail("assembled again"))
     monkeypatch.setattr(gguf, "convert", lambda *a: pytest.fail("converted again"))
     again = LLM(max_num_seqs=1)
-    assert again.model_dir == copy and again.quantization.mode == "int8"
+    assert again.model_dir == copy and again.quantization.mode == default.start_quantization("cpu")
 
 
 def test_cpu_without_bf16_keeps_the_float32_conversion(tiny_default, no_bf16):
@@ -235,7 +235,7 @@ def test_unwritable_copy_quantizes_in_memory_and_keeps_the_conversion(tiny_defau
 
     monkeypatch.setattr(export, "cached_quantized_copy", unwritable)
     llm = LLM(max_num_seqs=1)
-    assert llm.quantization.mode == "int8" and llm.quantization.source == "fresh"
+    assert llm.quantization.mode == default.start_quantization("cpu") and llm.quantization.source == "fresh"
     assert llm.model_dir == default.float_dir() and default.is_built(default.float_dir())
 
 

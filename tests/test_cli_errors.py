@@ -95,7 +95,7 @@ def test_missing_model_path():
     (["generate", "--prompt", "x", "--top-p", "0"], "--top-p=0: must be in (0, 1]"),
     (["generate", "--prompt", "x", "--top-p", "abc"], "--top-p='abc'"),
     (["chat", "--max-model-len", "0"], "--max-model-len=0"),
-    (["chat", "--quantization", "int3"], "--quantization='int3': must be one of auto, none, int8, int4"),
+    (["chat", "--quantization", "int3"], "--quantization='int3': must be one of auto, none, int8, int8a8, int4"),
     (["chat", "--device", "gpu"], "--device='gpu'"),
     (["serve", "--max-queue", "0"], "--max-queue=0"),
     (["serve", "--max-num-seqs", "0"], "--max-num-seqs=0"),

@@ -48,9 +48,10 @@ def test_default_model_is_the_verified_gguf(llm):
 
 def test_default_model_quantization_follows_the_cpu(llm):
     from glmkit.llm import cpu_has_bf16
+    from glmkit.models import default
 
-    if cpu_has_bf16():  # int8, loaded from the copy kept beside the conversion
-        assert llm.quantization.mode == "int8" and llm.quantization.source == "glmkit"
+    if cpu_has_bf16():  # int8 weights (int8a8 with VNNI), loaded from the copy kept beside the conversion
+        assert llm.quantization.mode == default.start_quantization("cpu") and llm.quantization.source == "glmkit"
         assert llm.model_dir.name.endswith("-int8-g32")
     else:
         assert llm.quantization is None and llm.dtype.is_floating_point
@@ -58,7 +59,7 @@ def test_default_model_quantization_follows_the_cpu(llm):
 
 def test_unwritable_cache_quantizes_in_memory(monkeypatch, tmp_path):
     from glmkit import llm as llm_module
-    from glmkit.models import export
+    from glmkit.models import default, export
 
     if not llm_module.cpu_has_bf16():
         pytest.skip("the default model is not quantized on this CPU")
@@ -70,7 +71,7 @@ def test_unwritable_cache_quantizes_in_memory(monkeypatch, tmp_path):
 
     monkeypatch.setattr(export, "cached_quantized_copy", unwritable)
     fresh = LLM()
-    assert fresh.quantization.mode == "int8" and fresh.quantization.source == "fresh"
+    assert fresh.quantization.mode == default.start_quantization("cpu") and fresh.quantization.source == "fresh"
 
 
 def test_english_arithmetic(llm):

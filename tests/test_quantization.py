@@ -212,3 +212,38 @@ def test_cached_quantized_copy_is_made_once(tmp_path, hf_tokenizer_dir, monkeypa
     monkeypatch.setattr(export, "save_quantized", lambda *a: pytest.fail("quantized twice"))
     assert export.cached_quantized_copy(d, QuantPlan(8)) == first
     assert LLM(str(first), device="cpu").quantization.source == "glmkit"
+
+
+def int8a8_runs_here() -> bool:
+    from glmkit.models import cpu_int8
+
+    return cpu_int8.available() and cpu_int8.cpu_has_vnni()
+
+
+@pytest.mark.skipif(not int8a8_runs_here(), reason="int8 activations need fbgemm and a CPU with VNNI")
+def test_int8a8_runs_the_int8_weights_with_int8_activations(tmp_path, hf_tokenizer_dir):
+    from glmkit.models.cpu_int8 import DynamicInt8Linear
+
+    config = llama_config(512, "qwen2")
+    d = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=9), config, hf_tokenizer_dir)
+    w8a16 = LLM(str(d), device="cpu", quantization="int8", enable_prefix_caching=False)
+    w8a8 = LLM(str(d), device="cpu", quantization="int8a8", enable_prefix_caching=False)
+    assert w8a8.resolved_config.quantization == "int8a8" and w8a16.resolved_config.quantization == "int8"
+    switched = {name.rpartition(".")[2] for name, m in w8a8.model.named_modules()
+                if isinstance(m, QuantLinear) and isinstance(m._forward, DynamicInt8Linear)}
+    assert switched == {"o", "gate_up", "down", "lm_head"}  # qkv keeps bf16 activations
+    assert not any(isinstance(m._forward, DynamicInt8Linear) for m in w8a16.model.modules()
+                   if isinstance(m, QuantLinear))
+    assert rel_err(prompt_logits(w8a8), prompt_logits(w8a16)) < 0.05
+    out = w8a8.generate([PROMPT], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_int8a8_is_refused_where_it_cannot_run(tmp_path, hf_tokenizer_dir, monkeypatch):
+    from glmkit.models import cpu_int8
+
+    config = llama_config(512, "qwen2")
+    d = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=9), config, hf_tokenizer_dir)
+    monkeypatch.setattr(cpu_int8, "cpu_has_vnni", lambda: False)
+    with pytest.raises(InvalidParameterError, match="int8a8.*VNNI.*use int8"):
+        LLM(str(d), device="cpu", quantization="int8a8")

