@@ -131,3 +131,16 @@ def test_switching_before_prepare_uses_the_fp32_scales_and_gives_the_bias_the_dt
     assert y.dtype == torch.bfloat16 and model.o.bias.dtype == torch.bfloat16
     assert rel_err(y.float(), x @ dequantize(8, qweight, scales).T + torch.linspace(-1, 1, 40)) < 0.02
     assert use_int8_activations(model, torch.bfloat16) == 0  # already switched
+
+
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it():
+    qweight, scales = int8_weight(48, 64, seed=11)
+    linear = DynamicInt8Linear(qweight, scales.float())
+    g = torch.Generator().manual_seed(12)
+    rows = torch.randn(5, 64, generator=g)
+    rows[2] *= 40  # an outlier row
+    rows[3] = rows[3].abs()  # a row with no negative values: alone its own range would be [0, peak]
+    together = linear(rows)
+    for i in range(5):
+        assert torch.equal(linear(rows[i:i + 1]), together[i:i + 1])
+        assert torch.equal(linear(rows[i:]), together[i:])

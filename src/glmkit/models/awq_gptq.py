@@ -31,7 +31,6 @@ from .quant import QuantPlan, pack_int4
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds output column AWQ_ORDER[i] of its 8
 PIECES = ("qweight", "qzeros", "scales", "g_idx")
 _NEEDED = ("qweight", "qzeros", "scales")
-_GPTQ_FORMATS = ("gptq", "gptq_v2")
 # Older AutoGPTQ and AutoAWQ releases keep their settings beside config.json rather than in it.
 _SIDE_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
 
@@ -45,10 +44,6 @@ class Int4Weight:
     perm: torch.Tensor | None       # int64 [in]: act-order's column order; None where groups are contiguous
 
 
-def _refuse(method: str, field: str, value, why: str) -> ModelLoadError:
-    return ModelLoadError(f"config.json: quantization_config.{field}={value!r} (quant_method {method!r}): {why}")
-
-
 def side_config(model_dir: Path) -> dict | None:
     """The quantization_config of a release that keeps it in quantize_config.json (AutoGPTQ) or quant_config.json
     (AutoAWQ) instead of config.json; None if it has neither."""
@@ -60,32 +55,6 @@ def side_config(model_dir: Path) -> dict | None:
             except json.JSONDecodeError as e:
                 raise ModelLoadError(f"{path} is not valid JSON ({e}); re-copy the file from the model's release")
     return None
-
-
-def plan_from_config(qc: dict) -> QuantPlan:
-    """The plan for an AWQ/GPTQ checkpoint's `quantization_config`, or a clear refusal of what glmkit cannot run."""
-    method = qc["quant_method"]
-    bits = qc.get("bits", qc.get("w_bit"))
-    if bits != 4:
-        raise _refuse(method, "bits", bits, f"glmkit runs 4-bit {method.upper()} checkpoints only (its int4 "
-                      "kernels); use the model's 4-bit release, or its float checkpoint with --quantization int8 or "
-                      "int4")
-    group_size = qc.get("group_size", qc.get("q_group_size", 128))
-    if not isinstance(group_size, int) or (group_size != -1 and group_size < 16):
-        raise _refuse(method, "group_size", group_size, "must be -1 (one group per row) or a group size of at least 16")
-    if method == "awq":
-        version = str(qc.get("version", "gemm")).lower()
-        if version != "gemm":
-            raise _refuse(method, "version", qc.get("version"), "glmkit reads AutoAWQ's \"gemm\" layout only; use the "
-                          "model's gemm release (the usual one), or its float checkpoint with --quantization int4")
-        fmt = "gemm"
-    else:
-        fmt = qc.get("checkpoint_format", qc.get("format")) or "gptq"
-        if fmt not in _GPTQ_FORMATS:
-            raise _refuse(method, "checkpoint_format", fmt, "glmkit reads the gptq (v1) and gptq_v2 layouts only; "
-                          "use a release in the plain GPTQ format, or the float checkpoint with --quantization int4")
-    return QuantPlan(4, None if group_size == -1 else group_size, 4 if qc.get("lm_head") else None, source=method,
-                     checkpoint_format=fmt)
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,13 @@ this product reads 15-18 GB/s per core (the memory's pace), and stays nearly as 
 streams) as for one, where the bf16-activation kernel takes 4-5x longer (README, "Quantization").
 
 Activations are quantized per row (per token): fbgemm picks one (scale, zero point) per call from the whole
-input's range, so each row is first divided by its own largest magnitude and the output multiplied back (a
-linear product is homogeneous in each row). One scale for a whole prompt would let one token's outliers (the
-first token's, in Qwen models) coarsen every other token's steps: perplexity +11% instead of +1.7% for all
-linears. A single row (a decode step of one stream) needs no division: its range is already its own. The qkv
-projection keeps bf16 activations (KEEP_BF16_ACTIVATIONS says why).
+input's range, so each row is first mapped onto [0, 1] exactly (x = low + span * x', both per row) and the
+product rebuilt as span * (x' @ W.T) + low * (W @ 1). One scale for a whole prompt would let one token's
+outliers (the first token's, in Qwen models) coarsen every other token's steps: perplexity +11% instead of +1.7%
+for all linears. And as every row spans exactly [0, 1], the input's range is the same in any batch: a row is
+quantized the same way alone, beside other requests' rows, or after a cached prefix, so an answer does not
+depend on what ran beside it (scaling rows by their peak alone left the batch's range to the other rows). The
+qkv projection keeps bf16 activations (KEEP_BF16_ACTIVATIONS says why).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from .cpu_features import cpu_flags
 
 # The overload itself: calling the packet (torch.ops.quantized.linear_dynamic) first scans the arguments in Python
 # for fake script objects, about 2 us per call, 73 calls per decode step.
@@ -35,8 +39,6 @@ def available() -> bool:
 def cpu_has_vnni() -> bool:
     """AVX512-VNNI or AVX-VNNI: byte products accumulate straight into int32. Without it fbgemm sums pairs of
     byte products in int16 first, which saturates unless activations keep to 7 bits (reduce_range)."""
-    from .default import cpu_flags
-
     flags = cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
@@ -62,6 +64,8 @@ class DynamicInt8Linear:
         self.reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range  # 7-bit activations
         # [in]: the weight's columns were multiplied by these (see `smoothed`), so the input is divided by them
         self.inverse_input_scales = None if input_scales is None else input_scales.float().reciprocal()
+        # [out] W @ 1, exact from the int8 rows (what a row's low end contributes to the product)
+        self.row_sums = (qweight.to(torch.int64).sum(dim=1).double() * scales.detach().double()).float()
 
     @classmethod
     def smoothed(cls, qweight: torch.Tensor, scales: torch.Tensor, input_scales: torch.Tensor,
@@ -79,11 +83,14 @@ class DynamicInt8Linear:
         x = x.float()
         if self.inverse_input_scales is not None:
             x = x * self.inverse_input_scales
-        if x.shape[0] == 1:
-            y = _linear_dynamic(x, self.packed, self.reduce_range)
-        else:  # per-row ranges: scale every row to a peak of 1, multiply the product back
-            peak = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
-            y = _linear_dynamic(x / peak, self.packed, self.reduce_range).mul_(peak)
+        # Per-row ranges: each row is mapped onto [0, 1] exactly (x = low + span * x'), so fbgemm's one range for
+        # the whole input is [0, 1] whatever the batch holds, and a row is quantized the same way alone or beside
+        # any others (a prompt and its cached prefix, or other requests' rows, give the same numbers). The
+        # product comes back as span * (x' @ W.T) + low * (W @ 1).
+        low, high = torch.aminmax(x, dim=1, keepdim=True)
+        span = (high - low).clamp_min_(torch.finfo(torch.float32).tiny)
+        y = _linear_dynamic((x - low).div_(span), self.packed, self.reduce_range)
+        y = torch.addcmul(low * self.row_sums, y, span)
         return y if y.dtype == dtype else y.to(dtype)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:

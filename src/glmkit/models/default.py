@@ -18,6 +18,7 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from .cpu_features import cpu_flags
 from .gguf import CONVERTED_MARKER, cache_root, ensure_converted, quantized_copy_dir, remove_path, scratch_path, steps
 
 NAME = "Qwen2.5-Coder-0.5B-Instruct"
@@ -29,16 +30,6 @@ LICENSE = ("Apache License 2.0 (the model's LICENSE file in the Qwen/Qwen2.5-Cod
            "glmkit ships a copy in glmkit/LICENSES/Qwen2.5-Coder-0.5B-Instruct.txt)")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo; empty where there is none, e.g. macOS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX: where bf16 activations (and so the int8/int4 kernels) are fast."""
     flags = cpu_flags()
@@ -48,8 +39,8 @@ def cpu_has_bf16() -> bool:
 def start_quantization(device_type: str) -> str | None:
     """The quantization a start with no flags uses on this device type, chosen by measurement (README,
     "Quantization": benchmarks/cpu_decode.py and benchmarks/perplexity.py): on a CPU with bf16 instructions,
-    int8a8 where it also has VNNI (int8 activations through fbgemm: 1.5x int8's speed at +0.46% perplexity
-    against fp32's) and int8 elsewhere (bf16 activations: +0.24%); fp32 on other CPUs and on a GPU."""
+    int8a8 where it also has VNNI (int8 activations through fbgemm: faster than int8 at under 1% perplexity
+    against fp32) and int8 elsewhere (bf16 activations); fp32 on other CPUs and on a GPU."""
     if device_type != "cpu" or not cpu_has_bf16():
         return None
     from .cpu_int8 import available, cpu_has_vnni

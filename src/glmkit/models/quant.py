@@ -101,9 +101,7 @@ def plan_for(raw_config: dict, requested: str | None) -> QuantPlan | None:
     if qc:
         method = qc.get("quant_method")
         if method in ("awq", "gptq"):
-            from .awq_gptq import plan_from_config
-
-            stored = plan_from_config(qc)
+            stored = _awq_gptq_plan(qc)
             if bits is not None:  # the checkpoint's own 4-bit format is what runs; nothing is quantized again
                 raise InvalidParameterError("quantization", requested, f"the checkpoint is already quantized "
                                             f"({method}, 4-bit); omit --quantization or load the float checkpoint")
@@ -122,6 +120,39 @@ def plan_for(raw_config: dict, requested: str | None) -> QuantPlan | None:
         raise InvalidParameterError("quantization", requested, f"the checkpoint is already quantized to "
                                     f"{stored.mode}; omit --quantization or load the float checkpoint")
     return stored.with_activations(requested)
+
+
+_GPTQ_FORMATS = ("gptq", "gptq_v2")
+
+
+def _awq_gptq_plan(qc: dict) -> QuantPlan:
+    """The plan for an AWQ/GPTQ checkpoint's `quantization_config` (models/awq_gptq.py reads its tensors), or a
+    clear refusal of what glmkit cannot run."""
+    method = qc["quant_method"]
+
+    def refuse(field: str, value, why: str) -> ModelLoadError:
+        return ModelLoadError(f"config.json: quantization_config.{field}={value!r} (quant_method {method!r}): {why}")
+
+    bits = qc.get("bits", qc.get("w_bit"))
+    if bits != 4:
+        raise refuse("bits", bits, f"glmkit runs 4-bit {method.upper()} checkpoints only (its int4 kernels); use "
+                     "the model's 4-bit release, or its float checkpoint with --quantization int8 or int4")
+    group_size = qc.get("group_size", qc.get("q_group_size", 128))
+    if not isinstance(group_size, int) or (group_size != -1 and group_size < 16):
+        raise refuse("group_size", group_size, "must be -1 (one group per row) or a group size of at least 16")
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise refuse("version", qc.get("version"), "glmkit reads AutoAWQ's \"gemm\" layout only; use the "
+                         "model's gemm release (the usual one), or its float checkpoint with --quantization int4")
+        fmt = "gemm"
+    else:
+        fmt = qc.get("checkpoint_format", qc.get("format")) or "gptq"
+        if fmt not in _GPTQ_FORMATS:
+            raise refuse("checkpoint_format", fmt, "glmkit reads the gptq (v1) and gptq_v2 layouts only; use a "
+                         "release in the plain GPTQ format, or the float checkpoint with --quantization int4")
+    return QuantPlan(4, None if group_size == -1 else group_size, 4 if qc.get("lm_head") else None, source=method,
+                     checkpoint_format=fmt)
 
 
 def is_quantized_weight(name: str) -> bool:
@@ -328,15 +359,7 @@ def replace_linears(model: nn.Module, plan: QuantPlan, state: dict | None = None
                                                permuted=name + ".perm" in state))
 
 
-def prepare_model(model: nn.Module, dtype: torch.dtype, plan: QuantPlan | None = None) -> None:
-    """Pack every quantized linear for its device's kernel; then, with int8a8, switch the int8 ones (but qkv) to
-    fbgemm's W8A8 product. Switched after packing, from the scales rounded to the activations' dtype: what the
-    perplexity figures in the README measured (+0.46% against fp32; from fp32 scales +0.76%, within the text's
-    noise)."""
+def prepare_model(model: nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.prepare(dtype)
-    if plan is not None and plan.int8_activations:
-        from .cpu_int8 import use_int8_activations
-
-        use_int8_activations(model)
