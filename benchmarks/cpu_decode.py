@@ -28,8 +28,7 @@ from functools import partial
 from glmkit import LLM, SamplingParams
 
 GLMKIT_MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
-                "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
-INT8_ACTIVATIONS = {"int8a8"}  # modes that switch the loaded int8 linears to int8 activations
+                "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8a8"), "int4": ("bfloat16", "int4")}
 LLAMA = "llama.cpp"
 PROMPT = ("Write a Python function that reads a CSV file and returns its rows as a list of dictionaries, "
           "with error handling for missing files and malformed lines. Explain each step.")
@@ -87,10 +86,6 @@ def main() -> None:
         except Exception as e:  # e.g. a quantization mode this machine cannot run
             skipped[mode] = f"{type(e).__name__}: {e}"
             continue
-        if mode in INT8_ACTIVATIONS:
-            from glmkit.models.cpu_int8 import use_int8_activations
-
-            use_int8_activations(llm.model)
         quant = llm.quantization.mode if llm.quantization else "none"
         print(f"loaded glmkit {mode} ({llm.dtype}, quantization {quant}) in {time.perf_counter() - start:.1f} s",
               flush=True)

@@ -30,8 +30,7 @@ from glmkit.models.layers import AttentionBatch, SeqSlice
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "perplexity.txt"
 MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
-         "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
-INT8_ACTIVATIONS = {"int8a8"}  # modes that switch the loaded int8 linears to int8 activations
+         "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8a8"), "int4": ("bfloat16", "int4")}
 
 
 def window_nll(llm: LLM, ids: list[int], logit_rows: int = 128) -> tuple[float, int]:
@@ -83,10 +82,6 @@ def main() -> None:
         start = time.perf_counter()
         llm = LLM(args.model, dtype=dtype, quantization=quantization, num_threads=args.threads,
                   kv_cache_memory_gb=0.05, enable_prefix_caching=False)
-        if mode in INT8_ACTIVATIONS:
-            from glmkit.models.cpu_int8 import use_int8_activations
-
-            use_int8_activations(llm.model)
         loaded = time.perf_counter() - start
         if ids is None:
             ids = llm.encode_prompt(text)

@@ -1,10 +1,8 @@
 """Output tokens/s of the engine at 1, 4, 8, 16 concurrent requests, and the ratio to one stream.
 
-    python benchmarks/throughput.py [--model PATH] [--dtype auto|bfloat16] [--quantization auto|none|int8|int4]
-        [--int8-activations] [--threads N] [--concurrency 1 4 8 16] [--max-tokens 128] [--repeats 3]
-
---int8-activations switches the loaded CPU int8 linears to int8 activations (glmkit/models/cpu_int8.py), as
-benchmarks/cpu_decode.py's int8a8 mode.
+    python benchmarks/throughput.py [--model PATH] [--dtype auto|bfloat16]
+        [--quantization auto|none|int8|int8a8|int4] [--threads N] [--concurrency 1 4 8 16] [--max-tokens 128]
+        [--repeats 3]
 
 Each level runs `repeats` times in this process and prints the median; the ratio column divides by the median
 of the single-stream run measured in the same process, so machine noise affects both sides alike.
@@ -42,22 +40,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float32")
-    parser.add_argument("--quantization", default="auto", help="auto (the default model: int8 on CPUs with bf16 "
-                        "instructions), none, int8, int4")
+    parser.add_argument("--quantization", default="auto", help="auto (the default model on a CPU: int8a8 with "
+                        "bf16 instructions and VNNI, int8 with bf16 alone), none, int8, int8a8, int4")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--int8-activations", action="store_true", help="CPU int8: W8A8 (fbgemm) linears")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, num_threads=args.threads)
-    if args.int8_activations:
-        from glmkit.models.cpu_int8 import use_int8_activations
-
-        print(f"int8 activations in {use_int8_activations(llm.model)} linears")
     run_level(llm, 2, 8)  # warm-up: first-call allocations and kernels
     medians = {}
     print(f"model: {llm.model_config.name or llm.model_dir}  device: {llm.device}  dtype: {llm.dtype}  "
           f"quantization: {llm.quantization.mode if llm.quantization else 'none'}"
-          f"{' (int8 activations)' if args.int8_activations else ''}  "
           f"max_tokens: {args.max_tokens}  repeats: {args.repeats}")
     print(f"{'concurrent':>10} {'output tok/s (median)':>22} {'runs':>26} {'x one stream':>13}")
     for level in args.concurrency:
