@@ -120,7 +120,7 @@ def _check_int8_activations(plan: QuantPlan | None, device: torch.device) -> Non
     if device.type != "cpu":
         raise InvalidParameterError("quantization", "int8a8", "int8 activations run on a CPU; on a GPU use int8 "
                                     "or int4")
-    if not (cpu_int8.available() and cpu_int8.cpu_has_vnni()):
+    if not cpu_int8.runs_here():
         raise InvalidParameterError("quantization", "int8a8", "int8 activations need a CPU with AVX512-VNNI or "
                                     "AVX-VNNI and PyTorch's fbgemm; this one lacks them: use int8")
 

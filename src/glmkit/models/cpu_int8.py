@@ -110,13 +110,9 @@ SMOOTHED: tuple[str, ...] = ()
 _NORM_BEFORE = {"attn.qkv": "attn_norm", "mlp.gate_up": "mlp_norm"}
 
 
-def should_use(model: torch.nn.Module) -> bool:
-    """Whether a loaded model's int8 linears should run W8A8 here: on a CPU with VNNI and fbgemm. Measured on the
-    default model (README, "Quantization"): 1.5x the tokens/s of bf16 activations for one stream, 2x for eight."""
-    from .quant import QuantLinear
-
-    return available() and cpu_has_vnni() and any(
-        isinstance(m, QuantLinear) and m.bits == 8 and m.qweight.device.type == "cpu" for m in model.modules())
+def runs_here() -> bool:
+    """Whether int8a8 can run on this machine: PyTorch's fbgemm and a CPU with VNNI."""
+    return available() and cpu_has_vnni()
 
 
 def use_int8_activations(model: torch.nn.Module, dtype: torch.dtype | None = None,

@@ -43,9 +43,9 @@ def start_quantization(device_type: str) -> str | None:
     against fp32) and int8 elsewhere (bf16 activations); fp32 on other CPUs and on a GPU."""
     if device_type != "cpu" or not cpu_has_bf16():
         return None
-    from .cpu_int8 import available, cpu_has_vnni
+    from .cpu_int8 import runs_here
 
-    return "int8a8" if available() and cpu_has_vnni() else "int8"
+    return "int8a8" if runs_here() else "int8"
 
 
 def gguf_path() -> Path:
