@@ -67,12 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=[*GLMKIT_MODES, LLAMA], choices=[*GLMKIT_MODES, LLAMA])
     args = parser.parse_args()
-    if args.model is None:
-        from glmkit.models.default import default_gguf_path
-
-        gguf = str(default_gguf_path())
-    else:
-        gguf = args.model
+    gguf = args.model or "the default model"
 
     runners, skipped, prompt = {}, {}, None
     for mode in args.modes:
@@ -101,6 +96,10 @@ def main() -> None:
             if prompt is None:  # no glmkit mode asked for: borrow its tokenizer and chat format for the prompt
                 prompt = LLM(args.model, dtype="bfloat16", quantization="none", kv_cache_memory_gb=0.05).render_chat(
                     [{"role": "user", "content": PROMPT}])
+            if args.model is None:  # assembled now: converting the default model for glmkit's modes deletes it
+                from glmkit.models.default import default_gguf_path
+
+                gguf = str(default_gguf_path())
             start = time.perf_counter()
             llama = Llama(model_path=gguf, n_threads=args.threads, n_threads_batch=args.threads,
                           n_ctx=max(1024, len(prompt) + args.tokens + 16), verbose=False)

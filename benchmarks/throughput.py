@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float32")
     parser.add_argument("--quantization", default="auto", help="auto (the default model on a CPU: int8a8 with "
-                        "bf16 instructions and VNNI, int8 with bf16 alone), none, int8, int8a8, int4")
+                        "AVX2, int8 with bf16 instructions alone, else none), none, int8, int8a8, int4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
@@ -49,7 +49,7 @@ def main() -> None:
     run_level(llm, 2, 8)  # warm-up: first-call allocations and kernels
     medians = {}
     print(f"model: {llm.model_config.name or llm.model_dir}  device: {llm.device}  dtype: {llm.dtype}  "
-          f"quantization: {llm.quantization.mode if llm.quantization else 'none'}"
+          f"quantization: {llm.quantization.mode if llm.quantization else 'none'}  "
           f"max_tokens: {args.max_tokens}  repeats: {args.repeats}")
     print(f"{'concurrent':>10} {'output tok/s (median)':>22} {'runs':>26} {'x one stream':>13}")
     for level in args.concurrency:

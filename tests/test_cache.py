@@ -1,6 +1,6 @@
 """glmkit's cache: `glmkit cache` lists and cleans it; start-up removes what killed builds left; Ctrl-C during a
 conversion leaves nothing; and the embedded model's first start keeps only what later starts load (its int8 copy
-on a CPU with bf16 instructions, its float32 conversion elsewhere). The default model is played by a tiny GGUF."""
+on a CPU that quantizes it, its float32 conversion elsewhere). The default model is played by a tiny GGUF."""
 
 import os
 import shutil
@@ -72,12 +72,18 @@ def fake_cache(root, dead_pid, source_gguf):
 
 
 @pytest.fixture
-def no_bf16(monkeypatch):
-    """The default start here loads float32 (as on any CPU without bf16 instructions)."""
-    monkeypatch.setattr(default, "cpu_has_bf16", lambda: False)
+def float32_start(monkeypatch):
+    """The default start here loads float32 (as on a CPU with neither AVX2 nor bf16 instructions)."""
+    monkeypatch.setattr(default, "start_quantization", lambda device_type: None)
 
 
-def test_list_shows_sizes_total_and_the_default_start(cache, dead_pid, tmp_path, capsys, no_bf16):
+@pytest.fixture
+def int8_start(monkeypatch):
+    """The default start here quantizes to int8 (as on a CPU with bf16 instructions but no fbgemm)."""
+    monkeypatch.setattr(default, "start_quantization", lambda device_type: "int8" if device_type == "cpu" else None)
+
+
+def test_list_shows_sizes_total_and_the_default_start(cache, dead_pid, tmp_path, capsys, float32_start):
     source = tmp_path / "mine.gguf"
     entries = fake_cache(cache, dead_pid, source)
     assert cli.main(["cache"]) == 0
@@ -95,7 +101,7 @@ def test_list_shows_sizes_total_and_the_default_start(cache, dead_pid, tmp_path,
     assert capsys.readouterr().out == "" and cli.main(["cache", "list"]) == 0
 
 
-def test_clean_removes_what_no_start_needs(cache, dead_pid, tmp_path, capsys, no_bf16):
+def test_clean_removes_what_no_start_needs(cache, dead_pid, tmp_path, capsys, float32_start):
     source = tmp_path / "mine.gguf"
     entries = fake_cache(cache, dead_pid, source)
     assert cli.main(["cache", "clean"]) == 0
@@ -104,7 +110,7 @@ def test_clean_removes_what_no_start_needs(cache, dead_pid, tmp_path, capsys, no
     assert "freed 12.0 kB" in capsys.readouterr().out
 
 
-def test_clean_all_yes_empties_the_cache(cache, dead_pid, tmp_path, no_bf16):
+def test_clean_all_yes_empties_the_cache(cache, dead_pid, tmp_path, float32_start):
     fake_cache(cache, dead_pid, tmp_path / "missing.gguf")
     proc = subprocess.run([sys.executable, "-m", "glmkit.cli", "cache", "clean", "--all", "--yes"],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ))
@@ -112,7 +118,7 @@ def test_clean_all_yes_empties_the_cache(cache, dead_pid, tmp_path, no_bf16):
     assert list(cache.iterdir()) == []
 
 
-def test_clean_all_without_a_terminal_needs_yes(cache, dead_pid, tmp_path, no_bf16):
+def test_clean_all_without_a_terminal_needs_yes(cache, dead_pid, tmp_path, float32_start):
     fake_cache(cache, dead_pid, tmp_path / "missing.gguf")
     proc = subprocess.run([sys.executable, "-m", "glmkit.cli", "cache", "clean", "--all"], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=120, env=dict(os.environ))
@@ -197,10 +203,9 @@ def cached_names(root) -> set[str]:
             for p in (root / sub).iterdir()}
 
 
-def test_bf16_cpu_keeps_only_the_int8_copy(tiny_default, monkeypatch):
+def test_quantizing_cpu_keeps_only_the_int8_copy(tiny_default, monkeypatch, int8_start):
     from glmkit import LLM
 
-    monkeypatch.setattr(default, "cpu_has_bf16", lambda: True)
     first = LLM(max_num_seqs=1)
     copy = default.quantized_dir("int8-g32")
     assert first.model_dir == copy and first.quantization.source == "glmkit"
@@ -212,7 +217,7 @@ def test_bf16_cpu_keeps_only_the_int8_copy(tiny_default, monkeypatch):
     assert again.model_dir == copy and again.quantization.mode == default.start_quantization("cpu")
 
 
-def test_cpu_without_bf16_keeps_the_float32_conversion(tiny_default, no_bf16):
+def test_float32_start_keeps_the_float32_conversion(tiny_default, float32_start):
     from glmkit import LLM
 
     first = LLM(max_num_seqs=1)
@@ -224,11 +229,10 @@ def test_cpu_without_bf16_keeps_the_float32_conversion(tiny_default, no_bf16):
     assert default.is_built(default.float_dir())
 
 
-def test_unwritable_copy_quantizes_in_memory_and_keeps_the_conversion(tiny_default, monkeypatch):
+def test_unwritable_copy_quantizes_in_memory_and_keeps_the_conversion(tiny_default, monkeypatch, int8_start):
     from glmkit import LLM
     from glmkit.models import export
 
-    monkeypatch.setattr(default, "cpu_has_bf16", lambda: True)
 
     def unwritable(*args):
         raise PermissionError(13, "Permission denied", "/read-only/cache")

@@ -47,21 +47,21 @@ def test_default_model_is_the_verified_gguf(llm):
 
 
 def test_default_model_quantization_follows_the_cpu(llm):
-    from glmkit.llm import cpu_has_bf16
-    from glmkit.models import default
+    from glmkit.models import cpu_int8, default
 
-    if cpu_has_bf16():  # int8 weights (int8a8 with VNNI), loaded from the copy kept beside the conversion
-        assert llm.quantization.mode == default.start_quantization("cpu") and llm.quantization.source == "glmkit"
+    mode = default.start_quantization("cpu")
+    assert mode == ("int8a8" if cpu_int8.runs_here() else "int8" if default.cpu_has_bf16() else None)
+    if mode is not None:  # int8 weights, loaded from the copy kept beside the conversion
+        assert llm.quantization.mode == mode and llm.quantization.source == "glmkit"
         assert llm.model_dir.name.endswith("-int8-g32")
     else:
         assert llm.quantization is None and llm.dtype.is_floating_point
 
 
 def test_unwritable_cache_quantizes_in_memory(monkeypatch, tmp_path):
-    from glmkit import llm as llm_module
     from glmkit.models import default, export
 
-    if not llm_module.cpu_has_bf16():
+    if default.start_quantization("cpu") is None:
         pytest.skip("the default model is not quantized on this CPU")
     # A cache of its own: in the shared one the int8 copy exists already, and a start loads it before anything else.
     monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))

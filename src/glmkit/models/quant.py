@@ -13,9 +13,9 @@ no `offsets` (no buffer, nothing saved), so everything written before offsets ex
 
 At load time each QuantLinear packs its weight once for the device's kernel: PyTorch's `_weight_int8pack_mm` /
 `_weight_int4pack_mm_for_cpu` on CPU, our Triton kernel (kernels/quant_matmul.py) on CUDA. Activations stay
-in bf16/fp16 (W8A16, W4A16), except in int8a8 mode on a CPU with VNNI, where the int8 linears but qkv quantize
-their inputs per token and run fbgemm's byte x byte product (W8A8, models/cpu_int8.py). Nothing is compiled at
-run time. Offsets cost no kernel of their own: the CPU kernel computes (u - 8) * scale + zero per group and
+in bf16/fp16 (W8A16, W4A16), except in int8a8 mode on an x86 CPU with AVX2, where the int8 linears but qkv
+quantize their inputs per token and run fbgemm's byte x byte product (W8A8, models/cpu_int8.py). Nothing is
+compiled at run time. Offsets cost no kernel of their own: the CPU kernel computes (u - 8) * scale + zero per group and
 takes them as its zeros; on CUDA the Triton kernel computes the symmetric part and QuantLinear adds
 sum(x over each group) @ offsets.T.
 """
