@@ -185,3 +185,33 @@ def test_prompt_too_long(tmp_path, sp_model_path, sp_vocab):
     with pytest.raises(ContextLengthError, match="prompt has 40 tokens but the model accepts 32"):
         llm.generate([[5] * 40])
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("interleaved,rotary_dim", [(True, 16), (False, 32)])
+def test_rotary_matches_the_pairwise_form_exactly_and_gathers_once_per_positions(interleaved, rotary_dim):
+    """rotate's x * cos + swapped(x) * signed sin rounds as (a cos - b sin, b cos + a sin) does, in bf16 too."""
+    import torch
+
+    from glmkit.models.config import ModelConfig
+    from glmkit.models.layers import Rotary, rotate
+
+    config = ModelConfig(family="glm", model_type="chatglm", vocab_size=8, hidden_size=64, num_layers=1,
+                         num_heads=2, num_kv_heads=2, head_dim=32, intermediate_size=8, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, rotary_dim=rotary_dim, rope_interleaved=interleaved, qkv_bias=False,
+                         tie_word_embeddings=False, max_position_embeddings=64)
+    rotary = Rotary(config, torch.bfloat16, torch.device("cpu"))
+    x = torch.randn(5, 2, 32).to(torch.bfloat16)
+    positions = torch.tensor([0, 3, 17, 2047, 5000])
+    got = rotate(x, *rotary.tables(positions), rotary_dim, interleaved)
+    cos, sin = rotary.cos[positions][:, None], rotary.sin[positions][:, None]
+    rot = x[..., :rotary_dim]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        expected = torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2)
+    else:
+        a, b = rot.chunk(2, -1)
+        expected = torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+    assert torch.equal(got[..., :rotary_dim], expected) and torch.equal(got[..., rotary_dim:], x[..., rotary_dim:])
+    assert rotary.tables(positions)[0] is rotary.tables(positions)[0]  # every layer of a step: gathered once
+    other = torch.tensor([1, 1, 1, 1, 1])
+    assert torch.equal(rotary.tables(other)[0][:, 0], rotary.cos_full[other])

@@ -45,8 +45,12 @@ def available() -> bool:
 
 
 def _row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(low, span) of each row of x, [M, 1] each; span at least the smallest float, so a constant row maps to 0."""
-    low, high = torch.aminmax(x, dim=1, keepdim=True)
+    """(low, span) of each row of x, [M, 1] each; span at least the smallest float, so a constant row maps to 0.
+    (aminmax along a dimension is several times slower than over a whole tensor or than amin and amax apart.)"""
+    if x.shape[0] == 1:
+        low, high = (t.view(1, 1) for t in torch.aminmax(x))
+    else:
+        low, high = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
     return low, (high - low).clamp_min_(torch.finfo(torch.float32).tiny)
 
 
