@@ -17,13 +17,14 @@ quantized the same way alone, beside other requests' rows, or after a cached pre
 depend on what ran beside it (scaling rows by their peak alone left the batch's range to the other rows). The
 qkv projection keeps bf16 activations (KEEP_BF16_ACTIVATIONS says why).
 
-CPUs without VNNI (AVX2 only: most AMD and Intel desktops, Zen 3 servers) multiply bytes with `vpmaddubsw`, which
-adds pairs of byte products into int16 and saturates unless the activations keep to 7 bits (`reduce_range`).
+CPUs without VNNI (AVX2 only: older Intel desktops and laptops, AMD before Zen 4) multiply bytes with
+`vpmaddubsw`, which adds pairs of byte products into int16 and saturates unless the activations keep to 7 bits
+(`reduce_range`).
 7 bits alone cost +2.6% perplexity on the default model (8 bits there: +5.1%, the saturation). So there each
 product runs in two passes of one fbgemm call: the 7-bit rounding a of x', and the rounding error x' - a (at most
 1/254), itself mapped onto [0, 1] per row and rounded to 7 bits. Both halves go through one call as 2M rows, so
 the weights are read once (a decode step is bound by reading them); the error left is that of 14-bit activations:
-+0.28% perplexity, at 0.87x the one-pass speed (README, "Quantization").
++0.36% perplexity, at 0.87x the one-pass speed (README, "Quantization").
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class DynamicInt8Linear:
 # switched before QuantLinear.prepare rounds the scales to bf16: the text's 1,761 tokens move by that much between
 # near-identical weights). Smoothing qkv and gate_up by their norm's weight measured +0.59% with bf16-rounded
 # scales but +1.55% with fp32 ones (+1.74% unsmoothed): no gain beyond that noise, so it is not the default.
+# qkv through fbgemm in two 7-bit passes (as on CPUs without VNNI) rather than bf16 activations: +1.20%.
 KEEP_BF16_ACTIVATIONS = ("attn.qkv",)
 SMOOTHED: tuple[str, ...] = ()
 # The RMSNorm whose output each smoothable linear takes (DecoderLayer's names)
