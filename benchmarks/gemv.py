@@ -11,6 +11,7 @@ best few per layer (what kernels/gemv.py's config() was chosen from).
 --quant instead times the weight-only quantized product of one row (kernels/quant_matmul.py; random weights
 quantized as `--quantization` does, int4 in groups of --group-size) against the bf16 GEMV in the same run, in
 TB/s of the bytes it reads (weights and scales): how far a quantized decode step is from its bandwidth limit.
+With --sweep it also times the tiled kernel and tile choices of the single-row one (QuantMatmul.gemv_config).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quant:
         for mode in args.quant:
-            quantized(args.shape, int(mode[3:]), args.group_size)
+            quantized(args.shape, int(mode[3:]), args.group_size, args.sweep)
         return
     print(f"# {torch.cuda.get_device_name()}, {args.shape}, bf16, one row, torch {torch.__version__}")
     print("| layer | N x K | cuBLAS us | TB/s | glmkit us | TB/s | cuBLAS / glmkit |\n|---|---|---|---|---|---|---|")
@@ -97,7 +98,7 @@ def main() -> None:
           f"({totals[0] / totals[1]:.2f}x)")
 
 
-def quantized(shape: str, bits: int, group_size: int) -> None:
+def quantized(shape: str, bits: int, group_size: int, sweep: bool = False) -> None:
     print(f"\n# {torch.cuda.get_device_name()}, {shape}, int{bits}" + (f" g{group_size}" if bits == 4 else "")
           + ", one row; x bf16 = bf16 GEMV time / quantized time")
     print("| layer | N x K | bf16 us | TB/s | int us | TB/s | x bf16 |\n|---|---|---|---|---|---|---|")
@@ -118,6 +119,23 @@ def quantized(shape: str, bits: int, group_size: int) -> None:
         totals[1] += ours * count
         print(f"| {name} | {N} x {K} | {base * 1e6:.1f} | {N * K * 2 / base / 1e12:.2f} | {ours * 1e6:.1f} | "
               f"{nbytes / ours / 1e12:.2f} | {base / ours:.2f} |", flush=True)
+        if sweep:  # the single-row kernel's tiles against the tiled kernel's time
+            chosen = mms[0].gemv_tiles
+            for mm in mms:
+                mm.gemv_tiles = None
+            tiled = graph_time(lambda: [mm(x) for mm in mms], copies)
+            tried = []
+            for tiles in itertools.product([2, 4, 8, 16], [256, 512, 1024, 2048], [4, 8]):
+                if tiles[0] * tiles[1] > 16384 or tiles[1] < mms[0].block_k // 2:
+                    continue
+                for mm in mms:
+                    mm.gemv_tiles = tiles
+                tried.append((graph_time(lambda: [mm(x) for mm in mms], copies), tiles))
+            for mm in mms:
+                mm.gemv_tiles = chosen
+            tried.sort()
+            print(f"    tiled kernel {tiled * 1e6:.1f} us; single-row {chosen}; best: " + ", ".join(
+                f"{t} {u * 1e6:.1f} us {nbytes / u / 1e12:.2f} TB/s" for u, t in tried[:4]), flush=True)
         del mms
         torch.cuda.empty_cache()
     print(f"\nweights of one token: bf16 {totals[0] * 1e3:.3f} ms, int{bits} {totals[1] * 1e3:.3f} ms "

@@ -51,6 +51,21 @@ def test_matches_dequantized_reference(bits, group, M, N, K, dtype):
     check(mm(x), x, w_ref, dtype)
 
 
+@pytest.mark.parametrize("tiles", [(16, 32, 4), (4, 128, 2), (32, 256, 8)])  # K tile larger than a row: masked
+@pytest.mark.parametrize("N,K", [(48, 256), (80, 96), (40, 320)])
+@pytest.mark.parametrize("bits,group", QUANT + [(4, 64)])
+def test_single_row_kernel_matches_dequantized_reference(bits, group, N, K, tiles):
+    if group == 64 and K % 64:
+        pytest.skip("groups of 64 do not divide K")
+    qweight, scales, group_size, w_ref = make(bits, group, N, K, seed=6)
+    mm = QuantMatmul(bits, qweight, scales, group_size, DTYPES[-1])
+    if bits == 4 and tiles[1] < mm.block_k // 2:
+        pytest.skip("the byte tile must hold whole int4 segments")
+    mm.gemv_tiles = tiles
+    x = rand_x(1, K, DTYPES[-1], seed=7)
+    check(mm(x), x, w_ref, DTYPES[-1])
+
+
 @pytest.mark.parametrize("M", [3, 40])
 @pytest.mark.parametrize("bits,group", QUANT + [(4, 64), (4, 16)])
 def test_split_k_is_right_and_deterministic(bits, group, M):

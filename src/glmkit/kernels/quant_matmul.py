@@ -24,6 +24,11 @@ unpack with 32-bit operations:
   H = 64 for group sizes that are multiples of 64 (and one group per row), 32 for 32, 16 for 16; other group
   sizes are refused.
 
+One row (a batch-1 decode step) goes through a kernel of its own where that is faster (QuantMatmul.gemv_config):
+each program reads BLOCK_N weight rows BLOCK_B bytes at a time and multiplies them in fp32 without tensor cores,
+which for one row would load 16 rows of x per mma tile and waste 15 of them. int4's multi-group scales apply to
+each HALF-byte segment's sum.
+
 Tiles (QuantMatmul.config(M), picked from sweeps on an H200): each program computes one [BLOCK_M, BLOCK_N]
 output tile, tl.dot with fp32 accumulation (mma.sync for BLOCK_M < 64, wgmma above).
 * M <= 16 (decode): BLOCK_M = 16, BLOCK_N = 128 (int8: 64); M <= 64: BLOCK_M = 32 / 64; larger M: 64 or 128.
@@ -183,6 +188,51 @@ def _quant_matmul_kernel(
             tl.atomic_xchg(counter, 0)  # ready for the next launch
 
 
+@triton.jit
+def _quant_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, row_bytes, stride_wn, group_size,
+                       BITS: tl.constexpr, HALF: tl.constexpr, GROUPED: tl.constexpr, EVEN: tl.constexpr,
+                       FAST_UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One row of x: each program owns BLOCK_N output rows and walks their bytes BLOCK_B at a time, products in
+    fp32 reduced per step (no tensor cores: a single row would waste 15/16 of an mma tile's loads)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tl.minimum(offs_n, N - 1)  # the last tile's missing rows read row N - 1 again and are not stored
+    rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
+    offs_b = tl.arange(0, BLOCK_B)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    for b0 in range(0, row_bytes, BLOCK_B):
+        j = b0 + offs_b
+        if EVEN:
+            w = tl.load(rows + j[None, :])
+        else:
+            w = tl.load(rows + j[None, :], mask=j[None, :] < row_bytes, other=0)  # x is 0 there
+        if BITS == 8:
+            a = tl.load(x_ptr + j, mask=j < K, other=0.0)
+            total += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], 1)
+        else:
+            k_lo = (j // HALF) * (2 * HALF) + j % HALF  # the int4 layout: byte j holds elements k_lo, k_lo + HALF
+            a_lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0)
+            a_hi = tl.load(x_ptr + k_lo + HALF, mask=k_lo + HALF < K, other=0.0)
+            lo, hi = _unpack_int4(w, a_lo.dtype, FAST_UNPACK)
+            p_lo = lo.to(tl.float32) * a_lo.to(tl.float32)[None, :]
+            p_hi = hi.to(tl.float32) * a_hi.to(tl.float32)[None, :]
+            if GROUPED:  # each HALF-byte segment lies in one group: sum it, then scale it
+                T: tl.constexpr = BLOCK_B // HALF
+                tile = b0 // HALF + tl.arange(0, T)
+                g_lo = (tile * (2 * HALF)) // group_size
+                g_hi = (tile * (2 * HALF) + HALF) // group_size
+                real = (tile < row_bytes // HALF)[None, :]
+                s_lo = tl.load(s_ptr + g_lo[None, :] * N + n[:, None], mask=real, other=0.0).to(tl.float32)
+                s_hi = tl.load(s_ptr + g_hi[None, :] * N + n[:, None], mask=real, other=0.0).to(tl.float32)
+                seg_lo = tl.sum(tl.reshape(p_lo, (BLOCK_N, T, HALF)), 2)
+                seg_hi = tl.sum(tl.reshape(p_hi, (BLOCK_N, T, HALF)), 2)
+                total += tl.sum(seg_lo * s_lo + seg_hi * s_hi, 1)
+            else:
+                total += tl.sum(p_lo + p_hi, 1)
+    if not GROUPED:  # one fp32 scale per row, once
+        total *= tl.load(s_ptr + n)
+    tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
 def _pad_dim(t: torch.Tensor, dim: int, size: int, value: int = 0) -> torch.Tensor:
     """t with `value` appended along `dim` up to `size` (t itself if it is that long)."""
     if t.shape[dim] == size:
@@ -263,6 +313,17 @@ class QuantMatmul:
         # Per-tile arrival counters for split-K (enough for any split config _choose makes), zero between launches.
         self._counters = torch.zeros(max(triton.cdiv(self.N, 32), 2 * self.num_sms), dtype=torch.int32, device=device)
         self._configs: dict[int, tuple] = {}
+        self.gemv_tiles = self.gemv_config(bits, self.K)
+
+    @staticmethod
+    def gemv_config(bits: int, K: int) -> tuple[int, int, int] | None:
+        """(BLOCK_N, BLOCK_B, num_warps) of the single-row kernel, or None where one row is faster through the
+        tiled kernel. From a sweep on an H200 over ChatGLM3-6B's linears (`benchmarks/gemv.py --quant int8 int4
+        --sweep`): int4 8 rows x 1,024 bytes, 1.3-1.7x the tiled kernel on every layer; int8 4 x 2,048 bytes,
+        1.03-1.27x where K <= 8192, but 0.84x on `down` (K = 13,696), which stays tiled."""
+        if bits == 4:
+            return 8, 1024, 4
+        return (4, 2048, 4) if K <= 8192 else None
 
     @staticmethod
     def _int4_half(K: int, group_size: int, groups: int) -> int:
@@ -326,6 +387,8 @@ class QuantMatmul:
         out = torch.empty(M, self.N, dtype=x.dtype, device=x.device)
         if M == 0:
             return out
+        if M == 1 and self.gemv_tiles is not None:
+            return self._gemv(x, out, *self.gemv_tiles)
         block_m, block_n, block_k, split, warps, stages = self.config(M)
         k_tiles = self.k_pad // block_k
         tiles_per_split = triton.cdiv(k_tiles, split)
@@ -341,4 +404,14 @@ class QuantMatmul:
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
             num_warps=warps, num_stages=stages,
         )
+        return out
+
+    def _gemv(self, x: torch.Tensor, out: torch.Tensor, block_n: int, block_b: int, warps: int) -> torch.Tensor:
+        """The single-row kernel: x [1, K] -> out [1, N]."""
+        row_bytes = self.qweight.shape[1]
+        half = self.block_k // 2
+        _quant_gemv_kernel[(triton.cdiv(self.N, block_n),)](
+            x, self.qweight, self.scales, out, self.N, self.K, row_bytes, self.qweight.stride(0), self.group_size,
+            BITS=self.bits, HALF=half, GROUPED=self.scale_per_group, EVEN=row_bytes % block_b == 0,
+            FAST_UNPACK=self.fast_unpack, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps, num_stages=1)
         return out
