@@ -233,7 +233,6 @@ def test_unwritable_copy_quantizes_in_memory_and_keeps_the_conversion(tiny_defau
     from glmkit import LLM
     from glmkit.models import export
 
-
     def unwritable(*args):
         raise PermissionError(13, "Permission denied", "/read-only/cache")
 

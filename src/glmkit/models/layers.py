@@ -189,7 +189,9 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     """
     num_seqs, num_heads, head_dim = q.shape
     groups = k.shape[2]
-    if num_seqs == 1:  # views of the one sequence's K/V, no copies: a quarter faster
+    # One sequence: bmm on views of its K/V, no copies (a quarter faster). For several, the same bmm form
+    # copies K/V into [B*G, D, S] and measured 3x slower than the broadcast matmul below.
+    if num_seqs == 1:
         qg = q.float().view(groups, num_heads // groups, head_dim)
         scores = torch.bmm(qg, k[0].float().permute(1, 2, 0)).mul_(head_dim ** -0.5)  # [G, H/G, S]
         if mask is not None:
