@@ -80,7 +80,8 @@ def test_sigterm_drains_then_aborts_and_exits_0(tiny_dir):
     server = serve(tiny_dir, "--shutdown-timeout", "5")
     try:
         with httpx.stream("POST", server.url + COMPLETIONS, headers={"X-Request-Id": "leaver"}, timeout=60,
-                          json={"model": "tiny", "prompt": "Hi", "max_tokens": 8000, "stream": True}) as r:
+                          json={"model": "tiny", "prompt": "Hi", "max_tokens": 8000, "ignore_eos": True,
+                                "stream": True}) as r:
             next(r.iter_lines())  # one chunk, then the client goes away
         assert wait_for_line(server, "request_id=leaver"), server.output()[-2000:]
         assert "abort=client_disconnected" in server.output()
