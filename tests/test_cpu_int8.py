@@ -1,16 +1,22 @@
-"""CPU int8 with int8 activations (models/cpu_int8.py): fbgemm's dynamic quantized linear on glmkit's int8 layout,
-against the float product of the dequantized weight, per-row activation ranges, and a whole model switched to it."""
+"""CPU int8 with int8 activations (models/cpu_int8.py): glmkit's own kernel (kernels/cpu_int8.c) and fbgemm's
+dynamic quantized linear on glmkit's int8 layout, against the float product of the dequantized weight (and, for
+glmkit's, against the exact integer arithmetic it promises), per-row activation ranges, and a whole model switched
+to it."""
 
 import pytest
 import torch
 
 from checkpoint_fixtures import llama_config, make_hf_dir, random_llama_state
 from glmkit import LLM, SamplingParams
-from glmkit.models.cpu_int8 import DynamicInt8Linear, available, cpu_has_vnni, use_int8_activations
+from glmkit.models import cpu_int8
+from glmkit.models.cpu_int8 import DynamicInt8Linear, cpu_has_vnni, runs_here, use_int8_activations
 from glmkit.models.quant import QuantLinear, dequantize, quantize_int8
 
-pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch has no fbgemm (not an x86 CPU build)")
+pytestmark = pytest.mark.skipif(not runs_here(), reason="neither glmkit's kernel nor fbgemm runs here")
 PROMPT = [5, 17, 33, 64, 101, 7, 250, 3, 90, 44, 12]
+HERE = [k for k, runs in (("glmkit", cpu_int8.own_kernel_available()),
+                          ("fbgemm", cpu_int8.fbgemm_available() and "avx2" in cpu_int8.cpu_flags())) if runs]
+kernels = pytest.mark.parametrize("kernel", HERE)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -22,26 +28,35 @@ def int8_weight(out_features: int, in_features: int, seed: int = 0):
     return quantize_int8(torch.randn(out_features, in_features, generator=g) * 0.05)
 
 
-# 8-bit activations saturate fbgemm's int16 pair sums on a CPU without VNNI: there only reduce_range is right
-@pytest.mark.parametrize("reduce_range", [pytest.param(False, marks=pytest.mark.skipif(
-    not cpu_has_vnni(), reason="8-bit activations need VNNI")), True])
+def test_the_default_kernel_is_glmkits_where_it_was_built():
+    assert cpu_int8.default_kernel() == ("glmkit" if "glmkit" in HERE else "fbgemm")
+
+
+# 8-bit activations saturate fbgemm's int16 pair sums on a CPU without VNNI: there only reduce_range is right;
+# glmkit's kernel runs 8 bits on any AVX2 CPU
+@pytest.mark.parametrize("kernel, reduce_range", [
+    pytest.param("fbgemm", False, marks=pytest.mark.skipif(
+        "fbgemm" not in HERE or not cpu_has_vnni(), reason="fbgemm's 8-bit activations need VNNI")),
+    pytest.param("fbgemm", True, marks=pytest.mark.skipif("fbgemm" not in HERE, reason="no fbgemm")),
+    pytest.param("glmkit", False, marks=pytest.mark.skipif("glmkit" not in HERE, reason="glmkit's kernel not built"))])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_matches_the_dequantized_weight(rows, reduce_range):
+def test_matches_the_dequantized_weight(rows, kernel, reduce_range):
     qweight, scales = int8_weight(96, 160)
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(1))
     ref = x @ dequantize(8, qweight, scales).T
-    got = DynamicInt8Linear(qweight, scales, reduce_range=reduce_range)(x)
+    got = DynamicInt8Linear(qweight, scales, reduce_range=reduce_range, kernel=kernel)(x)
     assert got.shape == ref.shape and got.dtype == torch.float32
     # 8-bit activations: about 1% of the product's norm on Gaussian inputs; two 7-bit passes: about 14 bits
     # (one 7-bit pass alone would be about 2%)
     assert rel_err(got, ref) < (0.001 if reduce_range else 0.01)
 
 
+@pytest.mark.skipif("fbgemm" not in HERE, reason="no fbgemm")
 def test_two_passes_on_a_prompt_with_an_outlier_row():
     """reduce_range's two passes: each row's error is that of 14-bit activations, whatever the rows beside it."""
     qweight, scales = int8_weight(64, 256, seed=13)
     w = dequantize(8, qweight, scales)
-    linear = DynamicInt8Linear(qweight, scales, reduce_range=True)
+    linear = DynamicInt8Linear(qweight, scales, reduce_range=True, kernel="fbgemm")
     g = torch.Generator().manual_seed(14)
     x = torch.randn(7, 256, generator=g)
     x[1] *= 500
@@ -53,17 +68,19 @@ def test_two_passes_on_a_prompt_with_an_outlier_row():
         assert torch.equal(linear(x[i:i + 1]), got[i:i + 1])
 
 
-def test_output_dtype_follows_the_input_unless_fixed():
+@kernels
+def test_output_dtype_follows_the_input_unless_fixed(kernel):
     qweight, scales = int8_weight(32, 64)
     x = torch.randn(3, 64).bfloat16()
-    assert DynamicInt8Linear(qweight, scales)(x).dtype == torch.bfloat16
-    assert DynamicInt8Linear(qweight, scales, out_dtype=torch.float32)(x).dtype == torch.float32
+    assert DynamicInt8Linear(qweight, scales, kernel=kernel)(x).dtype == torch.bfloat16
+    assert DynamicInt8Linear(qweight, scales, out_dtype=torch.float32, kernel=kernel)(x).dtype == torch.float32
 
 
-def test_each_row_is_quantized_on_its_own_range():
+@kernels
+def test_each_row_is_quantized_on_its_own_range(kernel):
     """One row a thousand times larger (an outlier token in a prompt) leaves the others' error as it is alone."""
     qweight, scales = int8_weight(64, 128, seed=2)
-    linear = DynamicInt8Linear(qweight, scales)
+    linear = DynamicInt8Linear(qweight, scales, kernel=kernel)
     w = dequantize(8, qweight, scales)
     x = torch.randn(4, 128, generator=torch.Generator().manual_seed(3))
     x[0] *= 1000
@@ -88,23 +105,25 @@ def test_smoothed_linears_after_a_norm_on_request(tmp_path, hf_tokenizer_dir):
     assert len(out[0].outputs[0].token_ids) == 4
 
 
-def test_smoothing_computes_the_same_product():
+@kernels
+def test_smoothing_computes_the_same_product(kernel):
     """Input channel j divided by s[j], weight column j multiplied by it: x @ W.T again, one int8 rounding more."""
     qweight, scales = int8_weight(64, 96, seed=7)
     g = torch.Generator().manual_seed(8)
     input_scales = torch.rand(96, generator=g) * 20 + 0.05  # as an RMSNorm's weight: some channels far larger
     x = torch.randn(3, 96, generator=g) * input_scales  # ... and so are those channels of its output
     ref = x @ dequantize(8, qweight, scales).T
-    smoothed = DynamicInt8Linear.smoothed(qweight, scales, input_scales)
+    smoothed = DynamicInt8Linear.smoothed(qweight, scales, input_scales, kernel=kernel)
     # Whether it beats the plain product depends on the model's weights (on random ones it is a wash); on the
     # default model it is measured in benchmarks/perplexity.py. Here: the same product within int8 error.
     assert rel_err(smoothed(x), ref) < 0.02
     assert smoothed.unpack()[0].shape == qweight.shape
 
 
-def test_unpack_gives_the_weight_back():
+@kernels
+def test_unpack_gives_the_weight_back(kernel):
     qweight, scales = int8_weight(48, 80, seed=5)
-    back_q, back_scales = DynamicInt8Linear(qweight, scales).unpack()
+    back_q, back_scales = DynamicInt8Linear(qweight, scales, kernel=kernel).unpack()
     assert torch.equal(back_q, qweight)
     torch.testing.assert_close(back_scales, scales.float())
 
@@ -122,7 +141,7 @@ def test_a_model_switched_to_int8_activations_generates_as_int8(tmp_path, hf_tok
                                                                      w8a8.model.lm_head))
     assert not isinstance(layer.attn.qkv._forward, DynamicInt8Linear)  # kept at bf16 activations
     assert layer.mlp.gate_up._forward.inverse_input_scales is None  # smoothing is opt-in
-    assert all(m.qweight.numel() == 0 for m in w8a8.model.modules()  # fbgemm's packed copy replaces the bytes
+    assert all(m.qweight.numel() == 0 for m in w8a8.model.modules()  # the kernel's copy replaces the bytes
                if isinstance(m, QuantLinear) and isinstance(m._forward, DynamicInt8Linear))
     with torch.inference_mode():
         hidden = torch.randn(6, config["hidden_size"], generator=torch.Generator().manual_seed(6)).bfloat16()
@@ -152,9 +171,10 @@ def test_switching_before_prepare_uses_the_fp32_scales_and_gives_the_bias_the_dt
     assert use_int8_activations(model, torch.bfloat16) == 0  # already switched
 
 
-def test_a_rows_product_does_not_depend_on_the_rows_beside_it():
+@kernels
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it(kernel):
     qweight, scales = int8_weight(48, 64, seed=11)
-    linear = DynamicInt8Linear(qweight, scales.float())
+    linear = DynamicInt8Linear(qweight, scales.float(), kernel=kernel)
     g = torch.Generator().manual_seed(12)
     rows = torch.randn(5, 64, generator=g)
     rows[2] *= 40  # an outlier row
@@ -163,3 +183,69 @@ def test_a_rows_product_does_not_depend_on_the_rows_beside_it():
     for i in range(5):
         assert torch.equal(linear(rows[i:i + 1]), together[i:i + 1])
         assert torch.equal(linear(rows[i:]), together[i:])
+
+
+def exact_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """What glmkit's kernel promises (kernels/cpu_int8.c), computed apart: each row quantized to 8 bits centred on
+    its range (ties to even), integer sums exact, then step * scale * sum + mid * (W @ 1) in fp32."""
+    x = x.float()
+    low, high = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    mid, half = (low + high) * 0.5, (high - low) * 0.5
+    # 127 / half as one fp32 division (a Python number over a tensor is its reciprocal times 127: 1 ulp off)
+    inv = torch.where(half > 0, torch.full_like(half, 127.0).div(half), torch.zeros_like(half))
+    a = ((x - mid) * inv).clamp(-127, 127).round()
+    sums = (a.double() @ qweight.double().T).float()  # exact: far below 2**24 per sum
+    row_sums = (qweight.to(torch.int64).sum(dim=1).double() * scales.double()).float()
+    return sums * ((half / 127.0) * scales[None, :]) + mid * row_sums[None, :]
+
+
+@pytest.mark.skipif("glmkit" not in HERE, reason="glmkit's kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, out_features, in_features", [
+    (1, 8, 32),  # one tile
+    (3, 10, 70),  # rows not a multiple of 4, columns not of 32: the padding
+    (70, 37, 4864),  # more rows than one block of 64, an odd count (one row alone at the end); the MLP's width
+])
+def test_glmkits_kernel_computes_exactly_its_integer_arithmetic(rows, out_features, in_features, dtype):
+    qweight, scales = int8_weight(out_features, in_features, seed=rows)
+    qweight[0] = 127
+    qweight[1, ::2] = -127  # the widest pair sums: 2 * 127 * 127 must not saturate
+    g = torch.Generator().manual_seed(20 + rows)
+    x = (torch.randn(rows, in_features, generator=g) * 3 + 0.5).to(dtype)
+    x[0, : in_features // 2] = x[0].abs().max()  # a run of the row's peak: a = 127 against q = 127
+    if rows > 2:
+        x[2] = 0.75  # a constant row: step 0, the product is its mid times W @ 1
+    got = DynamicInt8Linear(qweight, scales, out_dtype=torch.float32, kernel="glmkit")(x)
+    torch.testing.assert_close(got, exact_reference(x, qweight, scales), rtol=2e-6, atol=2e-6)
+    ref = x.float() @ dequantize(8, qweight, scales).T
+    assert rel_err(got, ref) < 0.01
+    bf16 = DynamicInt8Linear(qweight, scales, kernel="glmkit")(x)
+    assert bf16.dtype == dtype
+    torch.testing.assert_close(bf16, got.to(dtype), rtol=0, atol=0)  # rounded once, to nearest even
+
+
+@pytest.mark.skipif("glmkit" not in HERE, reason="glmkit's kernel not built")
+def test_glmkits_kernel_uses_torchs_thread_count():
+    """The kernel splits the rows over torch.get_num_threads() OpenMP threads: the same numbers for any count."""
+    qweight, scales = int8_weight(300, 256, seed=30)
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(31))
+    linear = DynamicInt8Linear(qweight, scales, kernel="glmkit")
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(linear(x))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_the_kernel_named_must_run_here(monkeypatch):
+    qweight, scales = int8_weight(8, 32)
+    with pytest.raises(ValueError, match="kernel='cuda'"):
+        DynamicInt8Linear(qweight, scales, kernel="cuda")
+    monkeypatch.setattr(cpu_int8, "_cpu_int8", None)
+    with pytest.raises(ValueError, match="not built"):
+        DynamicInt8Linear(qweight, scales, kernel="glmkit")
+    assert cpu_int8.default_kernel() == "fbgemm"

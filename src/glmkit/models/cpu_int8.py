@@ -1,48 +1,84 @@
 """CPU int8 products with int8 activations (W8A8): the weights of glmkit's int8 layout (`qweight` int8 [out, in],
-`scales` [out], w = q * scale[row]) run through fbgemm's dynamic quantized linear, which quantizes each call's
-input to uint8 and multiplies bytes with bytes (AVX512-VNNI `vpdpbusd` where the CPU has it). Knows nothing of
+`scales` [out], w = q * scale[row]) multiplied byte by byte with activations quantized per call. Knows nothing of
 models, plans or the engine: `DynamicInt8Linear` is a callable that QuantLinear can use as its CPU forward.
 
 Why: PyTorch's `_weight_int8pack_mm` (bf16 activations, W8A16) converts every weight byte to float before its
-multiply-add and is compute-bound on a CPU: about 6-7 GB/s of weights per core on an AVX512-BF16 EPYC, where
-this product reads 15-18 GB/s per core (the memory's pace), and stays nearly as fast for 8 rows (8 concurrent
-streams) as for one, where the bf16-activation kernel takes 4-5x longer (README, "Quantization").
+multiply-add and is compute-bound on a CPU (6-7 GB/s of weights per core on an AVX512-BF16 EPYC), where a byte x
+byte product reads the weights at the memory's pace and stays nearly as fast for 8 rows (8 concurrent streams) as
+for one (README, "Quantization").
 
-Activations are quantized per row (per token): fbgemm picks one (scale, zero point) per call from the whole
-input's range, so each row is first mapped onto [0, 1] exactly (x = low + span * x', both per row) and the
-product rebuilt as span * (x' @ W.T) + low * (W @ 1). One scale for a whole prompt would let one token's
-outliers (the first token's, in Qwen models) coarsen every other token's steps: perplexity +11% instead of +1.7%
-for all linears. And as every row spans exactly [0, 1], the input's range is the same in any batch: a row is
-quantized the same way alone, beside other requests' rows, or after a cached prefix, so an answer does not
-depend on what ran beside it (scaling rows by their peak alone left the batch's range to the other rows). The
-qkv projection keeps bf16 activations (KEEP_BF16_ACTIVATIONS says why).
+Two kernels, the same arithmetic contract:
+- glmkit's own (`kernels/cpu_int8.c`, compiled when the package is installed; AVX2): each row of x is quantized
+  to 8 bits centred on its own range (x ~= mid + step * a, a in [-127, 127]) and multiplied with `vpmaddubsw` on
+  |q| and a with q's sign, which cannot saturate, so 8-bit activations run on every AVX2 CPU; the whole linear
+  (quantization, product, scales) is one call. The default wherever it was built and the CPU has AVX2.
+- fbgemm's dynamic quantized linear (PyTorch's), where ours was not built: it quantizes the whole input with one
+  (scale, zero point), so each row is first mapped onto [0, 1] exactly (x = low + span * x', both per row) and
+  the product rebuilt as span * (x' @ W.T) + low * (W @ 1). CPUs without VNNI multiply bytes there with
+  `vpmaddubsw` on unsigned activations, which saturates int16 pair sums unless they keep to 7 bits
+  (`reduce_range`; +2.6% perplexity on the default model, 8 bits +5.1%): so each product runs in two 7-bit passes
+  of one fbgemm call (the rounding, and its error mapped onto [0, 1] and rounded in its turn), 14 bits in effect.
 
-CPUs without VNNI (AVX2 only: older Intel desktops and laptops, AMD before Zen 4) multiply bytes with
-`vpmaddubsw`, which adds pairs of byte products into int16 and saturates unless the activations keep to 7 bits
-(`reduce_range`).
-7 bits alone cost +2.6% perplexity on the default model (8 bits there: +5.1%, the saturation). So there each
-product runs in two passes of one fbgemm call: the 7-bit rounding a of x', and the rounding error x' - a (at most
-1/254), itself mapped onto [0, 1] per row and rounded to 7 bits. Both halves go through one call as 2M rows, so
-the weights are read once (a decode step is bound by reading them); the error left is that of 14-bit activations:
-+0.36% perplexity, at 0.87x the one-pass speed (README, "Quantization").
+Both quantize each row on its own range: one scale for a whole prompt would let one token's outliers (the first
+token's, in Qwen models) coarsen every other token's steps (perplexity +11% instead of +1.7% for all linears),
+and a row is then quantized the same way alone, beside other requests' rows, or after a cached prefix, so an
+answer does not depend on what ran beside it. The qkv projection keeps bf16 activations (KEEP_BF16_ACTIVATIONS
+says why).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 
 from .cpu_features import cpu_flags
 
+try:  # glmkit's own kernel, built at install time (setup.py); absent where it could not be built
+    from ..kernels import _cpu_int8
+except ImportError:
+    _cpu_int8 = None
+
+log = logging.getLogger("glmkit")
+KERNELS = ("glmkit", "fbgemm")
+
 # The overload itself: calling the packet (torch.ops.quantized.linear_dynamic) first scans the arguments in Python
 # for fake script objects, about 2 us per call, 73 calls per decode step.
 _linear_dynamic = torch.ops.quantized.linear_dynamic.default
 
 
-def available() -> bool:
+def fbgemm_available() -> bool:
     """Whether this PyTorch has fbgemm's dynamic quantized linear (x86 CPUs)."""
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+def own_kernel_available() -> bool:
+    """Whether glmkit's own kernel was built with this install and the CPU runs it (AVX2)."""
+    return _cpu_int8 is not None and _cpu_int8.supported()
+
+
+
+
+def default_kernel() -> str:
+    return "glmkit" if own_kernel_available() else "fbgemm"
+
+
+_said: set[str] = set()
+
+
+def _say_kernel(kernel: str) -> None:
+    """One log line per process naming the kernel int8 activations run on (and why, for the fallback)."""
+    if kernel in _said:
+        return
+    _said.add(kernel)
+    if kernel == "glmkit":
+        log.info("glmkit: int8 activations run on glmkit's AVX2 kernel (8-bit, one pass)")
+    else:
+        why = ("was not built with this install (no C compiler or OpenMP then); reinstall with gcc present to "
+               "build it" if _cpu_int8 is None else "needs AVX2, which this CPU lacks")
+        bits = "8-bit" if cpu_has_vnni() else "two 7-bit passes"
+        log.info("glmkit: int8 activations run on fbgemm (%s): glmkit's own kernel %s", bits, why)
 
 
 def _row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,28 +99,46 @@ def cpu_has_vnni() -> bool:
 
 
 class DynamicInt8Linear:
-    """y = x @ W.T (no bias) with W = qweight * scales[:, None], W8A8 through fbgemm. x: [M, in] any float dtype;
-    y: [M, out] in x's dtype (`out_dtype` to override: fp32 logits need no bf16 round trip)."""
+    """y = x @ W.T (no bias) with W = qweight * scales[:, None], W8A8 on `kernel` ("glmkit" or "fbgemm"; default:
+    glmkit's where it runs). x: [M, in] any float dtype; y: [M, out] in x's dtype (`out_dtype` to override: fp32
+    logits need no bf16 round trip). `reduce_range` (fbgemm only): 7-bit activations in two passes."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype | None = None,
-                 reduce_range: bool | None = None, input_scales: torch.Tensor | None = None):
+                 reduce_range: bool | None = None, input_scales: torch.Tensor | None = None,
+                 kernel: str | None = None):
+        self.kernel = kernel or default_kernel()
+        if self.kernel not in KERNELS or (self.kernel == "glmkit" and not own_kernel_available()):
+            raise ValueError(f"kernel={self.kernel!r}: must be one of {KERNELS} and run here (glmkit's: "
+                             f"{'built' if _cpu_int8 is not None else 'not built'})")
+        out_features, in_features = qweight.shape
+        self.in_features, self.out_features, self.out_dtype = in_features, out_features, out_dtype
+        # [in]: the weight's columns were multiplied by these (see `smoothed`), so the input is divided by them
+        self.inverse_input_scales = None if input_scales is None else input_scales.float().reciprocal()
+        # [out] W @ 1, exact from the int8 rows (what a row's low end, or its mid, contributes to the product)
+        self.row_sums = (qweight.to(torch.int64).sum(dim=1).double() * scales.detach().double()).float()
+        if self.kernel == "glmkit":
+            # The kernel's layout: rows padded to a multiple of 4 and columns to 32 with zeros (no loop tails)
+            self.k_pad = -(-in_features // 32) * 32
+            self.weight = torch.zeros(-(-out_features // 4) * 4, self.k_pad, dtype=torch.int8)
+            self.weight[:out_features, :in_features] = qweight
+            self.scales = scales.detach().float().contiguous()
+            self.reduce_range = False
+        else:
+            self._pack_fbgemm(qweight, scales)
+            self.reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range
+        _say_kernel(self.kernel)
+
+    def _pack_fbgemm(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         # The process-wide quantized engine: "x86" (PyTorch's default here) packs linears for fbgemm too, at the
         # same speed (measured); naming fbgemm keeps a process that chose qnnpack or onednn from packing for those.
         if torch.backends.quantized.engine != "fbgemm" and "fbgemm" in torch.backends.quantized.supported_engines:
             torch.backends.quantized.engine = "fbgemm"
-        out_features = qweight.shape[0]
         with warnings.catch_warnings():  # "quantized tensor creation functions are deprecated": the op's only input
             warnings.simplefilter("ignore", UserWarning)
             weight = torch._make_per_channel_quantized_tensor(
                 qweight.to(torch.int8).contiguous(), scales.detach().to(torch.float64).contiguous(),
-                torch.zeros(out_features, dtype=torch.long), 0)
+                torch.zeros(qweight.shape[0], dtype=torch.long), 0)
         self.packed = torch.ops.quantized.linear_prepack(weight, None)  # fbgemm's own layout: a copy of the bytes
-        self.in_features, self.out_features, self.out_dtype = qweight.shape[1], out_features, out_dtype
-        self.reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range  # 7-bit activations
-        # [in]: the weight's columns were multiplied by these (see `smoothed`), so the input is divided by them
-        self.inverse_input_scales = None if input_scales is None else input_scales.float().reciprocal()
-        # [out] W @ 1, exact from the int8 rows (what a row's low end contributes to the product)
-        self.row_sums = (qweight.to(torch.int64).sum(dim=1).double() * scales.detach().double()).float()
 
     @classmethod
     def smoothed(cls, qweight: torch.Tensor, scales: torch.Tensor, input_scales: torch.Tensor,
@@ -99,17 +153,29 @@ class DynamicInt8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.out_dtype or x.dtype
-        x = x.float()
         if self.inverse_input_scales is not None:
-            x = x * self.inverse_input_scales
+            x = x.float() * self.inverse_input_scales
+        if self.kernel == "glmkit":
+            return self._own(x, dtype)
+        x = x.float()
         # Per-row ranges: each row is mapped onto [0, 1] exactly (x = low + span * x'), so fbgemm's one range for
-        # the whole input is [0, 1] whatever the batch holds, and a row is quantized the same way alone or beside
-        # any others (a prompt and its cached prefix, or other requests' rows, give the same numbers). The
-        # product comes back as span * (x' @ W.T) + low * (W @ 1).
+        # the whole input is [0, 1] whatever the batch holds. The product comes back as span * (x' @ W.T) +
+        # low * (W @ 1).
         low, span = _row_range(x)
         x = (x - low).div_(span)
         y = self._two_pass(x) if self.reduce_range else _linear_dynamic(x, self.packed, False)
         y = torch.addcmul(low * self.row_sums, y, span)
+        return y if y.dtype == dtype else y.to(dtype)
+
+    def _own(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        x = x.contiguous()
+        out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        y = torch.empty(x.shape[0], self.out_features, dtype=out_dtype)
+        _cpu_int8.linear(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], self.in_features, self.weight.data_ptr(),
+                         self.k_pad, self.out_features, self.scales.data_ptr(), self.row_sums.data_ptr(),
+                         y.data_ptr(), out_dtype == torch.bfloat16, torch.get_num_threads())
         return y if y.dtype == dtype else y.to(dtype)
 
     def _two_pass(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +191,8 @@ class DynamicInt8Linear:
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qweight int8 [out, in], scales fp32 [out]) back from the packed layout (tests, exports)."""
+        if self.kernel == "glmkit":
+            return self.weight[:self.out_features, :self.in_features].clone(), self.scales.clone()
         weight, _ = torch.ops.quantized.linear_unpack(self.packed)
         return weight.int_repr(), weight.q_per_channel_scales().float()
 
@@ -142,16 +210,15 @@ _NORM_BEFORE = {"attn.qkv": "attn_norm", "mlp.gate_up": "mlp_norm"}
 
 
 def runs_here() -> bool:
-    """Whether int8a8 can run on this machine: PyTorch's fbgemm and a CPU with AVX2 (7-bit activations where it
-    lacks VNNI)."""
-    return available() and "avx2" in cpu_flags()
+    """Whether int8a8 can run on this machine: a CPU with AVX2, and glmkit's kernel built or PyTorch's fbgemm."""
+    return own_kernel_available() or (fbgemm_available() and "avx2" in cpu_flags())
 
 
 def use_int8_activations(model: torch.nn.Module, dtype: torch.dtype | None = None,
                          keep: tuple[str, ...] = KEEP_BF16_ACTIVATIONS, smooth: tuple[str, ...] = SMOOTHED) -> int:
     """Switch the CPU int8 QuantLinears of a loaded model (but those named `keep`) to W8A8, before or after
     QuantLinear.prepare (before is better: the scales are still fp32; then pass the activations' `dtype`, which
-    the bias takes as prepare would give it). fbgemm's packed copy replaces `qweight`. Those named `smooth`
+    the bias takes as prepare would give it). the kernel's copy of the weight replaces `qweight`. Those named `smooth`
     (`attn.qkv`, `mlp.gate_up`: the ones right after an RMSNorm) divide their input by the magnitude of that
     norm's weight first (DynamicInt8Linear.smoothed); the module's input and output stay what they were (a LoRA
     beside it sees the same x). Returns how many were switched."""
