@@ -2,7 +2,7 @@
 delta.
 
     python benchmarks/perplexity.py [--model PATH] [--text benchmarks/data/perplexity.txt] [--window 512]
-        [--max-windows N] [--modes fp32 bf16 int8 int8a8 int4] [--threads 2]
+        [--max-windows N] [--modes fp32 bf16 int8 int8a8 int8a8-fbgemm int4] [--threads 2]
 
 The text (English technical prose, Python functions with docstrings, a Chinese paragraph; about 1,800 tokens) is
 cut into non-overlapping windows of `--window` tokens; each window is one fresh causal pass through the model, and
@@ -11,8 +11,9 @@ scored tokens. The delta column is relative to fp32 measured in the same run (fp
 
 Each mode loads the model once, then frees it before the next, so at most one copy is in memory. Note: the
 embedded default model is a Q4_K_M GGUF, so "fp32" means those weights dequantized to fp32; int8/int4 quantize
-that again at load time (activations bf16). int8a8 is int8 with int8 activations quantized per token (as
-benchmarks/cpu_decode.py runs it; glmkit/models/cpu_int8.py), qkv kept at bf16 activations.
+that again at load time (activations bf16). int8a8 is int8 with int8 activations quantized per token on glmkit's
+own kernel (as benchmarks/cpu_decode.py runs it; glmkit/models/cpu_int8.py), qkv's in two 8-bit halves;
+int8a8-fbgemm the same on fbgemm's product, qkv at bf16 activations.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from pathlib import Path
 import torch
 
 from glmkit import LLM
+from glmkit.models.cpu_int8 import using_kernel
 from glmkit.models.layers import AttentionBatch, SeqSlice
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "perplexity.txt"
 MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
-         "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8a8"), "int4": ("bfloat16", "int4")}
+         "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8a8"), "int8a8-fbgemm": ("bfloat16", "int8a8"),
+         "int4": ("bfloat16", "int4")}
+KERNELS = {"int8a8-fbgemm": "fbgemm"}  # int8a8 on fbgemm's product rather than glmkit's own kernel
 
 
 def window_nll(llm: LLM, ids: list[int], logit_rows: int = 128) -> tuple[float, int]:
@@ -80,8 +84,9 @@ def main() -> None:
     for mode in args.modes:
         dtype, quantization = MODES[mode]
         start = time.perf_counter()
-        llm = LLM(args.model, dtype=dtype, quantization=quantization, num_threads=args.threads,
-                  kv_cache_memory_gb=0.05, enable_prefix_caching=False)
+        with using_kernel(KERNELS.get(mode)):
+            llm = LLM(args.model, dtype=dtype, quantization=quantization, num_threads=args.threads,
+                      kv_cache_memory_gb=0.05, enable_prefix_caching=False)
         loaded = time.perf_counter() - start
         if ids is None:
             ids = llm.encode_prompt(text)

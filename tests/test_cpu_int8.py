@@ -17,6 +17,9 @@ PROMPT = [5, 17, 33, 64, 101, 7, 250, 3, 90, 44, 12]
 HERE = [k for k, runs in (("glmkit", cpu_int8.own_kernel_available()),
                           ("fbgemm", cpu_int8.fbgemm_available() and "avx2" in cpu_int8.cpu_flags())) if runs]
 kernels = pytest.mark.parametrize("kernel", HERE)
+# glmkit's kernel on each instruction set this CPU runs (AVX2, AVX-VNNI, AVX512-VNNI): the same integer sums
+ISAS = cpu_int8.own_kernel_isas()
+isas = pytest.mark.parametrize("isa", ISAS or [pytest.param(None, marks=pytest.mark.skip("glmkit's kernel not built"))])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,18 +131,23 @@ def test_unpack_gives_the_weight_back(kernel):
     torch.testing.assert_close(back_scales, scales.float())
 
 
-def test_a_model_switched_to_int8_activations_generates_as_int8(tmp_path, hf_tokenizer_dir):
+@kernels
+def test_a_model_switched_to_int8_activations_generates_as_int8(tmp_path, hf_tokenizer_dir, kernel):
     config = llama_config(512, "qwen2")
     d = make_hf_dir(tmp_path / "qwen", random_llama_state(config, seed=4), config, hf_tokenizer_dir)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     w8a16 = LLM(str(d), device="cpu", quantization="int8", enable_prefix_caching=False)
     w8a8 = LLM(str(d), device="cpu", quantization="int8", enable_prefix_caching=False)
     layers = config["num_hidden_layers"]
-    assert use_int8_activations(w8a8.model) == 3 * layers + 1  # o, gate_up, down per layer, and the head
     layer = w8a8.model.layers[0]
-    assert all(isinstance(m._forward, DynamicInt8Linear) for m in (layer.attn.o, layer.mlp.gate_up, layer.mlp.down,
-                                                                     w8a8.model.lm_head))
-    assert not isinstance(layer.attn.qkv._forward, DynamicInt8Linear)  # kept at bf16 activations
+    if kernel == "glmkit":  # every linear; qkv refined (two 8-bit halves per row)
+        assert use_int8_activations(w8a8.model, kernel=kernel) == 4 * layers + 1
+        assert layer.attn.qkv._forward.refine and not layer.mlp.down._forward.refine
+    else:  # o, gate_up, down per layer, and the head; qkv kept at bf16 activations
+        assert use_int8_activations(w8a8.model, kernel=kernel) == 3 * layers + 1
+        assert not isinstance(layer.attn.qkv._forward, DynamicInt8Linear)
+    assert all(isinstance(m._forward, DynamicInt8Linear) and m._forward.kernel == kernel
+               for m in (layer.attn.o, layer.mlp.gate_up, layer.mlp.down, w8a8.model.lm_head))
     assert layer.mlp.gate_up._forward.inverse_input_scales is None  # smoothing is opt-in
     assert all(m.qweight.numel() == 0 for m in w8a8.model.modules()  # the kernel's copy replaces the bytes
                if isinstance(m, QuantLinear) and isinstance(m._forward, DynamicInt8Linear))
@@ -199,14 +207,14 @@ def exact_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return sums * ((half / 127.0) * scales[None, :]) + mid * row_sums[None, :]
 
 
-@pytest.mark.skipif("glmkit" not in HERE, reason="glmkit's kernel not built")
+@isas
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, out_features, in_features", [
     (1, 8, 32),  # one tile
-    (3, 10, 70),  # rows not a multiple of 4, columns not of 32: the padding
-    (70, 37, 4864),  # more rows than one block of 64, an odd count (one row alone at the end); the MLP's width
+    (3, 10, 70),  # rows not a multiple of 4, columns not of 64: the padding
+    (70, 37, 4864),  # more rows than one block of 64, a remainder of 2 and 6 rows after passes of 4; MLP width
 ])
-def test_glmkits_kernel_computes_exactly_its_integer_arithmetic(rows, out_features, in_features, dtype):
+def test_glmkits_kernel_computes_exactly_its_integer_arithmetic(rows, out_features, in_features, dtype, isa):
     qweight, scales = int8_weight(out_features, in_features, seed=rows)
     qweight[0] = 127
     qweight[1, ::2] = -127  # the widest pair sums: 2 * 127 * 127 must not saturate
@@ -215,21 +223,21 @@ def test_glmkits_kernel_computes_exactly_its_integer_arithmetic(rows, out_featur
     x[0, : in_features // 2] = x[0].abs().max()  # a run of the row's peak: a = 127 against q = 127
     if rows > 2:
         x[2] = 0.75  # a constant row: step 0, the product is its mid times W @ 1
-    got = DynamicInt8Linear(qweight, scales, out_dtype=torch.float32, kernel="glmkit")(x)
+    got = DynamicInt8Linear(qweight, scales, out_dtype=torch.float32, kernel="glmkit", isa=isa)(x)
     torch.testing.assert_close(got, exact_reference(x, qweight, scales), rtol=2e-6, atol=2e-6)
     ref = x.float() @ dequantize(8, qweight, scales).T
     assert rel_err(got, ref) < 0.01
-    bf16 = DynamicInt8Linear(qweight, scales, kernel="glmkit")(x)
+    bf16 = DynamicInt8Linear(qweight, scales, kernel="glmkit", isa=isa)(x)
     assert bf16.dtype == dtype
     torch.testing.assert_close(bf16, got.to(dtype), rtol=0, atol=0)  # rounded once, to nearest even
 
 
-@pytest.mark.skipif("glmkit" not in HERE, reason="glmkit's kernel not built")
-def test_glmkits_kernel_uses_torchs_thread_count():
+@isas
+def test_glmkits_kernel_uses_torchs_thread_count(isa):
     """The kernel splits the rows over torch.get_num_threads() OpenMP threads: the same numbers for any count."""
     qweight, scales = int8_weight(300, 256, seed=30)
     x = torch.randn(9, 256, generator=torch.Generator().manual_seed(31))
-    linear = DynamicInt8Linear(qweight, scales, kernel="glmkit")
+    linear = DynamicInt8Linear(qweight, scales, kernel="glmkit", isa=isa)
     before = torch.get_num_threads()
     try:
         results = []
@@ -241,11 +249,75 @@ def test_glmkits_kernel_uses_torchs_thread_count():
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs glmkit's kernel on one instruction set")
+@pytest.mark.parametrize("rows", [1, 7, 70])
+def test_every_instruction_set_gives_the_same_numbers(rows):
+    """The VNNI sets take a + 128 unsigned and subtract 128 * (the weight row's sum): the integer sums, and so the
+    answers, are those of AVX2's signed products, bit for bit."""
+    qweight, scales = int8_weight(70, 900, seed=50)
+    x = torch.randn(rows, 900, generator=torch.Generator().manual_seed(51)).bfloat16()
+    results = [DynamicInt8Linear(qweight, scales, kernel="glmkit", isa=isa, refine=refine)(x)
+               for refine in (False, True) for isa in ISAS]
+    half = len(ISAS)
+    for group in (results[:half], results[half:]):
+        assert all(torch.equal(group[0], r) for r in group[1:])
+
+
+def refined_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """refine=True: the row's 8-bit rounding and then the error left, x - (mid + step * a), as a row of its own."""
+    x = x.float()
+    low, high = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    mid, half = (low + high) * 0.5, (high - low) * 0.5
+    inv = torch.where(half > 0, torch.full_like(half, 127.0).div(half), torch.zeros_like(half))
+    a = ((x - mid) * inv).clamp(-127, 127).round()
+    rest = x - (mid + (half / 127.0) * a)
+    return exact_reference(x, qweight, scales), exact_reference(rest, qweight, scales)
+
+
+@isas
+@pytest.mark.parametrize("rows", [1, 33])  # 33: two refined rows per pass, 66 halves over two blocks of 64
+def test_refined_rows_reach_about_16_bits(rows, isa):
+    qweight, scales = int8_weight(40, 200, seed=40)
+    x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(41)).bfloat16()
+    ref = x.float() @ dequantize(8, qweight, scales).T
+    one = DynamicInt8Linear(qweight, scales, out_dtype=torch.float32, kernel="glmkit", isa=isa)(x)
+    refined = DynamicInt8Linear(qweight, scales, out_dtype=torch.float32, kernel="glmkit", isa=isa, refine=True)(x)
+    first, second = refined_reference(x, qweight, scales)
+    torch.testing.assert_close(refined, first + second, rtol=1e-5, atol=1e-5)
+    assert rel_err(refined, ref) < rel_err(one, ref) / 50  # 8 more bits: about 1/127 of the error
+    for i in range(rows):  # a row's numbers do not depend on the rows beside it
+        assert torch.equal(refined[i], DynamicInt8Linear(qweight, scales, out_dtype=torch.float32, kernel="glmkit",
+                                                         isa=isa, refine=True)(x[i:i + 1])[0])
+    with pytest.raises(ValueError, match="refine=True"):
+        DynamicInt8Linear(qweight, scales, kernel="fbgemm", refine=True)
+
+
 def test_the_kernel_named_must_run_here(monkeypatch):
     qweight, scales = int8_weight(8, 32)
     with pytest.raises(ValueError, match="kernel='cuda'"):
         DynamicInt8Linear(qweight, scales, kernel="cuda")
+    monkeypatch.setenv("GLMKIT_INT8_KERNEL", "fast")
+    with pytest.raises(ValueError, match="GLMKIT_INT8_KERNEL='fast': must be one of glmkit, fbgemm"):
+        DynamicInt8Linear(qweight, scales)
+    monkeypatch.setenv("GLMKIT_INT8_KERNEL", "fbgemm")
+    assert DynamicInt8Linear(qweight, scales).kernel == "fbgemm"
+    monkeypatch.delenv("GLMKIT_INT8_KERNEL")
     monkeypatch.setattr(cpu_int8, "_cpu_int8", None)
     with pytest.raises(ValueError, match="not built"):
         DynamicInt8Linear(qweight, scales, kernel="glmkit")
     assert cpu_int8.default_kernel() == "fbgemm"
+
+
+@pytest.mark.skipif("glmkit" not in HERE, reason="glmkit's kernel not built")
+def test_the_instruction_set_named_must_run_here(monkeypatch):
+    qweight, scales = int8_weight(8, 32)
+    assert DynamicInt8Linear(qweight, scales, kernel="glmkit").isa == ISAS[-1]  # the widest
+    with pytest.raises(ValueError, match="isa='sse'"):
+        DynamicInt8Linear(qweight, scales, kernel="glmkit", isa="sse")
+    monkeypatch.setenv("GLMKIT_INT8_ISA", "neon")
+    with pytest.raises(ValueError, match="GLMKIT_INT8_ISA='neon': this CPU runs glmkit's kernel on avx2"):
+        DynamicInt8Linear(qweight, scales, kernel="glmkit")
+    monkeypatch.setenv("GLMKIT_INT8_ISA", "avx2")
+    assert DynamicInt8Linear(qweight, scales, kernel="glmkit").isa == "avx2"
+    with pytest.raises(ValueError, match="this CPU does not run it"):  # the extension checks too
+        cpu_int8._cpu_int8.linear(0, False, 1, 32, 0, 64, 8, 0, 0, 0, 0, False, 1, False, 7)

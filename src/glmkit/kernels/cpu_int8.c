@@ -6,16 +6,20 @@
 
        y[m, n] = step[m] * scale[n] * sum_k a[m, k] * q[n, k]  +  mid[m] * row_sum[n]
 
-   with row_sum[n] = sum_k w[n, k] (computed once, by the caller). The integer sum runs on `vpmaddubsw`, which
-   multiplies unsigned by signed bytes and adds pairs into int16: |q| as the unsigned side and a with q's sign as
-   the signed side (`vpsignb`) keep every pair within 2 * 127 * 127 = 32,258, so nothing saturates, with 8-bit
-   activations on every AVX2 CPU (fbgemm's u8 x s8 product must drop to 7 bits there). Then `vpmaddwd` with ones
-   widens the pairs into int32 sums.
+   with row_sum[n] = sum_k w[n, k] (computed once, by the caller). The integer sums run on the widest of three
+   instruction sets the CPU has, all exact, so all give the same answer:
+   - AVX2: `vpmaddubsw` multiplies unsigned by signed bytes and adds pairs into int16. |q| as the unsigned side and
+     a with q's sign as the signed side (`vpsignb`) keep every pair within 2 * 127 * 127 = 32,258, so nothing
+     saturates, with 8-bit activations (fbgemm's u8 x s8 product must drop to 7 bits there). Then `vpmaddwd`
+     with ones widens the pairs into int32 sums.
+   - AVX-VNNI (256 bits) and AVX512-VNNI (512 bits): `vpdpbusd` adds four u8 x s8 products straight into int32,
+     one instruction for those four. The activations go in as a + 128 (unsigned), and 128 * sum_k q[n, k]
+     (qsums, from the caller) comes off each sum.
 
    A row is quantized the same way alone or beside any other rows, and every batch size runs the same integer
    sums: an answer does not depend on what ran beside it.
 
-   Layout: weights [n_pad, k_pad] int8 with n_pad a multiple of 4 and k_pad of 32, zero-padded (the caller packs
+   Layout: weights [n_pad, k_pad] int8 with n_pad a multiple of 4 and k_pad of 64, zero-padded (the caller packs
    them once), so no loop has a tail. Work is split over weight rows with OpenMP; linked against libgomp.so.1,
    which is the runtime PyTorch has already loaded in the process (same soname), so both share one thread pool.
    Built when the package is installed; where it is not (no compiler, not x86-64), the PyTorch path runs. */
@@ -30,12 +34,20 @@
 #include <immintrin.h>
 #define GLMKIT_X86 1
 #define AVX2 __attribute__((target("avx2")))
+#define AVX_VNNI __attribute__((target("avx2,avxvnni")))
+#define AVX512_VNNI __attribute__((target("avx2,avx512f,avx512bw,avx512vnni")))
 #else
 #define GLMKIT_X86 0
 #endif
 
 #define ROWS 4          /* weight rows per tile */
+#define MAX_MULTI 4     /* at most this many input rows per pass over a tile (MULTI below) */
+#define MULTI_VNNI 4
 #define X_BLOCK 64      /* input rows per pass over the weights (a block of them stays in L2) */
+#define K_STEP 64       /* k_pad's multiple: a 512-bit step */
+
+/* The instruction sets, by index (linear's `isa`); isas() lists those this CPU runs */
+static const char *const ISA_NAMES[3] = {"avx2", "avx-vnni", "avx512-vnni"};
 
 #if GLMKIT_X86
 
@@ -131,37 +143,116 @@ AVX2 static inline int32_t hsum(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* sum_k a * q for one 32-byte step: |q| unsigned times a with q's sign, pairs into int16, then into int32. */
-#define DOT(acc, absq, q, x) \
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(absq, _mm256_sign_epi8(x, q)), ones))
+/* The integer sums of ROWS weight rows against `count` input rows, into sums[count][ROWS]. Inlined with a constant
+   count, so the accumulators stay in registers (a run-time count spilled them to the stack). The next tile's bytes
+   are fetched as this tile's are read, as many per step as the step reads: without it a decode step's products read
+   11.5 GB/s of weights on a 2-core AVX2 EPYC, with it 27.7 (the hardware prefetchers alone do not keep four rows'
+   streams fed). */
 
-/* The integer sums of ROWS weight rows against two input rows (or one: x1 == NULL). */
-AVX2 static void tile(const int8_t *w, int64_t k_pad, const int8_t *x0, const int8_t *x1, int32_t out0[ROWS],
-                      int32_t out1[ROWS]) {
+/* AVX2: |q| unsigned times a with q's sign (`vpmaddubsw`), pairs into int16, then into int32 (`vpmaddwd`). */
+AVX2 static inline __attribute__((always_inline)) void tile_avx2(const int8_t *w, int64_t k_pad,
+                                                                const int8_t *const *x, const int count,
+                                                                const int32_t *qsum, int32_t *sums) {
+    (void)qsum;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c02 = c00, c03 = c00;
-    __m256i c10 = c00, c11 = c00, c12 = c00, c13 = c00;
-    const int8_t *w0 = w, *w1 = w + k_pad, *w2 = w + 2 * k_pad, *w3 = w + 3 * k_pad;
-    /* The next tile's bytes are fetched as this tile's are read, two lines per step. Without it a decode step's
-       products read 11.5 GB/s of weights on a 2-core AVX2 EPYC, with it 27.7 (the hardware prefetchers alone
-       do not keep four rows' streams fed). */
+    __m256i acc[MAX_MULTI][ROWS];
+    for (int r = 0; r < count; r++)
+        for (int j = 0; j < ROWS; j++) acc[r][j] = _mm256_setzero_si256();
     const char *ahead = (const char *)w + ROWS * k_pad;
     for (int64_t i = 0; i < k_pad; i += 32) {
         _mm_prefetch(ahead + ROWS * i, _MM_HINT_T0);
         _mm_prefetch(ahead + ROWS * i + 64, _MM_HINT_T0);
-        __m256i q0 = _mm256_loadu_si256((const __m256i *)(w0 + i)), q1 = _mm256_loadu_si256((const __m256i *)(w1 + i));
-        __m256i q2 = _mm256_loadu_si256((const __m256i *)(w2 + i)), q3 = _mm256_loadu_si256((const __m256i *)(w3 + i));
-        __m256i a0 = _mm256_sign_epi8(q0, q0), a1 = _mm256_sign_epi8(q1, q1);
-        __m256i a2 = _mm256_sign_epi8(q2, q2), a3 = _mm256_sign_epi8(q3, q3);
-        __m256i x = _mm256_loadu_si256((const __m256i *)(x0 + i));
-        DOT(c00, a0, q0, x); DOT(c01, a1, q1, x); DOT(c02, a2, q2, x); DOT(c03, a3, q3, x);
-        if (x1) {
-            x = _mm256_loadu_si256((const __m256i *)(x1 + i));
-            DOT(c10, a0, q0, x); DOT(c11, a1, q1, x); DOT(c12, a2, q2, x); DOT(c13, a3, q3, x);
+        for (int j = 0; j < ROWS; j++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(w + j * k_pad + i)), absq = _mm256_sign_epi8(q, q);
+            for (int r = 0; r < count; r++) {
+                __m256i a = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x[r] + i)), q);
+                acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(absq, a), ones));
+            }
         }
     }
-    out0[0] = hsum(c00); out0[1] = hsum(c01); out0[2] = hsum(c02); out0[3] = hsum(c03);
-    if (x1) { out1[0] = hsum(c10); out1[1] = hsum(c11); out1[2] = hsum(c12); out1[3] = hsum(c13); }
+    for (int r = 0; r < count; r++)
+        for (int j = 0; j < ROWS; j++) sums[r * ROWS + j] = hsum(acc[r][j]);
+}
+
+/* AVX-VNNI (`vpdpbusd` on 256 bits): four u8 x s8 products straight into int32, nothing to saturate. The input
+   rows come as a + 128 (unsigned), so each sum is less 128 * (the weight row's sum of q). */
+AVX_VNNI static inline __attribute__((always_inline)) void tile_avx_vnni(const int8_t *w, int64_t k_pad,
+                                                                        const int8_t *const *x, const int count,
+                                                                        const int32_t *qsum, int32_t *sums) {
+    __m256i acc[MAX_MULTI][ROWS];
+    for (int r = 0; r < count; r++)
+        for (int j = 0; j < ROWS; j++) acc[r][j] = _mm256_setzero_si256();
+    const char *ahead = (const char *)w + ROWS * k_pad;
+    for (int64_t i = 0; i < k_pad; i += 32) {
+        _mm_prefetch(ahead + ROWS * i, _MM_HINT_T0);
+        _mm_prefetch(ahead + ROWS * i + 64, _MM_HINT_T0);
+        for (int j = 0; j < ROWS; j++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(w + j * k_pad + i));
+            for (int r = 0; r < count; r++)
+                acc[r][j] = _mm256_dpbusd_avx_epi32(acc[r][j], _mm256_loadu_si256((const __m256i *)(x[r] + i)), q);
+        }
+    }
+    for (int r = 0; r < count; r++)
+        for (int j = 0; j < ROWS; j++) sums[r * ROWS + j] = hsum(acc[r][j]) - 128 * qsum[j];
+}
+
+/* AVX512-VNNI: the same on 512 bits. */
+AVX512_VNNI static inline __attribute__((always_inline)) void tile_avx512_vnni(const int8_t *w, int64_t k_pad,
+                                                                              const int8_t *const *x,
+                                                                              const int count,
+                                                                              const int32_t *qsum,
+                                                                              int32_t *sums) {
+    __m512i acc[MAX_MULTI][ROWS];
+    for (int r = 0; r < count; r++)
+        for (int j = 0; j < ROWS; j++) acc[r][j] = _mm512_setzero_si512();
+    const char *ahead = (const char *)w + ROWS * k_pad;
+    for (int64_t i = 0; i < k_pad; i += 64) {
+        for (int p = 0; p < 4; p++) _mm_prefetch(ahead + ROWS * i + 64 * p, _MM_HINT_T0);
+        for (int j = 0; j < ROWS; j++) {
+            __m512i q = _mm512_loadu_si512((const void *)(w + j * k_pad + i));
+            for (int r = 0; r < count; r++)
+                acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], _mm512_loadu_si512((const void *)(x[r] + i)), q);
+        }
+    }
+    for (int r = 0; r < count; r++)
+        for (int j = 0; j < ROWS; j++) sums[r * ROWS + j] = _mm512_reduce_add_epi32(acc[r][j]) - 128 * qsum[j];
+}
+
+typedef void (*tile_fn)(const int8_t *, int64_t, const int8_t *const *, const int32_t *, int32_t *);
+
+/* One function per (instruction set, count): count is a constant inside each. */
+#define TILES(name, attr)                                                                                     \
+    attr static void name##_1(const int8_t *w, int64_t k, const int8_t *const *x, const int32_t *q, int32_t *s) { \
+        name(w, k, x, 1, q, s);                                                                               \
+    }                                                                                                         \
+    attr static void name##_2(const int8_t *w, int64_t k, const int8_t *const *x, const int32_t *q, int32_t *s) { \
+        name(w, k, x, 2, q, s);                                                                               \
+    }                                                                                                         \
+    attr static void name##_3(const int8_t *w, int64_t k, const int8_t *const *x, const int32_t *q, int32_t *s) { \
+        name(w, k, x, 3, q, s);                                                                               \
+    }                                                                                                         \
+    attr static void name##_4(const int8_t *w, int64_t k, const int8_t *const *x, const int32_t *q, int32_t *s) { \
+        name(w, k, x, 4, q, s);                                                                               \
+    }
+TILES(tile_avx2, AVX2)
+TILES(tile_avx_vnni, AVX_VNNI)
+TILES(tile_avx512_vnni, AVX512_VNNI)
+
+/* By instruction set (ISA_NAMES' order), then by count - 1. */
+static const tile_fn TILE_FNS[3][MAX_MULTI] = {
+    {tile_avx2_1, tile_avx2_2, tile_avx2_3, tile_avx2_4},
+    {tile_avx_vnni_1, tile_avx_vnni_2, tile_avx_vnni_3, tile_avx_vnni_4},
+    {tile_avx512_vnni_1, tile_avx512_vnni_2, tile_avx512_vnni_3, tile_avx512_vnni_4},
+};
+/* Input rows per pass over a tile, by instruction set. Measured on 2 cores over a decode step's products: AVX2 2
+   (3 and 4 within 5%); AVX512-VNNI 4 (an AVX512 EPYC, 64 rows: 126 ms against 152 with 2, 8 rows: the same) */
+static const int MULTI[3] = {2, MULTI_VNNI, MULTI_VNNI};
+
+/* The bytes of a (a in [-127, 127]) as a + 128, the unsigned side of `vpdpbusd`; n a multiple of 32. */
+AVX2 static void to_unsigned(int8_t *a, int64_t n) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int64_t i = 0; i < n; i += 32)
+        _mm256_storeu_si256((__m256i *)(a + i), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(a + i)), flip));
 }
 
 static inline void store(void *y, int bf16, int64_t index, float v) {
@@ -169,31 +260,64 @@ static inline void store(void *y, int bf16, int64_t index, float v) {
     else ((float *)y)[index] = v;
 }
 
-static int cpu_ok(void) {
+/* Whether this CPU runs ISA_NAMES[isa] (and the OS saves its registers: __builtin_cpu_supports checks both) */
+static int cpu_runs(int isa) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2");
+    switch (isa) {
+    case 0: return __builtin_cpu_supports("avx2");
+    case 1: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+    case 2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f")
+                   && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+    default: return 0;
+    }
 }
 
-/* linear(x, x_bf16, m, k, w, k_pad, n, scales, row_sums, y, y_bf16, threads): all pointers as ints
-   (tensor.data_ptr()); x [m, k] contiguous, w [n rounded up to 4, k_pad], scales and row_sums fp32 [n],
-   y [m, n] contiguous. */
+/* A row quantized in two halves, each 8 bits on its own range: the rounding a (as quantize_row), then the error
+   left, x - (mid + step * a), in its turn. Summed, the product's error is that of about 16-bit activations. */
+AVX2 static void quantize_refined(const void *x, int bf16, int64_t k, int64_t k_pad, int8_t *a, float *step,
+                                  float *mid) {
+    quantize_row(x, bf16, k, k_pad, a, step, mid);
+    float *rest = (float *)malloc(sizeof(float) * (size_t)k);
+    if (!rest) { /* no memory for the second half: the first alone (a row's error at 8 bits) */
+        memset(a + k_pad, 0, (size_t)k_pad);
+        step[1] = mid[1] = 0.0f;
+        return;
+    }
+    for (int64_t i = 0; i < k; i++) rest[i] = load1(x, bf16, i) - (mid[0] + step[0] * (float)a[i]);
+    quantize_row(rest, 0, k, k_pad, a + k_pad, step + 1, mid + 1);
+    free(rest);
+}
+
+/* linear(x, x_bf16, m, k, w, k_pad, n, scales, row_sums, qsums, y, y_bf16, threads, refine, isa): all pointers
+   as ints (tensor.data_ptr()); x [m, k] contiguous, w [n rounded up to 4, k_pad], scales and row_sums fp32 [n],
+   qsums int32 [n rounded up to 4] (each weight row's sum of q, for the VNNI sets' unsigned inputs), y [m, n]
+   contiguous. refine: each row in two 8-bit halves (quantize_refined), run as two rows of one pass. isa: an index
+   into ISA_NAMES that this CPU runs; every one gives the same integer sums, so the same answer. */
 static PyObject *linear(PyObject *self, PyObject *args) {
-    unsigned long long px, pw, ps, pr, py;
-    int x_bf16, y_bf16, threads;
+    (void)self;
+    unsigned long long px, pw, ps, pr, pq, py;
+    int x_bf16, y_bf16, threads, refine, isa;
     Py_ssize_t m, k, k_pad, n;
-    if (!PyArg_ParseTuple(args, "Kpnn" "Kn" "nKK" "Kpi", &px, &x_bf16, &m, &k, &pw, &k_pad, &n, &ps, &pr, &py,
-                          &y_bf16, &threads))
+    if (!PyArg_ParseTuple(args, "Kpnn" "Kn" "nKKK" "Kpipi", &px, &x_bf16, &m, &k, &pw, &k_pad, &n, &ps, &pr, &pq,
+                          &py, &y_bf16, &threads, &refine, &isa))
         return NULL;
-    if (m < 0 || k <= 0 || n <= 0 || k_pad < k || k_pad % 32 || threads < 1) {
-        PyErr_Format(PyExc_ValueError, "linear: bad shape m=%zd k=%zd k_pad=%zd n=%zd threads=%d", m, k, k_pad, n,
-                     threads);
+    if (m < 0 || k <= 0 || n <= 0 || k_pad < k || k_pad % K_STEP || threads < 1) {
+        PyErr_Format(PyExc_ValueError, "linear: bad shape m=%zd k=%zd k_pad=%zd (a multiple of %d) n=%zd threads=%d",
+                     m, k, k_pad, K_STEP, n, threads);
+        return NULL;
+    }
+    if (isa < 0 || isa > 2 || !cpu_runs(isa)) {
+        PyErr_Format(PyExc_ValueError, "linear: isa=%d: this CPU does not run it", isa);
         return NULL;
     }
     if (m == 0) Py_RETURN_NONE;
+    const int per = refine ? 2 : 1, multi = MULTI[isa];
+    const int64_t rows = m * per; /* rows of quantized input; a refined row's halves are neighbours */
     const int8_t *w = (const int8_t *)(uintptr_t)pw;
     const float *scales = (const float *)(uintptr_t)ps, *row_sums = (const float *)(uintptr_t)pr;
-    int8_t *a = (int8_t *)aligned_alloc(64, (size_t)(m * k_pad));
-    float *step = (float *)malloc(sizeof(float) * (size_t)m), *mid = (float *)malloc(sizeof(float) * (size_t)m);
+    const int32_t *qsums = (const int32_t *)(uintptr_t)pq;
+    int8_t *a = (int8_t *)aligned_alloc(64, (size_t)(rows * k_pad));
+    float *step = (float *)malloc(sizeof(float) * (size_t)rows), *mid = (float *)malloc(sizeof(float) * (size_t)rows);
     if (!a || !step || !mid) {
         free(a); free(step); free(mid);
         return PyErr_NoMemory();
@@ -202,24 +326,36 @@ static PyObject *linear(PyObject *self, PyObject *args) {
     const int64_t tiles = (n + ROWS - 1) / ROWS;
     Py_BEGIN_ALLOW_THREADS
     #pragma omp parallel for num_threads(threads) schedule(static) if (m >= 8)
-    for (int64_t r = 0; r < m; r++)
-        quantize_row((const char *)(uintptr_t)px + r * x_row, x_bf16, k, k_pad, a + r * k_pad, step + r, mid + r);
-    for (int64_t r0 = 0; r0 < m; r0 += X_BLOCK) {
-        const int64_t r1 = r0 + X_BLOCK < m ? r0 + X_BLOCK : m;
+    for (int64_t r = 0; r < m; r++) {
+        const void *row = (const char *)(uintptr_t)px + r * x_row;
+        const int64_t v = r * per;
+        if (refine) quantize_refined(row, x_bf16, k, k_pad, a + v * k_pad, step + v, mid + v);
+        else quantize_row(row, x_bf16, k, k_pad, a + v * k_pad, step + v, mid + v);
+        if (isa > 0) to_unsigned(a + v * k_pad, per * k_pad);
+    }
+    void *y = (void *)(uintptr_t)py;
+    for (int64_t r0 = 0; r0 < rows; r0 += X_BLOCK) { /* X_BLOCK is even: a refined row's halves stay together */
+        const int64_t r1 = r0 + X_BLOCK < rows ? r0 + X_BLOCK : rows;
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
-            int32_t s0[ROWS], s1[ROWS];
             const int64_t n0 = t * ROWS;
-            for (int64_t r = r0; r < r1; r += 2) {
-                const int two = r + 1 < r1;
-                tile(w + n0 * k_pad, k_pad, a + r * k_pad, two ? a + (r + 1) * k_pad : NULL, s0, s1);
+            for (int64_t r = r0; r < r1;) {
+                const int count = r1 - r < multi ? (int)(r1 - r) : multi; /* even when refined: r and r1 are */
+                const int8_t *x[MAX_MULTI];
+                int32_t sums[MAX_MULTI * ROWS];
+                for (int i = 0; i < count; i++) x[i] = a + (r + i) * k_pad;
+                TILE_FNS[isa][count - 1](w + n0 * k_pad, k_pad, x, qsums + n0, sums);
                 for (int j = 0; j < ROWS && n0 + j < n; j++) {
-                    store((void *)(uintptr_t)py, y_bf16, r * n + n0 + j,
-                          (float)s0[j] * (step[r] * scales[n0 + j]) + mid[r] * row_sums[n0 + j]);
-                    if (two)
-                        store((void *)(uintptr_t)py, y_bf16, (r + 1) * n + n0 + j,
-                              (float)s1[j] * (step[r + 1] * scales[n0 + j]) + mid[r + 1] * row_sums[n0 + j]);
+                    const float scale = scales[n0 + j], row_sum = row_sums[n0 + j];
+                    for (int i = 0; i < count; i += per) {
+                        const int64_t v = r + i;
+                        float value = (float)sums[i * ROWS + j] * (step[v] * scale);
+                        if (refine) /* the row's second half */
+                            value += (float)sums[(i + 1) * ROWS + j] * (step[v + 1] * scale) + mid[v + 1] * row_sum;
+                        store(y, y_bf16, (v / per) * n + n0 + j, value + mid[v] * row_sum);
+                    }
                 }
+                r += count;
             }
         }
     }
@@ -229,21 +365,32 @@ static PyObject *linear(PyObject *self, PyObject *args) {
 }
 
 #else
-static int cpu_ok(void) { return 0; }
+static int cpu_runs(int isa) { (void)isa; return 0; }
 static PyObject *linear(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
     PyErr_SetString(PyExc_RuntimeError, "glmkit's int8 kernel needs an x86-64 CPU");
     return NULL;
 }
 #endif
 
-static PyObject *supported(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_ok()); }
+static PyObject *isas(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    PyObject *names = PyList_New(0);
+    for (int isa = 0; names && isa < 3; isa++)
+        if (cpu_runs(isa)) {
+            PyObject *name = PyUnicode_FromString(ISA_NAMES[isa]);
+            if (!name || PyList_Append(names, name) < 0) Py_CLEAR(names);
+            Py_XDECREF(name);
+        }
+    return names;
+}
 
 static PyMethodDef methods[] = {
     {"linear", linear, METH_VARARGS, "y = x @ W.T with 8-bit activations quantized per row (see the source)."},
-    {"supported", supported, METH_NOARGS, "Whether this CPU runs the kernel (AVX2)."},
+    {"isas", isas, METH_NOARGS, "The instruction sets this CPU runs the kernel on, by linear's isa index order."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_int8", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_int8", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__cpu_int8(void) { return PyModule_Create(&module); }

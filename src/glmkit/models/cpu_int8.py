@@ -28,11 +28,14 @@ says why).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 
 import torch
 
+from ..errors import InvalidParameterError
 from .cpu_features import cpu_flags
 
 try:  # glmkit's own kernel, built at install time (setup.py); absent where it could not be built
@@ -42,6 +45,7 @@ except ImportError:
 
 log = logging.getLogger("glmkit")
 KERNELS = ("glmkit", "fbgemm")
+ISAS = ("avx2", "avx-vnni", "avx512-vnni")  # glmkit's kernel's instruction sets, narrowest first (its isa index)
 
 # The overload itself: calling the packet (torch.ops.quantized.linear_dynamic) first scans the arguments in Python
 # for fake script objects, about 2 us per call, 73 calls per decode step.
@@ -54,26 +58,64 @@ def fbgemm_available() -> bool:
 
 
 def own_kernel_available() -> bool:
-    """Whether glmkit's own kernel was built with this install and the CPU runs it (AVX2)."""
-    return _cpu_int8 is not None and _cpu_int8.supported()
+    """Whether glmkit's own kernel was built with this install and the CPU runs it (AVX2 at least)."""
+    return _cpu_int8 is not None and bool(_cpu_int8.isas())
 
 
+def own_kernel_isas() -> list[str]:
+    """The instruction sets glmkit's kernel runs on here, in ISAS' order (none where it was not built)."""
+    return _cpu_int8.isas() if _cpu_int8 is not None else []
+
+
+def default_isa() -> str:
+    """The instruction set glmkit's kernel runs on: the widest this CPU has; GLMKIT_INT8_ISA chooses (benchmarks
+    compare)."""
+    here = own_kernel_isas()
+    chosen = os.environ.get("GLMKIT_INT8_ISA", "").strip()
+    if not chosen:
+        return here[-1]
+    if chosen not in here:
+        raise InvalidParameterError("GLMKIT_INT8_ISA", chosen, f"this CPU runs glmkit's kernel on {', '.join(here)}")
+    return chosen
 
 
 def default_kernel() -> str:
-    return "glmkit" if own_kernel_available() else "fbgemm"
+    """glmkit's where it runs, else fbgemm; GLMKIT_INT8_KERNEL=fbgemm (or glmkit) chooses (benchmarks compare)."""
+    chosen = os.environ.get("GLMKIT_INT8_KERNEL", "").strip()
+    if not chosen:
+        return "glmkit" if own_kernel_available() else "fbgemm"
+    if chosen not in KERNELS or (chosen == "glmkit" and not own_kernel_available()):
+        raise InvalidParameterError("GLMKIT_INT8_KERNEL", chosen, f"must be one of {', '.join(KERNELS)} and run "
+                                    "here (glmkit's kernel: " + ("built" if _cpu_int8 is not None else
+                                                                  "not built with this install") + ")")
+    return chosen
 
 
-_said: set[str] = set()
+@contextlib.contextmanager
+def using_kernel(kernel: str | None):
+    """Within the block, models loaded run int8a8 on `kernel` (GLMKIT_INT8_KERNEL; None: the default)."""
+    before = os.environ.get("GLMKIT_INT8_KERNEL")
+    if kernel:
+        os.environ["GLMKIT_INT8_KERNEL"] = kernel
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GLMKIT_INT8_KERNEL", None)
+        else:
+            os.environ["GLMKIT_INT8_KERNEL"] = before
 
 
-def _say_kernel(kernel: str) -> None:
+_said: set[tuple[str, str | None]] = set()
+
+
+def _say_kernel(kernel: str, isa: str | None) -> None:
     """One log line per process naming the kernel int8 activations run on (and why, for the fallback)."""
-    if kernel in _said:
+    if (kernel, isa) in _said:
         return
-    _said.add(kernel)
+    _said.add((kernel, isa))
     if kernel == "glmkit":
-        log.info("glmkit: int8 activations run on glmkit's AVX2 kernel (8-bit, one pass)")
+        log.info("glmkit: int8 activations run on glmkit's own kernel (%s, 8-bit, one pass)", isa)
     else:
         why = ("was not built with this install (no C compiler or OpenMP then); reinstall with gcc present to "
                "build it" if _cpu_int8 is None else "needs AVX2, which this CPU lacks")
@@ -101,12 +143,18 @@ def cpu_has_vnni() -> bool:
 class DynamicInt8Linear:
     """y = x @ W.T (no bias) with W = qweight * scales[:, None], W8A8 on `kernel` ("glmkit" or "fbgemm"; default:
     glmkit's where it runs). x: [M, in] any float dtype; y: [M, out] in x's dtype (`out_dtype` to override: fp32
-    logits need no bf16 round trip). `reduce_range` (fbgemm only): 7-bit activations in two passes."""
+    logits need no bf16 round trip). `refine` (glmkit's only): each row quantized in two 8-bit halves, the rounding
+    and the error left, about 16-bit activations for the price of one more row. `reduce_range` (fbgemm only):
+    7-bit activations in two passes."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype | None = None,
                  reduce_range: bool | None = None, input_scales: torch.Tensor | None = None,
-                 kernel: str | None = None):
+                 kernel: str | None = None, refine: bool = False, isa: str | None = None):
         self.kernel = kernel or default_kernel()
+        if refine and self.kernel != "glmkit":
+            raise ValueError("refine=True: two 8-bit halves per row are glmkit's kernel's; fbgemm's product is "
+                             "one pass (or two 7-bit ones, reduce_range)")
+        self.refine = refine
         if self.kernel not in KERNELS or (self.kernel == "glmkit" and not own_kernel_available()):
             raise ValueError(f"kernel={self.kernel!r}: must be one of {KERNELS} and run here (glmkit's: "
                              f"{'built' if _cpu_int8 is not None else 'not built'})")
@@ -116,17 +164,22 @@ class DynamicInt8Linear:
         self.inverse_input_scales = None if input_scales is None else input_scales.float().reciprocal()
         # [out] W @ 1, exact from the int8 rows (what a row's low end, or its mid, contributes to the product)
         self.row_sums = (qweight.to(torch.int64).sum(dim=1).double() * scales.detach().double()).float()
+        self.isa = None
         if self.kernel == "glmkit":
-            # The kernel's layout: rows padded to a multiple of 4 and columns to 32 with zeros (no loop tails)
-            self.k_pad = -(-in_features // 32) * 32
+            self.isa = isa or default_isa()
+            if self.isa not in own_kernel_isas():
+                raise ValueError(f"isa={self.isa!r}: glmkit's kernel runs on {own_kernel_isas()} here")
+            # The kernel's layout: rows padded to a multiple of 4 and columns to 64 with zeros (no loop tails)
+            self.k_pad = -(-in_features // 64) * 64
             self.weight = torch.zeros(-(-out_features // 4) * 4, self.k_pad, dtype=torch.int8)
             self.weight[:out_features, :in_features] = qweight
+            self.qsums = self.weight.sum(dim=1, dtype=torch.int32)  # the VNNI sets' correction for a + 128
             self.scales = scales.detach().float().contiguous()
             self.reduce_range = False
         else:
             self._pack_fbgemm(qweight, scales)
             self.reduce_range = not cpu_has_vnni() if reduce_range is None else reduce_range
-        _say_kernel(self.kernel)
+        _say_kernel(self.kernel, self.isa)
 
     def _pack_fbgemm(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         # The process-wide quantized engine: "x86" (PyTorch's default here) packs linears for fbgemm too, at the
@@ -175,7 +228,8 @@ class DynamicInt8Linear:
         y = torch.empty(x.shape[0], self.out_features, dtype=out_dtype)
         _cpu_int8.linear(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], self.in_features, self.weight.data_ptr(),
                          self.k_pad, self.out_features, self.scales.data_ptr(), self.row_sums.data_ptr(),
-                         y.data_ptr(), out_dtype == torch.bfloat16, torch.get_num_threads())
+                         self.qsums.data_ptr(), y.data_ptr(), out_dtype == torch.bfloat16, torch.get_num_threads(),
+                         self.refine, ISAS.index(self.isa))
         return y if y.dtype == dtype else y.to(dtype)
 
     def _two_pass(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,12 +252,16 @@ class DynamicInt8Linear:
 
 
 # Measured on the default model (benchmarks/perplexity.py, vs fp32; int8 with bf16 activations: +0.24%): every
-# linear W8A8 +1.72%, the qkv projection alone +1.07% of that, so qkv keeps bf16 activations: +0.46% (+0.76% when
-# switched before QuantLinear.prepare rounds the scales to bf16: the text's 1,761 tokens move by that much between
-# near-identical weights). Smoothing qkv and gate_up by their norm's weight measured +0.59% with bf16-rounded
-# scales but +1.55% with fp32 ones (+1.74% unsmoothed): no gain beyond that noise, so it is not the default.
-# qkv through fbgemm in two 7-bit passes (as on CPUs without VNNI) rather than bf16 activations: +1.20%.
-KEEP_BF16_ACTIVATIONS = ("attn.qkv",)
+# linear W8A8 on fbgemm +1.72%, the qkv projection alone +1.07% of that; on glmkit's kernel +1.17% (the
+# AVX2 EPYC). So qkv runs refined there (each row in two 8-bit halves, one pass over the weights): +0.54%, as with
+# bf16 activations (+0.54%), and 1.2x the decode speed, as torch's bf16-activation product is compute-bound on
+# such a CPU. On fbgemm qkv keeps bf16 activations: +0.46% (+0.76% when switched before QuantLinear.prepare
+# rounds the scales to bf16: the text's 1,761 tokens move by that much between near-identical weights).
+# Smoothing qkv and gate_up by their norm's weight measured +0.59% with bf16-rounded scales but +1.55% with fp32
+# ones (+1.74% unsmoothed): no gain beyond that noise, so it is not the default. qkv through fbgemm in two 7-bit
+# passes (as on CPUs without VNNI) rather than bf16 activations: +1.20%.
+REFINED = ("attn.qkv",)  # glmkit's kernel: 16-bit activations in two 8-bit halves
+KEEP_BF16_ACTIVATIONS = ("attn.qkv",)  # fbgemm: torch's product with bf16 activations
 SMOOTHED: tuple[str, ...] = ()
 # The RMSNorm whose output each smoothable linear takes (DecoderLayer's names)
 _NORM_BEFORE = {"attn.qkv": "attn_norm", "mlp.gate_up": "mlp_norm"}
@@ -215,29 +273,36 @@ def runs_here() -> bool:
 
 
 def use_int8_activations(model: torch.nn.Module, dtype: torch.dtype | None = None,
-                         keep: tuple[str, ...] = KEEP_BF16_ACTIVATIONS, smooth: tuple[str, ...] = SMOOTHED) -> int:
-    """Switch the CPU int8 QuantLinears of a loaded model (but those named `keep`) to W8A8, before or after
-    QuantLinear.prepare (before is better: the scales are still fp32; then pass the activations' `dtype`, which
-    the bias takes as prepare would give it). the kernel's copy of the weight replaces `qweight`. Those named `smooth`
-    (`attn.qkv`, `mlp.gate_up`: the ones right after an RMSNorm) divide their input by the magnitude of that
-    norm's weight first (DynamicInt8Linear.smoothed); the module's input and output stay what they were (a LoRA
-    beside it sees the same x). Returns how many were switched."""
+                         keep: tuple[str, ...] | None = None, smooth: tuple[str, ...] = SMOOTHED,
+                         refine: tuple[str, ...] = REFINED, kernel: str | None = None) -> int:
+    """Switch the CPU int8 QuantLinears of a loaded model (but those named `keep`) to W8A8 on `kernel` (default:
+    glmkit's where it runs), before or after QuantLinear.prepare (before is better: the scales are still fp32;
+    then pass the activations' `dtype`, which the bias takes as prepare would give it). The kernel's copy of the
+    weight replaces `qweight`. `keep` defaults to nothing on glmkit's kernel, where those named `refine` quantize
+    each row in two halves, and to KEEP_BF16_ACTIVATIONS on fbgemm. Those named `smooth` (`attn.qkv`,
+    `mlp.gate_up`: the ones right after an RMSNorm) divide their input by the magnitude of that norm's weight
+    first (DynamicInt8Linear.smoothed); the module's input and output stay what they were (a LoRA beside it sees
+    the same x). Returns how many were switched."""
     from .quant import QuantLinear
 
+    kernel = kernel or default_kernel()
+    if keep is None:
+        keep = () if kernel == "glmkit" else KEEP_BF16_ACTIVATIONS
     switched = 0
     for name, module in model.named_modules():
         if (not isinstance(module, QuantLinear) or module.bits != 8 or module.qweight.device.type != "cpu"
                 or name.endswith(keep) or isinstance(module._forward, DynamicInt8Linear)):
             continue
-        out_dtype = torch.float32 if name.endswith("lm_head") else None  # logits are wanted in fp32
+        options = dict(kernel=kernel, refine=kernel == "glmkit" and bool(refine) and name.endswith(refine),
+                       out_dtype=torch.float32 if name.endswith("lm_head") else None)  # logits are wanted in fp32
         norm_name = next((name.removesuffix(linear) + norm for linear, norm in _NORM_BEFORE.items()
                           if name.endswith(linear)), None)
         if name.endswith(smooth) and norm_name is not None:
             norm = model.get_submodule(norm_name).weight.detach()
             input_scales = norm.float().abs().clamp_min(1e-6)
-            module._forward = DynamicInt8Linear.smoothed(module.qweight, module.scales, input_scales)
+            module._forward = DynamicInt8Linear.smoothed(module.qweight, module.scales, input_scales, **options)
         else:
-            module._forward = DynamicInt8Linear(module.qweight, module.scales.float(), out_dtype)
+            module._forward = DynamicInt8Linear(module.qweight, module.scales.float(), **options)
         module.qweight = torch.empty(0, dtype=torch.int8)
         if dtype is not None and module.bias is not None:
             module.bias.data = module.bias.data.to(dtype)
