@@ -4,8 +4,9 @@
         [--quantization auto|none|int8|int8a8|int4] [--threads N] [--concurrency 1 4 8 16] [--max-tokens 128]
         [--repeats 3]
 
-Each level runs `repeats` times in this process and prints the median; the ratio column divides by the median
-of the single-stream run measured in the same process, so machine noise affects both sides alike.
+The levels run interleaved (1, 4, 8, 16, 1, 4, ...) `repeats` times in this process, so machine noise hits them
+alike; each level prints its median, and the ratio column the median over repeats of (this level / the first
+level in the same round), pair by pair.
 """
 
 from __future__ import annotations
@@ -47,17 +48,20 @@ def main() -> None:
     args = parser.parse_args()
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, num_threads=args.threads)
     run_level(llm, 2, 8)  # warm-up: first-call allocations and kernels
-    medians = {}
     print(f"model: {llm.model_config.name or llm.model_dir}  device: {llm.device}  dtype: {llm.dtype}  "
           f"quantization: {llm.quantization.mode if llm.quantization else 'none'}  "
           f"max_tokens: {args.max_tokens}  repeats: {args.repeats}")
-    print(f"{'concurrent':>10} {'output tok/s (median)':>22} {'runs':>26} {'x one stream':>13}")
-    for level in args.concurrency:
-        runs = [run_level(llm, level, args.max_tokens) for _ in range(args.repeats)]
-        medians[level] = statistics.median(runs)
-        base = medians.get(1) or medians[args.concurrency[0]]
-        print(f"{level:>10} {medians[level]:>22.1f} {' '.join(f'{r:.1f}' for r in runs):>26} "
-              f"{medians[level] / base:>12.2f}x", flush=True)
+    runs: dict[int, list[float]] = {level: [] for level in args.concurrency}
+    for repeat in range(args.repeats):
+        for level in args.concurrency:
+            runs[level].append(run_level(llm, level, args.max_tokens))
+        print(f"round {repeat + 1}/{args.repeats}: " + "  ".join(f"{level}: {r[-1]:.1f}" for level, r in runs.items()),
+              flush=True)
+    base = runs[args.concurrency[0]]
+    print(f"{'concurrent':>10} {'output tok/s (median)':>22} {'runs':>32} {'x first level':>14}")
+    for level, r in runs.items():
+        ratio = statistics.median(a / b for a, b in zip(r, base))
+        print(f"{level:>10} {statistics.median(r):>22.1f} {' '.join(f'{x:.1f}' for x in r):>32} {ratio:>13.2f}x")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@
 
 #define ROWS 4          /* weight rows per tile */
 #define MAX_MULTI 4     /* at most this many input rows per pass over a tile (MULTI below) */
-#define MULTI_VNNI 4
 #define X_BLOCK 64      /* input rows per pass over the weights (a block of them stays in L2) */
 #define K_STEP 64       /* k_pad's multiple: a 512-bit step */
 
@@ -136,11 +135,17 @@ AVX2 static void quantize_row(const void *x, int bf16, int64_t k, int64_t k_pad,
     *mid = m;
 }
 
-AVX2 static inline int32_t hsum(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+_Static_assert(ROWS == 4, "a tile's sums are gathered four at a time (hsum4)");
+
+/* The sums of four vectors' lanes, as the four lanes of one: three `vphaddd` and one add, rather than a
+   shuffle-and-add tree per vector (a tile's last step; a decode step's products 2-3% faster) */
+AVX2 static inline __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+AVX512_VNNI static inline __m256i half_sum(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
 }
 
 /* The integer sums of ROWS weight rows against `count` input rows, into sums[count][ROWS]. Inlined with a constant
@@ -171,7 +176,7 @@ AVX2 static inline __attribute__((always_inline)) void tile_avx2(const int8_t *w
         }
     }
     for (int r = 0; r < count; r++)
-        for (int j = 0; j < ROWS; j++) sums[r * ROWS + j] = hsum(acc[r][j]);
+        _mm_storeu_si128((__m128i *)(sums + r * ROWS), hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
 }
 
 /* AVX-VNNI (`vpdpbusd` on 256 bits): four u8 x s8 products straight into int32, nothing to saturate. The input
@@ -192,8 +197,10 @@ AVX_VNNI static inline __attribute__((always_inline)) void tile_avx_vnni(const i
                 acc[r][j] = _mm256_dpbusd_avx_epi32(acc[r][j], _mm256_loadu_si256((const __m256i *)(x[r] + i)), q);
         }
     }
+    const __m128i offset = _mm_slli_epi32(_mm_loadu_si128((const __m128i *)qsum), 7);
     for (int r = 0; r < count; r++)
-        for (int j = 0; j < ROWS; j++) sums[r * ROWS + j] = hsum(acc[r][j]) - 128 * qsum[j];
+        _mm_storeu_si128((__m128i *)(sums + r * ROWS),
+                         _mm_sub_epi32(hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]), offset));
 }
 
 /* AVX512-VNNI: the same on 512 bits. */
@@ -214,8 +221,11 @@ AVX512_VNNI static inline __attribute__((always_inline)) void tile_avx512_vnni(c
                 acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], _mm512_loadu_si512((const void *)(x[r] + i)), q);
         }
     }
+    const __m128i offset = _mm_slli_epi32(_mm_loadu_si128((const __m128i *)qsum), 7);
     for (int r = 0; r < count; r++)
-        for (int j = 0; j < ROWS; j++) sums[r * ROWS + j] = _mm512_reduce_add_epi32(acc[r][j]) - 128 * qsum[j];
+        _mm_storeu_si128((__m128i *)(sums + r * ROWS),
+                         _mm_sub_epi32(hsum4(half_sum(acc[r][0]), half_sum(acc[r][1]), half_sum(acc[r][2]),
+                                             half_sum(acc[r][3])), offset));
 }
 
 typedef void (*tile_fn)(const int8_t *, int64_t, const int8_t *const *, const int32_t *, int32_t *);
@@ -246,7 +256,7 @@ static const tile_fn TILE_FNS[3][MAX_MULTI] = {
 };
 /* Input rows per pass over a tile, by instruction set. Measured on 2 cores over a decode step's products: AVX2 2
    (3 and 4 within 5%); AVX512-VNNI 4 (an AVX512 EPYC, 64 rows: 126 ms against 152 with 2, 8 rows: the same) */
-static const int MULTI[3] = {2, MULTI_VNNI, MULTI_VNNI};
+static const int MULTI[3] = {2, 4, 4};
 
 /* The bytes of a (a in [-127, 127]) as a + 128, the unsigned side of `vpdpbusd`; n a multiple of 32. */
 AVX2 static void to_unsigned(int8_t *a, int64_t n) {
@@ -311,8 +321,12 @@ static PyObject *linear(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (m == 0) Py_RETURN_NONE;
-    const int per = refine ? 2 : 1, multi = MULTI[isa];
+    const int per = refine ? 2 : 1;
     const int64_t rows = m * per; /* rows of quantized input; a refined row's halves are neighbours */
+    /* One or two rows (a decode step of one sequence) read the weights at the memory's pace on 256 bits and 9% slower
+       on 512 (an AVX512 EPYC, benchmarks/cpu_int8.py): AVX-VNNI takes the same unsigned rows, so it runs them
+       where the CPU has it */
+    const int tiles_isa = isa == 2 && rows <= 2 && cpu_runs(1) ? 1 : isa, multi = MULTI[tiles_isa];
     const int8_t *w = (const int8_t *)(uintptr_t)pw;
     const float *scales = (const float *)(uintptr_t)ps, *row_sums = (const float *)(uintptr_t)pr;
     const int32_t *qsums = (const int32_t *)(uintptr_t)pq;
@@ -344,7 +358,7 @@ static PyObject *linear(PyObject *self, PyObject *args) {
                 const int8_t *x[MAX_MULTI];
                 int32_t sums[MAX_MULTI * ROWS];
                 for (int i = 0; i < count; i++) x[i] = a + (r + i) * k_pad;
-                TILE_FNS[isa][count - 1](w + n0 * k_pad, k_pad, x, qsums + n0, sums);
+                TILE_FNS[tiles_isa][count - 1](w + n0 * k_pad, k_pad, x, qsums + n0, sums);
                 for (int j = 0; j < ROWS && n0 + j < n; j++) {
                     const float scale = scales[n0 + j], row_sum = row_sums[n0 + j];
                     for (int i = 0; i < count; i += per) {

@@ -8,10 +8,12 @@ byte product reads the weights at the memory's pace and stays nearly as fast for
 for one (README, "Quantization").
 
 Two kernels, the same arithmetic contract:
-- glmkit's own (`kernels/cpu_int8.c`, compiled when the package is installed; AVX2): each row of x is quantized
-  to 8 bits centred on its own range (x ~= mid + step * a, a in [-127, 127]) and multiplied with `vpmaddubsw` on
-  |q| and a with q's sign, which cannot saturate, so 8-bit activations run on every AVX2 CPU; the whole linear
-  (quantization, product, scales) is one call. The default wherever it was built and the CPU has AVX2.
+- glmkit's own (`kernels/cpu_int8.c`, compiled when the package is installed): each row of x is quantized to 8
+  bits centred on its own range (x ~= mid + step * a, a in [-127, 127]) and the whole linear (quantization,
+  product, scales) is one call. Its integer sums run on the widest instruction set the CPU has (`isa`): AVX2
+  (`vpmaddubsw` on |q| and a with q's sign, which cannot saturate, so 8-bit activations on every AVX2 CPU),
+  AVX-VNNI or AVX512-VNNI (`vpdpbusd`); all three give the same sums, so the same answer. The default wherever it
+  was built and the CPU has AVX2.
 - fbgemm's dynamic quantized linear (PyTorch's), where ours was not built: it quantizes the whole input with one
   (scale, zero point), so each row is first mapped onto [0, 1] exactly (x = low + span * x', both per row) and
   the product rebuilt as span * (x' @ W.T) + low * (W @ 1). CPUs without VNNI multiply bytes there with
@@ -22,8 +24,8 @@ Two kernels, the same arithmetic contract:
 Both quantize each row on its own range: one scale for a whole prompt would let one token's outliers (the first
 token's, in Qwen models) coarsen every other token's steps (perplexity +11% instead of +1.7% for all linears),
 and a row is then quantized the same way alone, beside other requests' rows, or after a cached prefix, so an
-answer does not depend on what ran beside it. The qkv projection keeps bf16 activations (KEEP_BF16_ACTIVATIONS
-says why).
+answer does not depend on what ran beside it. The qkv projection is the most sensitive (REFINED and
+KEEP_BF16_ACTIVATIONS say why): on glmkit's kernel its rows go in as two 8-bit halves, on fbgemm at bf16.
 """
 
 from __future__ import annotations
@@ -252,14 +254,15 @@ class DynamicInt8Linear:
 
 
 # Measured on the default model (benchmarks/perplexity.py, vs fp32; int8 with bf16 activations: +0.24%): every
-# linear W8A8 on fbgemm +1.72%, the qkv projection alone +1.07% of that; on glmkit's kernel +1.17% (the
-# AVX2 EPYC). So qkv runs refined there (each row in two 8-bit halves, one pass over the weights): +0.54%, as with
-# bf16 activations (+0.54%), and 1.2x the decode speed, as torch's bf16-activation product is compute-bound on
-# such a CPU. On fbgemm qkv keeps bf16 activations: +0.46% (+0.76% when switched before QuantLinear.prepare
-# rounds the scales to bf16: the text's 1,761 tokens move by that much between near-identical weights).
-# Smoothing qkv and gate_up by their norm's weight measured +0.59% with bf16-rounded scales but +1.55% with fp32
-# ones (+1.74% unsmoothed): no gain beyond that noise, so it is not the default. qkv through fbgemm in two 7-bit
-# passes (as on CPUs without VNNI) rather than bf16 activations: +1.20%.
+# linear W8A8 on fbgemm +1.72%, the qkv projection alone +1.07% of that; on glmkit's kernel +1.17% (an AVX2
+# EPYC). So qkv runs refined there (each row in two 8-bit halves, one pass over the weights): +0.86% on that
+# EPYC (qkv at bf16 activations: +0.54%, but 1/1.2 of the decode speed, as torch's bf16-activation product is
+# compute-bound on such a CPU), +0.54% on an AVX512 EPYC (the same on each instruction set: the sums are the
+# same). On fbgemm qkv keeps bf16 activations: +0.46% (+0.76% when switched before QuantLinear.prepare rounds
+# the scales to bf16: the text's 1,761 tokens move by that much between near-identical weights). Smoothing qkv
+# and gate_up by their norm's weight measured +0.59% with bf16-rounded scales but +1.55% with fp32 ones (+1.74%
+# unsmoothed): no gain beyond that noise, so it is not the default. qkv through fbgemm in two 7-bit passes (as on
+# CPUs without VNNI) rather than bf16 activations: +1.20%.
 REFINED = ("attn.qkv",)  # glmkit's kernel: 16-bit activations in two 8-bit halves
 KEEP_BF16_ACTIVATIONS = ("attn.qkv",)  # fbgemm: torch's product with bf16 activations
 SMOOTHED: tuple[str, ...] = ()

@@ -38,10 +38,10 @@ def cpu_has_bf16() -> bool:
 
 def start_quantization(device_type: str) -> str | None:
     """The quantization a start with no flags uses on this device type, chosen by measurement (README,
-    "Quantization": benchmarks/cpu_decode.py and benchmarks/perplexity.py): int8a8 on an x86 CPU with AVX2 and
-    PyTorch's fbgemm (int8 activations: 8-bit where the CPU has VNNI, two 7-bit passes where it has not; faster
-    than int8 and bf16 at under 1% perplexity against fp32), int8 (bf16 activations) on another CPU with bf16
-    instructions, fp32 on any other CPU and on a GPU."""
+    "Quantization": benchmarks/cpu_decode.py and benchmarks/perplexity.py): int8a8 on an x86 CPU with AVX2
+    (int8 activations on glmkit's own kernel, or fbgemm's where it was not built; faster than int8 and bf16 at
+    under 1% perplexity against fp32), int8 (bf16 activations) on another CPU with bf16 instructions, fp32 on any
+    other CPU and on a GPU."""
     if device_type != "cpu":
         return None
     from .cpu_int8 import runs_here
