@@ -282,6 +282,47 @@ static int cpu_runs(int isa) {
     }
 }
 
+/* Four outputs as bf16, rounded to nearest even as float_to_bf16 (NaN stays NaN), into y[0..3] */
+AVX2 static inline void store4_bf16(uint16_t *y, __m128 v) {
+    const __m128i bits = _mm_castps_si128(v);
+    const __m128i odd = _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1));
+    __m128i rounded = _mm_srli_epi32(_mm_add_epi32(bits, _mm_add_epi32(_mm_set1_epi32(0x7fff), odd)), 16);
+    const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(v, v));
+    rounded = _mm_blendv_epi8(rounded, _mm_or_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(0x40)), nan);
+    _mm_storel_epi64((__m128i *)y, _mm_packus_epi32(rounded, rounded));
+}
+
+/* A tile's integer sums ([count][ROWS], input rows step[0..count), `used` weight rows) to outputs: y[out + i / per
+   * n + j] = sum * (step * scale) (+ the refined row's second half) + mid * row_sum, four weight rows at a time
+   (the same operations, in the same order, as one at a time: no fused multiply-adds) */
+AVX2 static void finish(const int32_t *sums, int count, int per, const float *step, const float *mid,
+                        const float *scales, const float *row_sums, int64_t used, void *y, int y_bf16, int64_t out,
+                        int64_t n) {
+    if (used == ROWS) {
+        const __m128 scale = _mm_loadu_ps(scales), row_sum = _mm_loadu_ps(row_sums);
+        for (int i = 0; i < count; i += per) {
+            __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)(sums + i * ROWS))),
+                                  _mm_mul_ps(_mm_set1_ps(step[i]), scale));
+            if (per == 2) /* the refined row's second half */
+                v = _mm_add_ps(v, _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)(sums + (i + 1) * ROWS))),
+                                                        _mm_mul_ps(_mm_set1_ps(step[i + 1]), scale)),
+                                             _mm_mul_ps(_mm_set1_ps(mid[i + 1]), row_sum)));
+            v = _mm_add_ps(v, _mm_mul_ps(_mm_set1_ps(mid[i]), row_sum));
+            const int64_t at = out + (i / per) * n;
+            if (y_bf16) store4_bf16((uint16_t *)y + at, v);
+            else _mm_storeu_ps((float *)y + at, v);
+        }
+        return;
+    }
+    for (int64_t j = 0; j < used; j++)
+        for (int i = 0; i < count; i += per) {
+            float value = (float)sums[i * ROWS + j] * (step[i] * scales[j]);
+            if (per == 2)
+                value += (float)sums[(i + 1) * ROWS + j] * (step[i + 1] * scales[j]) + mid[i + 1] * row_sums[j];
+            store(y, y_bf16, out + (i / per) * n + j, value + mid[i] * row_sums[j]);
+        }
+}
+
 /* A row quantized in two halves, each 8 bits on its own range: the rounding a (as quantize_row), then the error
    left, x - (mid + step * a), in its turn. Summed, the product's error is that of about 16-bit activations. */
 AVX2 static void quantize_refined(const void *x, int bf16, int64_t k, int64_t k_pad, int8_t *a, float *step,
@@ -359,16 +400,8 @@ static PyObject *linear(PyObject *self, PyObject *args) {
                 int32_t sums[MAX_MULTI * ROWS];
                 for (int i = 0; i < count; i++) x[i] = a + (r + i) * k_pad;
                 TILE_FNS[tiles_isa][count - 1](w + n0 * k_pad, k_pad, x, qsums + n0, sums);
-                for (int j = 0; j < ROWS && n0 + j < n; j++) {
-                    const float scale = scales[n0 + j], row_sum = row_sums[n0 + j];
-                    for (int i = 0; i < count; i += per) {
-                        const int64_t v = r + i;
-                        float value = (float)sums[i * ROWS + j] * (step[v] * scale);
-                        if (refine) /* the row's second half */
-                            value += (float)sums[(i + 1) * ROWS + j] * (step[v + 1] * scale) + mid[v + 1] * row_sum;
-                        store(y, y_bf16, (v / per) * n + n0 + j, value + mid[v] * row_sum);
-                    }
-                }
+                finish(sums, count, per, step + r, mid + r, scales + n0, row_sums + n0, n - n0 < ROWS ? n - n0 : ROWS,
+                       y, y_bf16, (r / per) * n + n0, n);
                 r += count;
             }
         }
