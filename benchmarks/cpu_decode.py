@@ -1,11 +1,12 @@
 """Single-stream CPU decode tokens/s of the default model: glmkit fp32, bf16, int8, int8a8, int4, and llama.cpp.
 
     python benchmarks/cpu_decode.py [--threads 2] [--tokens 128] [--repeats 3]
-        [--modes fp32 bf16 int8 int8a8 int8a8-fbgemm int4 llama.cpp] [--model PATH.gguf]
+        [--modes fp32 bf16 int8 int8a8 int8a8-avx2 int8a8-fbgemm int4 llama.cpp] [--model PATH.gguf]
 
 int8 runs the int8 weights with bf16 activations (PyTorch's `_weight_int8pack_mm`); int8a8 the same weights with
-int8 activations quantized per token on glmkit's own AVX2 kernel (glmkit/models/cpu_int8.py, kernels/cpu_int8.c),
-qkv's in two 8-bit halves; int8a8-fbgemm the same on fbgemm's dynamic quantized linear (the fallback where
+int8 activations quantized per token on glmkit's own kernel (glmkit/models/cpu_int8.py, kernels/cpu_int8.c) on
+the widest instruction set the CPU has, qkv's in two 8-bit halves; int8a8-avx2 the same on its AVX2 path (what a
+CPU without VNNI runs); int8a8-fbgemm the same weights on fbgemm's dynamic quantized linear (the fallback where
 glmkit's kernel was not built; qkv at bf16 activations).
 
 Decode rate excludes prompt processing. glmkit: one request for 1 token and one for tokens + 1 from the same
@@ -31,8 +32,10 @@ from glmkit.models.cpu_int8 import using_kernel
 
 GLMKIT_MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
                 "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8a8"),
-                "int8a8-fbgemm": ("bfloat16", "int8a8"), "int4": ("bfloat16", "int4")}
-KERNELS = {"int8a8-fbgemm": "fbgemm"}  # int8a8 on fbgemm's product rather than glmkit's own kernel
+                "int8a8-avx2": ("bfloat16", "int8a8"), "int8a8-fbgemm": ("bfloat16", "int8a8"),
+                "int4": ("bfloat16", "int4")}
+# int8a8 on glmkit's kernel's AVX2 path (what a CPU without VNNI runs), or on fbgemm's product
+KERNELS = {"int8a8-avx2": ("glmkit", "avx2"), "int8a8-fbgemm": ("fbgemm", None)}
 LLAMA = "llama.cpp"
 PROMPT = ("Write a Python function that reads a CSV file and returns its rows as a list of dictionaries, "
           "with error handling for missing files and malformed lines. Explain each step.")
@@ -80,7 +83,7 @@ def main() -> None:
         dtype, quantization = GLMKIT_MODES[mode]
         start = time.perf_counter()
         try:
-            with using_kernel(KERNELS.get(mode)):
+            with using_kernel(*KERNELS.get(mode, (None, None))):
                 llm = LLM(args.model, dtype=dtype, quantization=quantization, num_threads=args.threads,
                           kv_cache_memory_gb=0.25, enable_prefix_caching=False)
         except Exception as e:  # e.g. a quantization mode this machine cannot run

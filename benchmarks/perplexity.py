@@ -34,7 +34,7 @@ DEFAULT_TEXT = Path(__file__).parent / "data" / "perplexity.txt"
 MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
          "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8a8"), "int8a8-fbgemm": ("bfloat16", "int8a8"),
          "int4": ("bfloat16", "int4")}
-KERNELS = {"int8a8-fbgemm": "fbgemm"}  # int8a8 on fbgemm's product rather than glmkit's own kernel
+KERNELS = {"int8a8-fbgemm": ("fbgemm", None)}  # int8a8 on fbgemm's product rather than glmkit's own kernel
 
 
 def window_nll(llm: LLM, ids: list[int], logit_rows: int = 128) -> tuple[float, int]:
@@ -84,7 +84,7 @@ def main() -> None:
     for mode in args.modes:
         dtype, quantization = MODES[mode]
         start = time.perf_counter()
-        with using_kernel(KERNELS.get(mode)):
+        with using_kernel(*KERNELS.get(mode, (None, None))):
             llm = LLM(args.model, dtype=dtype, quantization=quantization, num_threads=args.threads,
                       kv_cache_memory_gb=0.05, enable_prefix_caching=False)
         loaded = time.perf_counter() - start

@@ -3,6 +3,8 @@ dynamic quantized linear on glmkit's int8 layout, against the float product of t
 glmkit's, against the exact integer arithmetic it promises), per-row activation ranges, and a whole model switched
 to it."""
 
+import os
+
 import pytest
 import torch
 
@@ -321,3 +323,17 @@ def test_the_instruction_set_named_must_run_here(monkeypatch):
     assert DynamicInt8Linear(qweight, scales, kernel="glmkit").isa == "avx2"
     with pytest.raises(ValueError, match="this CPU does not run it"):  # the extension checks too
         cpu_int8._cpu_int8.linear(0, False, 1, 32, 0, 64, 8, 0, 0, 0, 0, False, 1, False, 7)
+
+
+@pytest.mark.skipif("glmkit" not in HERE, reason="glmkit's kernel not built")
+def test_using_kernel_chooses_for_the_block_and_restores(monkeypatch):
+    qweight, scales = int8_weight(8, 32)
+    monkeypatch.setenv("GLMKIT_INT8_ISA", ISAS[-1])
+    monkeypatch.delenv("GLMKIT_INT8_KERNEL", raising=False)
+    with cpu_int8.using_kernel("glmkit", "avx2"):
+        assert DynamicInt8Linear(qweight, scales).isa == "avx2"
+    assert DynamicInt8Linear(qweight, scales).isa == ISAS[-1]  # the value set before, back
+    assert "GLMKIT_INT8_KERNEL" not in os.environ
+    if "fbgemm" in HERE:
+        with cpu_int8.using_kernel("fbgemm"):
+            assert DynamicInt8Linear(qweight, scales).kernel == "fbgemm"

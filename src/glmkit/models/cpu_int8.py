@@ -94,18 +94,20 @@ def default_kernel() -> str:
 
 
 @contextlib.contextmanager
-def using_kernel(kernel: str | None):
-    """Within the block, models loaded run int8a8 on `kernel` (GLMKIT_INT8_KERNEL; None: the default)."""
-    before = os.environ.get("GLMKIT_INT8_KERNEL")
-    if kernel:
-        os.environ["GLMKIT_INT8_KERNEL"] = kernel
+def using_kernel(kernel: str | None, isa: str | None = None):
+    """Within the block, models loaded run int8a8 on `kernel` (GLMKIT_INT8_KERNEL) and, on glmkit's, on `isa`
+    (GLMKIT_INT8_ISA); None: the default."""
+    names = {"GLMKIT_INT8_KERNEL": kernel, "GLMKIT_INT8_ISA": isa}
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: value for name, value in names.items() if value})
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("GLMKIT_INT8_KERNEL", None)
-        else:
-            os.environ["GLMKIT_INT8_KERNEL"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 _said: set[tuple[str, str | None]] = set()
