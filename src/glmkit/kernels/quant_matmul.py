@@ -83,6 +83,25 @@ def _asm_unpack(dtype: str) -> str:
 _ASM_BF16 = tl.constexpr(_asm_unpack("bf16"))
 _ASM_FP16 = tl.constexpr(_asm_unpack("fp16"))
 
+# int8 bytes -> fp32 for the single-row kernel, with no conversion instruction (I2F runs at an eighth of the FMA
+# rate on an H200, and one row's product was bound by it): the bytes are XORed with 0x80 (q + 128, unsigned),
+# prmt builds each word [byte, 0, 0, 0x4B], the float 2**23 + q + 128 exactly, and one add takes 2**23 + 128 off.
+# (The same for int4's nibbles, in place of the bf16 unpack and its conversion, measured no faster.)
+_ASM_INT8_F32 = tl.constexpr("\n".join(
+    ["{", ".reg .b32 t;", "xor.b32 t, $4, 0x80808080;"]
+    + [f"prmt.b32 ${i}, t, 0x4B000000, 0x754{i};" for i in range(4)]
+    + [f"add.f32 ${i}, ${i}, 0fCB000080;" for i in range(4)] + ["}"]))
+
+
+@triton.jit
+def _int8_to_f32(b, FAST: tl.constexpr):
+    """int8 bytes -> fp32, b's shape."""
+    if FAST:
+        return tl.inline_asm_elementwise(_ASM_INT8_F32, "=r,=r,=r,=r,r", [b], dtype=tl.float32, is_pure=True,
+                                         pack=4)
+    else:
+        return b.to(tl.float32)
+
 
 @triton.jit
 def _unpack_int4(b, dtype: tl.constexpr, FAST: tl.constexpr):
@@ -207,7 +226,7 @@ def _quant_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, row_bytes, stride_wn,
             w = tl.load(rows + j[None, :], mask=j[None, :] < row_bytes, other=0)  # x is 0 there
         if BITS == 8:
             a = tl.load(x_ptr + j, mask=j < K, other=0.0)
-            total += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], 1)
+            total += tl.sum(_int8_to_f32(w, FAST_UNPACK) * a.to(tl.float32)[None, :], 1)
         else:
             k_lo = (j // HALF) * (2 * HALF) + j % HALF  # the int4 layout: byte j holds elements k_lo, k_lo + HALF
             a_lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0)
@@ -317,13 +336,13 @@ class QuantMatmul:
 
     @staticmethod
     def gemv_config(bits: int, K: int) -> tuple[int, int, int] | None:
-        """(BLOCK_N, BLOCK_B, num_warps) of the single-row kernel, or None where one row is faster through the
-        tiled kernel. From a sweep on an H200 over ChatGLM3-6B's linears (`benchmarks/gemv.py --quant int8 int4
+        """(BLOCK_N, BLOCK_B, num_warps) of the single-row kernel (None, as benchmarks set it, sends one row to the
+        tiled kernel). From a sweep on an H200 over ChatGLM3-6B's linears (`benchmarks/gemv.py --quant int8 int4
         --sweep`): int4 8 rows x 1,024 bytes, 1.3-1.7x the tiled kernel on every layer; int8 4 x 2,048 bytes,
-        1.03-1.27x where K <= 8192, but 0.84x on `down` (K = 13,696), which stays tiled."""
+        1.04-1.43x (`down`, K = 13,696, the least: it was 0.84x before the bytes skipped I2F)."""
         if bits == 4:
             return 8, 1024, 4
-        return (4, 2048, 4) if K <= 8192 else None
+        return 4, 2048, 4
 
     @staticmethod
     def _int4_half(K: int, group_size: int, groups: int) -> int:
