@@ -173,6 +173,7 @@ class DynamicInt8Linear:
             self.isa = isa or default_isa()
             if self.isa not in own_kernel_isas():
                 raise ValueError(f"isa={self.isa!r}: glmkit's kernel runs on {own_kernel_isas()} here")
+            self.isa_index = ISAS.index(self.isa)  # the extension's `isa` argument
             # The kernel's layout: rows padded to a multiple of 4 and columns to 64 with zeros (no loop tails)
             self.k_pad = -(-in_features // 64) * 64
             self.weight = torch.zeros(-(-out_features // 4) * 4, self.k_pad, dtype=torch.int8)
@@ -233,7 +234,7 @@ class DynamicInt8Linear:
         _cpu_int8.linear(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], self.in_features, self.weight.data_ptr(),
                          self.k_pad, self.out_features, self.scales.data_ptr(), self.row_sums.data_ptr(),
                          self.qsums.data_ptr(), y.data_ptr(), out_dtype == torch.bfloat16, torch.get_num_threads(),
-                         self.refine, ISAS.index(self.isa))
+                         self.refine, self.isa_index)
         return y if y.dtype == dtype else y.to(dtype)
 
     def _two_pass(self, x: torch.Tensor) -> torch.Tensor:
