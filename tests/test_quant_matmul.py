@@ -51,7 +51,7 @@ def test_matches_dequantized_reference(bits, group, M, N, K, dtype):
     check(mm(x), x, w_ref, dtype)
 
 
-@pytest.mark.parametrize("tiles", [(16, 32, 4), (4, 128, 2), (32, 256, 8)])  # K tile larger than a row: masked
+@pytest.mark.parametrize("tiles", [(16, 32, 2), (4, 128, 2), (32, 256, 8)])  # K tile larger than a row: masked
 @pytest.mark.parametrize("N,K", [(48, 256), (80, 96), (40, 320)])
 @pytest.mark.parametrize("bits,group", QUANT + [(4, 64)])
 def test_single_row_kernel_matches_dequantized_reference(bits, group, N, K, tiles):
@@ -90,6 +90,14 @@ def test_strided_rows_and_empty_input():
     x = wide[:, :64]  # row stride 100
     check(mm(x), x, w_ref, torch.float16)
     assert mm(rand_x(0, 64, torch.float16)).shape == (0, 48)
+
+
+def test_single_row_int4_tile_must_give_each_thread_two_words():
+    qweight, scales, group_size, _ = make(4, 32, 16, 64)
+    mm = QuantMatmul(4, qweight, scales, group_size, DTYPES[-1])
+    mm.gemv_tiles = (16, 32, 4)  # 16 rows x 8 words over 128 threads
+    with pytest.raises(ValueError, match="two words"):
+        mm(rand_x(1, 64, DTYPES[-1]))
 
 
 def test_rejects_bad_shapes():

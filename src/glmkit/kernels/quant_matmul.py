@@ -18,7 +18,8 @@ unpack with 32-bit operations:
   subtracts 136 (1032); eight values per 12 instructions (inline PTX, `_unpack_int4`). H divides the group size,
   so each half lies in one group:
     - one group per row (ChatGLM's checkpoints): `scales` fp32 [N], applied to the accumulator at the end;
-    - several groups: `scales` [groups, N] in the activation dtype. Decode tiles (BLOCK_M <= 32) scale each
+    - several groups: `scales` [K tiles, N, 2] in the activation dtype, each tile's (low half, high half) group
+      scales side by side (one 4-byte load; the single-row kernel pairs them with two words, see _asm_dot4). Decode tiles (BLOCK_M <= 32) scale each
       half's fp32 partial product after its tl.dot (cheap for few rows, and exact); larger tiles scale the
       dequantized weight halves before the tl.dot (cheaper per multiply-add when BLOCK_M is large).
   H = 64 for group sizes that are multiples of 64 (and one group per row), 32 for 32, 16 for 16; other group
@@ -26,8 +27,9 @@ unpack with 32-bit operations:
 
 One row (a batch-1 decode step) goes through a kernel of its own where that is faster (QuantMatmul.gemv_config):
 each program reads BLOCK_N weight rows BLOCK_B bytes at a time and multiplies them in fp32 without tensor cores,
-which for one row would load 16 rows of x per mma tile and waste 15 of them. int4's multi-group scales apply to
-each HALF-byte segment's sum.
+which for one row would load 16 rows of x per mma tile and waste 15 of them. int8 converts bytes to fp32 (prmt
+magic); int4 multiplies in packed bf16x2/f16x2 arithmetic (_int4_gemv_kernel, _asm_dot4), its tensors laid out
+so that nothing crosses threads inside the loop.
 
 Tiles (QuantMatmul.config(M), picked from sweeps on an H200): each program computes one [BLOCK_M, BLOCK_N]
 output tile, tl.dot with fp32 accumulation (mma.sync for BLOCK_M < 64, wgmma above).
@@ -93,6 +95,93 @@ _ASM_INT8_F32 = tl.constexpr("\n".join(
     + [f"add.f32 ${i}, ${i}, 0fCB000080;" for i in range(4)] + ["}"]))
 
 
+# One row's int4 product, eight weights (one 32-bit word of the int4 layout: bytes r..r+3 of a K tile) at a time,
+# in packed bf16x2/f16x2 arithmetic: the nibbles become (q_j, q_j+1) pairs as in _asm_unpack, and each pair meets
+# the two x values it multiplies, which sit side by side in memory (low nibbles: elements r..r+3 of the tile, high
+# ones: H + r..r+3), so x arrives as two 64-bit loads. Two packed fmas per pair (offset off, then the product
+# into a pair of sums), the two halves then added in fp32: about 2.4 instructions per weight, against about 6 for
+# unpacking to fp32 first. With group scales the asm takes two words (pack=2) and their tile's (low, high) scale
+# pair, and scales the low and high sums (packed) before they meet.
+def _asm_dot4(dtype: str, scaled: bool) -> str:
+    magic, one, neg, ty = _MAGIC[dtype]
+    words = 2 if scaled else 1
+    lines = [".reg .b32 t, s, u0, u1, u2, u3, x0, x1, x2, x3, one, neg, zero, p, q;",
+             ".reg .b16 l, h;", ".reg .f32 fl, fh;",
+             f"mov.b32 one, {one};", f"mov.b32 neg, {neg};", "mov.b32 zero, 0x80008000;"]
+    if scaled:  # $0 $1 out; $2 $3 words; $4 $5 low quads; $6 $7 high quads; $8 (low scale, high scale)
+        lines += [".reg .b32 slo, shi;", "mov.b32 {l, h}, $8;", "mov.b32 slo, {l, l};", "mov.b32 shi, {h, h};"]
+    for k in range(words):
+        w, xl, xh = (f"${2 + k}", f"${4 + k}", f"${6 + k}") if scaled else ("$1", "$2", "$3")
+        lines += [f"mov.b64 {{x0, x1}}, {xl};", f"mov.b64 {{x2, x3}}, {xh};",
+                  f"prmt.b32 t, {w}, 0, 0x3120;",
+                  f"lop3.b32 u0, t, 0x000F000F, {magic}, 0xEA;",
+                  "shr.b32 s, t, 8;", f"lop3.b32 u1, s, 0x000F000F, {magic}, 0xEA;",
+                  "shr.b32 s, t, 4;", f"lop3.b32 u2, s, 0x000F000F, {magic}, 0xEA;",
+                  "shr.b32 s, t, 12;", f"lop3.b32 u3, s, 0x000F000F, {magic}, 0xEA;"]
+        lines += [f"fma.rn.{ty} u{i}, u{i}, one, neg;" for i in range(4)]
+        if scaled:  # low and high halves lie in different groups: sum them apart, scale, add
+            lines += [f"fma.rn.{ty} p, u0, x0, zero;", f"fma.rn.{ty} p, u1, x1, p;",
+                      f"fma.rn.{ty} q, u2, x2, zero;", f"fma.rn.{ty} q, u3, x3, q;",
+                      f"fma.rn.{ty} p, p, slo, zero;", f"fma.rn.{ty} p, q, shi, p;"]
+        else:
+            lines += [f"fma.rn.{ty} p, u0, x0, zero;", f"fma.rn.{ty} p, u1, x1, p;",
+                      f"fma.rn.{ty} p, u2, x2, p;", f"fma.rn.{ty} p, u3, x3, p;"]
+        if dtype == "bf16":  # a bf16's bits are the top half of the fp32 of the same value
+            lines += ["shl.b32 s, p, 16;", "and.b32 p, p, 0xFFFF0000;", f"add.f32 ${k}, s, p;"]
+        else:
+            lines += ["mov.b32 {l, h}, p;", "cvt.f32.f16 fl, l;", "cvt.f32.f16 fh, h;", f"add.f32 ${k}, fl, fh;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_ASM_DOT4_BF16 = tl.constexpr(_asm_dot4("bf16", False))
+_ASM_DOT4_FP16 = tl.constexpr(_asm_dot4("fp16", False))
+_ASM_DOT4_SCALED_BF16 = tl.constexpr(_asm_dot4("bf16", True))
+_ASM_DOT4_SCALED_FP16 = tl.constexpr(_asm_dot4("fp16", True))
+
+
+@triton.jit
+def _dot_int4_word(w, xl, xh, sc, IS_BF16: tl.constexpr, SCALED: tl.constexpr, FAST: tl.constexpr):
+    """int32 words of the int4 layout (nibbles q + 8), the int64 quads of x their low / high nibbles meet, and
+    (SCALED) each word's tile scales, even words holding the low halves', odd ones the high halves' -> each
+    word's (scaled) sum in fp32, w's shape."""
+    if FAST:
+        if SCALED:
+            if IS_BF16:
+                return tl.inline_asm_elementwise(_ASM_DOT4_SCALED_BF16, "=r,=r,r,r,l,l,l,l,r", [w, xl, xh, sc],
+                                                 dtype=tl.float32, is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(_ASM_DOT4_SCALED_FP16, "=r,=r,r,r,l,l,l,l,r", [w, xl, xh, sc],
+                                                 dtype=tl.float32, is_pure=True, pack=2)
+        else:
+            if IS_BF16:
+                return tl.inline_asm_elementwise(_ASM_DOT4_BF16, "=r,r,l,l", [w, xl, xh], dtype=tl.float32,
+                                                 is_pure=True, pack=1)
+            else:
+                return tl.inline_asm_elementwise(_ASM_DOT4_FP16, "=r,r,l,l", [w, xl, xh], dtype=tl.float32,
+                                                 is_pure=True, pack=1)
+    else:  # the interpreter: the same sums in fp32, the scale pairs swapped within each pair of words
+        lo = tl.zeros(w.shape, tl.float32)
+        hi = tl.zeros(w.shape, tl.float32)
+        for j in tl.static_range(4):
+            if IS_BF16:
+                a_lo = ((xl >> (16 * j)) & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                a_hi = ((xh >> (16 * j)) & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            else:
+                a_lo = ((xl >> (16 * j)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+                a_hi = ((xh >> (16 * j)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            lo += (((w >> (8 * j)) & 0xF) - 8).to(tl.float32) * a_lo.to(tl.float32)
+            hi += (((w >> (8 * j + 4)) & 0xF) - 8).to(tl.float32) * a_hi.to(tl.float32)
+        if SCALED:
+            A: tl.constexpr = sc.shape[0]
+            B: tl.constexpr = sc.shape[1]
+            C: tl.constexpr = sc.shape[2]
+            s_lo, s_hi = tl.split(tl.reshape(sc.to(tl.float32), (A, B, C // 2, 2)))
+            s_lo = tl.reshape(tl.join(s_lo, s_lo), (A, B, C))
+            s_hi = tl.reshape(tl.join(s_hi, s_hi), (A, B, C))
+            return lo * s_lo + hi * s_hi
+        return lo + hi
+
+
 @triton.jit
 def _int8_to_f32(b, FAST: tl.constexpr):
     """int8 bytes -> fp32, b's shape."""
@@ -122,7 +211,7 @@ def _unpack_int4(b, dtype: tl.constexpr, FAST: tl.constexpr):
 @triton.jit
 def _quant_matmul_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_ptr,
-    M, N, K, stride_xm, stride_wn, stride_om, k_tiles, tiles_per_split, group_size,
+    M, N, K, stride_xm, stride_wn, stride_om, k_tiles, tiles_per_split,
     BITS: tl.constexpr, SCALE_MODE: tl.constexpr, EVEN_K: tl.constexpr, FAST_UNPACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -154,7 +243,7 @@ def _quant_matmul_kernel(
             else:
                 a = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0)
             q = tl.load(w_cols + k[:, None], mask=mask_n[None, :], other=0)
-            acc = tl.dot(a, q.to(a.dtype), acc)
+            acc = tl.dot(a, _int8_to_f32(q, FAST_UNPACK).to(a.dtype), acc)  # exact: |q| <= 128
     else:
         HALF: tl.constexpr = BLOCK_K // 2
         offs_h = tl.arange(0, HALF)
@@ -173,10 +262,9 @@ def _quant_matmul_kernel(
                 acc = tl.dot(a_lo, w_lo, acc)
                 acc = tl.dot(a_hi, w_hi, acc)
             else:
-                g_lo = (t * BLOCK_K) // group_size
-                g_hi = (t * BLOCK_K + HALF) // group_size
-                s_lo = tl.load(s_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
-                s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=mask_n, other=0.0)
+                # this K tile's (low half, high half) group scales, one 4-byte load per column
+                pair = s_ptr + (t * N + offs_n)[:, None] * 2 + tl.arange(0, 2)[None, :]
+                s_lo, s_hi = tl.split(tl.load(pair, mask=mask_n[:, None], other=0.0))
                 if SCALE_MODE == 1:
                     acc = tl.dot(a_lo, w_lo * s_lo[None, :], acc)
                     acc = tl.dot(a_hi, w_hi * s_hi[None, :], acc)
@@ -208,11 +296,12 @@ def _quant_matmul_kernel(
 
 
 @triton.jit
-def _quant_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, row_bytes, stride_wn, group_size,
-                       BITS: tl.constexpr, HALF: tl.constexpr, GROUPED: tl.constexpr, EVEN: tl.constexpr,
-                       FAST_UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One row of x: each program owns BLOCK_N output rows and walks their bytes BLOCK_B at a time, products in
-    fp32 reduced per step (no tensor cores: a single row would waste 15/16 of an mma tile's loads)."""
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, row_bytes, stride_wn, EVEN: tl.constexpr,
+                      FAST_UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One row of x, int8: each program owns BLOCK_N output rows and walks their bytes BLOCK_B at a time, products
+    in fp32 reduced per step (no tensor cores: a single row would waste 15/16 of an mma tile's loads). Summing
+    element-wise and reducing once at the end, with the bytes read to share x's register layout, measured slower
+    (more registers, fewer programs in flight)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n = tl.minimum(offs_n, N - 1)  # the last tile's missing rows read row N - 1 again and are not stored
     rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
@@ -224,31 +313,59 @@ def _quant_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, row_bytes, stride_wn,
             w = tl.load(rows + j[None, :])
         else:
             w = tl.load(rows + j[None, :], mask=j[None, :] < row_bytes, other=0)  # x is 0 there
-        if BITS == 8:
-            a = tl.load(x_ptr + j, mask=j < K, other=0.0)
-            total += tl.sum(_int8_to_f32(w, FAST_UNPACK) * a.to(tl.float32)[None, :], 1)
+        a = tl.load(x_ptr + j, mask=j < K, other=0.0)
+        total += tl.sum(_int8_to_f32(w, FAST_UNPACK) * a.to(tl.float32)[None, :], 1)
+    total *= tl.load(s_ptr + n)  # one fp32 scale per row, once
+    tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K4, row_words, stride_wn,
+                      HALF: tl.constexpr, GROUPED: tl.constexpr, EVEN: tl.constexpr, IS_BF16: tl.constexpr,
+                      FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """One row of x, int4: each program owns BLOCK_N output rows and walks them BLOCK_W 32-bit words at a time
+    (_dot_int4_word: packed arithmetic). x_ptr is x as int64 quads (K4 of them), w_ptr the weight as int32, s_ptr
+    the scales (per row, or GROUPED [K tiles, N, 2] pairs). EVEN: whole blocks, x covers them all (no masks).
+
+    Tensors are [K tiles, rows, words of a tile]: Triton spreads threads over words and tiles and keeps a thread's
+    rows in its registers, so x, loaded as [K tiles, 1, words], is read once per thread for all its rows. Words,
+    x quads and scale pairs are all read two elements at a time (8-byte words, 16-byte quads, 4-byte pairs), so
+    they share one register layout: nothing moves between threads inside the loop, and the sums stay element-wise
+    until the end."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tl.minimum(offs_n, N - 1)[None, :, None]  # the last tile's missing rows read row N - 1 again, unstored
+    Q: tl.constexpr = HALF // 4  # words per K tile
+    T: tl.constexpr = BLOCK_W // Q  # K tiles per block
+    t = tl.arange(0, T)[:, None, None]
+    q = tl.arange(0, Q)[None, None, :]
+    q2 = (q // 2) * 2 + q % 2  # known contiguous in pairs only: words are read as x's quads are, two at a time
+    w_ptrs = w_ptr + n.to(tl.int64) * stride_wn + t * Q + q2
+    x_ptrs = x_ptr + t * (2 * Q) + q  # the x quad of each word's low nibbles (the high ones': Q further)
+    s_ptrs = s_ptr + (t * N + n) * 2 + q % 2  # even words: the tile's low-half scale, odd words: the high half's
+    acc = tl.zeros((T, BLOCK_N, Q), tl.float32)
+    for w0 in range(0, row_words, BLOCK_W):
+        if EVEN:
+            w = tl.load(w_ptrs)
+            xl = tl.load(x_ptrs)
+            xh = tl.load(x_ptrs + Q)
         else:
-            k_lo = (j // HALF) * (2 * HALF) + j % HALF  # the int4 layout: byte j holds elements k_lo, k_lo + HALF
-            a_lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0)
-            a_hi = tl.load(x_ptr + k_lo + HALF, mask=k_lo + HALF < K, other=0.0)
-            lo, hi = _unpack_int4(w, a_lo.dtype, FAST_UNPACK)
-            p_lo = lo.to(tl.float32) * a_lo.to(tl.float32)[None, :]
-            p_hi = hi.to(tl.float32) * a_hi.to(tl.float32)[None, :]
-            if GROUPED:  # each HALF-byte segment lies in one group: sum it, then scale it
-                T: tl.constexpr = BLOCK_B // HALF
-                tile = b0 // HALF + tl.arange(0, T)
-                g_lo = (tile * (2 * HALF)) // group_size
-                g_hi = (tile * (2 * HALF) + HALF) // group_size
-                real = (tile < row_bytes // HALF)[None, :]
-                s_lo = tl.load(s_ptr + g_lo[None, :] * N + n[:, None], mask=real, other=0.0).to(tl.float32)
-                s_hi = tl.load(s_ptr + g_hi[None, :] * N + n[:, None], mask=real, other=0.0).to(tl.float32)
-                seg_lo = tl.sum(tl.reshape(p_lo, (BLOCK_N, T, HALF)), 2)
-                seg_hi = tl.sum(tl.reshape(p_hi, (BLOCK_N, T, HALF)), 2)
-                total += tl.sum(seg_lo * s_lo + seg_hi * s_hi, 1)
+            w = tl.load(w_ptrs, mask=w0 + t * Q + q < row_words, other=0)  # x is 0 there
+            xl = tl.load(x_ptrs, mask=2 * w0 + t * (2 * Q) + q < K4, other=0)
+            xh = tl.load(x_ptrs + Q, mask=2 * w0 + t * (2 * Q) + q + Q < K4, other=0)
+        if GROUPED:
+            if EVEN:
+                sc = tl.load(s_ptrs)
             else:
-                total += tl.sum(p_lo + p_hi, 1)
+                sc = tl.load(s_ptrs, mask=w0 // Q + t < row_words // Q, other=0.0)
+            s_ptrs += T * N * 2
+        else:
+            sc = w  # unused
+        acc += _dot_int4_word(w, xl, xh, sc, IS_BF16, GROUPED, FAST)
+        w_ptrs += BLOCK_W
+        x_ptrs += 2 * BLOCK_W
+    total = tl.sum(tl.sum(acc, 2), 0)
     if not GROUPED:  # one fp32 scale per row, once
-        total *= tl.load(s_ptr + n)
+        total *= tl.load(s_ptr + tl.minimum(offs_n, N - 1))
     tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
@@ -321,27 +438,32 @@ class QuantMatmul:
                 del packed
                 del u
                 self.scale_per_group = groups > 1
-                if self.scale_per_group:  # [groups, N]; whole zero groups cover the padding
-                    self.scales = _pad_dim(scales.t().to(dtype), 0, triton.cdiv(self.k_pad, group_size)).contiguous()
+                if self.scale_per_group:  # [K tiles, N, 2]: each tile's (low half, high half) group scales
+                    by_group = _pad_dim(scales.t().to(dtype), 0, triton.cdiv(self.k_pad, group_size))  # zero pad
+                    start = torch.arange(0, self.k_pad, self.block_k, device=device)
+                    self.scales = torch.stack([by_group[start // group_size], by_group[(start + half) // group_size]],
+                                              dim=-1).contiguous()
+                    del by_group
                 else:
                     self.scales = scales.reshape(self.N).to(torch.float32).contiguous()
-            self.group_size = group_size if self.scale_per_group else self.k_pad
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 132)
         self.fast_unpack = not _interpreting()
         # Per-tile arrival counters for split-K (enough for any split config _choose makes), zero between launches.
         self._counters = torch.zeros(max(triton.cdiv(self.N, 32), 2 * self.num_sms), dtype=torch.int32, device=device)
         self._configs: dict[int, tuple] = {}
-        self.gemv_tiles = self.gemv_config(bits, self.K)
+        self.gemv_tiles = self.gemv_config(bits, self.N, self.K)
 
     @staticmethod
-    def gemv_config(bits: int, K: int) -> tuple[int, int, int] | None:
-        """(BLOCK_N, BLOCK_B, num_warps) of the single-row kernel (None, as benchmarks set it, sends one row to the
-        tiled kernel). From a sweep on an H200 over ChatGLM3-6B's linears (`benchmarks/gemv.py --quant int8 int4
-        --sweep`): int4 8 rows x 1,024 bytes, 1.3-1.7x the tiled kernel on every layer; int8 4 x 2,048 bytes,
-        1.04-1.43x (`down`, K = 13,696, the least: it was 0.84x before the bytes skipped I2F)."""
+    def gemv_config(bits: int, N: int, K: int) -> tuple[int, int, int] | None:
+        """(BLOCK_N, BLOCK_B, num_warps) of the single-row kernels (None, as benchmarks set it, sends one row to
+        the tiled kernel). From sweeps on an H200 over ChatGLM3-6B's linears (`benchmarks/gemv.py --quant int8
+        int4 --sweep`): int4 8 rows x 512 bytes (8 warps for N <= 8192), 1,024 bytes for K >= 8192; int8 4 x 2,048
+        bytes, 1.04-1.43x the tiled kernel."""
         if bits == 4:
-            return 8, 1024, 4
+            if K >= 8192:
+                return 8, 1024, 4
+            return (8, 512, 8) if N <= 8192 else (8, 512, 4)
         return 4, 2048, 4
 
     @staticmethod
@@ -406,8 +528,8 @@ class QuantMatmul:
         out = torch.empty(M, self.N, dtype=x.dtype, device=x.device)
         if M == 0:
             return out
-        if M == 1 and self.gemv_tiles is not None:
-            return self._gemv(x, out, *self.gemv_tiles)
+        if M == 1 and self.gemv_tiles is not None and (self.bits == 8 or (K % 4 == 0 and x.data_ptr() % 8 == 0)):
+            return self._gemv(x, out, *self.gemv_tiles)  # int4 reads x as 8-byte quads
         block_m, block_n, block_k, split, warps, stages = self.config(M)
         k_tiles = self.k_pad // block_k
         tiles_per_split = triton.cdiv(k_tiles, split)
@@ -418,7 +540,6 @@ class QuantMatmul:
         _quant_matmul_kernel[grid](
             x, self.qweight, self.scales, out, partial, self._counters,
             M, self.N, K, x.stride(0), self.qweight.stride(0), out.stride(0), k_tiles, tiles_per_split,
-            self.group_size,
             BITS=self.bits, SCALE_MODE=scale_mode, EVEN_K=K % block_k == 0, FAST_UNPACK=self.fast_unpack,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
             num_warps=warps, num_stages=stages,
@@ -426,11 +547,23 @@ class QuantMatmul:
         return out
 
     def _gemv(self, x: torch.Tensor, out: torch.Tensor, block_n: int, block_b: int, warps: int) -> torch.Tensor:
-        """The single-row kernel: x [1, K] -> out [1, N]."""
-        row_bytes = self.qweight.shape[1]
-        half = self.block_k // 2
-        _quant_gemv_kernel[(triton.cdiv(self.N, block_n),)](
-            x, self.qweight, self.scales, out, self.N, self.K, row_bytes, self.qweight.stride(0), self.group_size,
-            BITS=self.bits, HALF=half, GROUPED=self.scale_per_group, EVEN=row_bytes % block_b == 0,
-            FAST_UNPACK=self.fast_unpack, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps, num_stages=1)
+        """The single-row kernels: x [1, K] -> out [1, N]."""
+        grid = (triton.cdiv(self.N, block_n),)
+        if self.bits == 8:
+            row_bytes = self.qweight.shape[1]
+            _int8_gemv_kernel[grid](
+                x, self.qweight, self.scales, out, self.N, self.K, row_bytes, self.qweight.stride(0),
+                EVEN=row_bytes % block_b == 0, FAST_UNPACK=self.fast_unpack, BLOCK_N=block_n, BLOCK_B=block_b,
+                num_warps=warps, num_stages=1)
+            return out
+        if block_n * block_b // 4 < 64 * warps:
+            raise ValueError(f"int4 single-row tile {block_n} x {block_b} bytes gives a thread of {warps} warps "
+                             "fewer than two words: the packed product pairs them (use a larger tile)")
+        w = self.qweight.view(torch.int32)
+        row_words = w.shape[1]
+        _int4_gemv_kernel[grid](
+            x.view(torch.int64), w, self.scales, out, self.N, self.K // 4, row_words, w.stride(0),
+            HALF=self.block_k // 2, GROUPED=self.scale_per_group,
+            EVEN=row_words % (block_b // 4) == 0 and self.K == self.k_pad, IS_BF16=x.dtype == torch.bfloat16,
+            FAST=self.fast_unpack, BLOCK_N=block_n, BLOCK_W=block_b // 4, num_warps=warps, num_stages=1)
         return out
