@@ -30,13 +30,13 @@ _ASM_INT8_F32 = tl.constexpr("\n".join(
     + [f"add.f32 ${i}, ${i}, 0fCB000080;" for i in range(4)] + ["}"]))
 
 
-# One row's int4 product, eight weights (one 32-bit word of the int4 layout: bytes r..r+3 of a K tile) at a time,
-# in packed bf16x2/f16x2 arithmetic: the nibbles become (q_j, q_j+1) pairs as in quant_matmul's _asm_unpack, and
-# each pair meets the two x values it multiplies, which sit side by side in memory (low nibbles: elements r..r+3 of the tile, high
-# ones: H + r..r+3), so x arrives as two 64-bit loads. Two packed fmas per pair (offset off, then the product
-# into a pair of sums), the two halves then added in fp32: about 3 SASS instructions per weight in the loop, against
-# about 6 for unpacking to fp32 first. With group scales the asm takes two words (pack=2) and their tile's (low, high) scale
-# pair, and scales the low and high sums (packed) before they meet.
+# One row's int4 product, eight weights (one 32-bit word of the int4 layout: bytes r..r+3 of a K tile) at a time, in
+# packed bf16x2/f16x2 arithmetic: the nibbles become (q_j, q_j+1) pairs as in quant_matmul's _asm_unpack, and each
+# pair meets the two x values it multiplies, which sit side by side in memory (low nibbles: elements r..r+3 of the
+# tile, high ones: H + r..r+3), so x arrives as two 64-bit loads. Two packed fmas per pair (offset off, then the
+# product into a pair of sums), the two halves then added in fp32: about 3 SASS instructions per weight in the loop,
+# against about 6 for unpacking to fp32 first. With group scales the asm takes two words (pack=2) and their tile's
+# (low, high) scale pair, and scales the low and high sums (packed) before they meet.
 def _asm_dot4(dtype: str, scaled: bool) -> str:
     magic, one, neg, ty = _MAGIC[dtype]
     words = 2 if scaled else 1

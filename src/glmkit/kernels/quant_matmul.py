@@ -20,16 +20,17 @@ unpack with 32-bit operations:
     - one group per row (ChatGLM's checkpoints): `scales` fp32 [N], applied to the accumulator at the end;
     - several groups: `scales` [K tiles, N, 2] in the activation dtype, each tile's (low half, high half) group
       scales side by side (one 4-byte load; the single-row kernel pairs them with two words, see _asm_dot4).
-      Decode tiles (BLOCK_M <= 32) scale each half's fp32 partial product after its tl.dot (cheap for few rows, and exact); larger tiles scale the
-      dequantized weight halves before the tl.dot (cheaper per multiply-add when BLOCK_M is large).
+      Decode tiles (BLOCK_M <= 32) scale each half's fp32 partial product after its tl.dot (cheap for few rows, and
+      exact); larger tiles scale the dequantized weight halves before the tl.dot (cheaper per multiply-add when
+      BLOCK_M is large).
   H = 64 for group sizes that are multiples of 64 (and one group per row), 32 for 32, 16 for 16; other group
   sizes are refused.
 
 One row (a batch-1 decode step) goes through a kernel of its own (kernels/quant_gemv.py, tiles from
-QuantMatmul.gemv_config): each program reads BLOCK_N weight rows BLOCK_B bytes at a time and multiplies them in fp32 without tensor cores,
-which for one row would load 16 rows of x per mma tile and waste 15 of them. int8 converts bytes to fp32 (prmt
-magic); int4 multiplies in packed bf16x2/f16x2 arithmetic (_int4_gemv_kernel, _asm_dot4), its tensors laid out
-so that nothing crosses threads inside the loop.
+QuantMatmul.gemv_config): each program reads BLOCK_N weight rows BLOCK_B bytes at a time and multiplies them in fp32
+without tensor cores, which for one row would load 16 rows of x per mma tile and waste 15 of them. int8 converts
+bytes to fp32 (prmt magic); int4 multiplies in packed bf16x2/f16x2 arithmetic (_int4_gemv_kernel, _asm_dot4), its
+tensors laid out so that nothing crosses threads inside the loop.
 
 Tiles (QuantMatmul.config(M), picked from sweeps on an H200): each program computes one [BLOCK_M, BLOCK_N]
 output tile, tl.dot with fp32 accumulation (mma.sync for BLOCK_M < 64, wgmma above).
