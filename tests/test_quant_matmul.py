@@ -32,9 +32,9 @@ def rand_x(M, K, dtype, seed=1):
     return torch.randn(M, K, generator=gen).to(dtype).to(DEVICE)
 
 
-def check(y, x, w_ref, dtype):
+def check(y, x, w_ref, dtype, bias=None):
     assert y.dtype == dtype and y.shape == (x.shape[0], w_ref.shape[0])
-    ref = x.float() @ w_ref.T
+    ref = x.float() @ w_ref.T + (0 if bias is None else bias.float())
     assert torch.isfinite(y).all()
     err = (y.float() - ref).abs().max().item()
     assert err <= TOL[dtype] * ref.abs().max().item(), err
@@ -42,7 +42,7 @@ def check(y, x, w_ref, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,K", [(48, 128), (80, 96)])  # odd tile counts; K = 96 is padded to the K tile
-@pytest.mark.parametrize("M", [1, 5, 33])
+@pytest.mark.parametrize("M", [1, 5, 33, 600])  # 600: from QuantMatmul.DEQUANT_ROWS on, dequantize + cuBLAS
 @pytest.mark.parametrize("bits,group", QUANT)
 def test_matches_dequantized_reference(bits, group, M, N, K, dtype):
     qweight, scales, group_size, w_ref = make(bits, group, N, K)
@@ -81,6 +81,28 @@ def test_split_k_is_right_and_deterministic(bits, group, M):
     assert int(mm._counters.abs().sum()) == 0
     x2 = rand_x(M, K, dtype, seed=5)
     check(mm(x2), x2, w_ref, dtype)
+
+
+@pytest.mark.parametrize("path", ["single-row", "tiled", "split-k", "dequantized", "dequantized-in-parts"])
+@pytest.mark.parametrize("bits,group", QUANT + [(4, 16)])
+def test_bias_on_every_path(bits, group, path):
+    N, K, dtype = 80, 256, DTYPES[-1]
+    qweight, scales, group_size, w_ref = make(bits, group, N, K, seed=13)
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    mm = QuantMatmul(bits, qweight, scales, group_size, dtype, bias=bias)
+    M = 1 if path == "single-row" else 7
+    if path == "split-k":
+        mm._configs[M] = (16, 64, mm.block_k, 4, 4, 3)
+    if path.startswith("dequantized"):
+        mm.dequant_rows = M
+    if path == "dequantized-in-parts":
+        mm.DEQUANT_SCRATCH = 64 * 2 * K  # 64 weight rows at a time: two parts
+    x = rand_x(M, K, dtype, seed=15)
+    y = mm(x)
+    check(y, x, w_ref, dtype, bias)
+    if path == "dequantized-in-parts":  # the parts give the same numbers as the whole
+        mm.DEQUANT_SCRATCH = QuantMatmul.DEQUANT_SCRATCH
+        assert torch.equal(y, mm(x))
 
 
 def test_strided_rows_and_empty_input():

@@ -128,8 +128,9 @@ def _int8_to_f32(b, FAST: tl.constexpr):
 
 
 @triton.jit
-def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, row_bytes, stride_wn, EVEN: tl.constexpr,
-                      FAST_UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, row_bytes, stride_wn, EVEN: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, FAST_UNPACK: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_B: tl.constexpr):
     """One row of x, int8: each program owns BLOCK_N output rows and walks their bytes BLOCK_B at a time, products
     in fp32 reduced per step (no tensor cores: a single row would waste 15/16 of an mma tile's loads). Summing
     element-wise and reducing once at the end, with the bytes read to share x's register layout, measured slower
@@ -148,16 +149,19 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, row_bytes, stride_wn, 
         a = tl.load(x_ptr + j, mask=j < K, other=0.0)
         total += tl.sum(_int8_to_f32(w, FAST_UNPACK) * a.to(tl.float32)[None, :], 1)
     total *= tl.load(s_ptr + n)  # one fp32 scale per row, once
+    if HAS_BIAS:  # added in fp32, before the one rounding to the output dtype
+        total += tl.load(b_ptr + n).to(tl.float32)
     tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K4, row_words, stride_wn,
-                      HALF: tl.constexpr, GROUPED: tl.constexpr, EVEN: tl.constexpr, IS_BF16: tl.constexpr,
-                      FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K4, row_words, stride_wn,
+                      HALF: tl.constexpr, GROUPED: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      IS_BF16: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     """One row of x, int4: each program owns BLOCK_N output rows and walks them BLOCK_W 32-bit words at a time
     (_dot_int4_word: packed arithmetic). x_ptr is x as int64 quads (K4 of them), w_ptr the weight as int32, s_ptr
-    the scales (per row, or GROUPED [K tiles, N, 2] pairs). EVEN: whole blocks, x covers them all (no masks).
+    the scales (per row, or GROUPED [K tiles, N, 2] pairs), b_ptr the bias (read if HAS_BIAS). EVEN: whole
+    blocks, x covers them all (no masks).
 
     Tensors are [K tiles, rows, words of a tile]: Triton spreads threads over words and tiles and keeps a thread's
     rows in its registers, so x, loaded as [K tiles, 1, words], is read once per thread for all its rows. Words,
@@ -198,4 +202,6 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K4, row_words, stride_wn,
     total = tl.sum(tl.sum(acc, 2), 0)
     if not GROUPED:  # one fp32 scale per row, once
         total *= tl.load(s_ptr + tl.minimum(offs_n, N - 1))
+    if HAS_BIAS:
+        total += tl.load(b_ptr + tl.minimum(offs_n, N - 1)).to(tl.float32)
     tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)

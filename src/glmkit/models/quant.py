@@ -259,6 +259,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("perm", torch.empty(in_features, dtype=torch.long) if permuted else None)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self._forward = None
+        self._bias_in_forward = False  # the kernel adds the bias itself (CUDA, symmetric)
 
     def extra_repr(self) -> str:
         extras = (", offsets" if self.asymmetric else "") + (", act-order" if self.perm is not None else "")
@@ -290,9 +291,12 @@ class QuantLinear(nn.Module):
         on CPU tensors too: the tests call it directly.)"""
         from ..kernels.quant_matmul import QuantMatmul
 
-        mm = QuantMatmul(self.bits, self.qweight, self.scales, self.group_size, dtype)
+        symmetric = self.offsets is None
+        mm = QuantMatmul(self.bits, self.qweight, self.scales, self.group_size, dtype,
+                         bias=self.bias if symmetric else None)
         self.qweight, self.scales = mm.qweight, mm.scales  # the kernel's layout replaces ours (no 2nd copy)
-        if self.offsets is None:
+        if symmetric:
+            self._bias_in_forward = self.bias is not None
             return mm
         self.offsets = self.offsets.float().contiguous()
         offsets, groups, size = self.offsets, self.offsets.shape[1], self.group_size
@@ -340,7 +344,7 @@ class QuantLinear(nn.Module):
             return _DequantizedLinear.apply(x, self)
         shape = x.shape
         y = self._forward(x.reshape(-1, self.in_features)).view(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None or self._bias_in_forward else y + self.bias
 
 
 def replace_linears(model: nn.Module, plan: QuantPlan, state: dict | None = None) -> None:
