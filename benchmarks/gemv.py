@@ -2,6 +2,7 @@
 linear layer of a model shape, in the same run.
 
     python benchmarks/gemv.py [--shape chatglm3-6b|glm4-9b] [--sweep] [--quant int8 int4] [--group-size 32]
+        [--rows 256 512 2048]
 
 Each product is timed inside a CUDA graph (as the decode step runs) over enough copies of the weight that L2
 cannot hold them, median of 5 rounds. Prints microseconds and TB/s per layer, the ratio to cuBLAS, and the
@@ -12,6 +13,11 @@ best few per layer (what kernels/gemv.py's config() was chosen from).
 quantized as `--quantization` does, int4 in groups of --group-size) against the bf16 GEMV in the same run, in
 TB/s of the bytes it reads (weights and scales): how far a quantized decode step is from its bandwidth limit.
 With --sweep it also times the tiled kernel and tile choices of the single-row one (QuantMatmul.gemv_config).
+
+--quant with --rows times products of that many rows instead (decode batches, prompt chunks): bf16 cuBLAS, the
+tiled quantized kernel and the dequantize-then-cuBLAS path (QuantMatmul._dequantized), each forced whatever
+QuantMatmul.DEQUANT_ROWS would pick, with both quantized times as a fraction of bf16's speed (what DEQUANT_ROWS
+was chosen from).
 """
 
 from __future__ import annotations
@@ -62,10 +68,14 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--quant", nargs="+", choices=["int8", "int4"], default=[])
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--rows", type=int, nargs="+", default=[])
     args = parser.parse_args()
     if args.quant:
         for mode in args.quant:
-            quantized(args.shape, int(mode[3:]), args.group_size, args.sweep)
+            if args.rows:
+                many_rows(args.shape, int(mode[3:]), args.group_size, args.rows)
+            else:
+                quantized(args.shape, int(mode[3:]), args.group_size, args.sweep)
         return
     print(f"# {torch.cuda.get_device_name()}, {args.shape}, bf16, one row, torch {torch.__version__}")
     print("| layer | N x K | cuBLAS us | TB/s | glmkit us | TB/s | cuBLAS / glmkit |\n|---|---|---|---|---|---|---|")
@@ -140,6 +150,30 @@ def quantized(shape: str, bits: int, group_size: int, sweep: bool = False) -> No
         torch.cuda.empty_cache()
     print(f"\nweights of one token: bf16 {totals[0] * 1e3:.3f} ms, int{bits} {totals[1] * 1e3:.3f} ms "
           f"({totals[0] / totals[1]:.2f}x)")
+
+
+def many_rows(shape: str, bits: int, group_size: int, rows: list[int]) -> None:
+    print(f"\n# {torch.cuda.get_device_name()}, {shape}, int{bits}" + (f" g{group_size}" if bits == 4 else "")
+          + "; x bf16 = bf16 cuBLAS time / quantized time")
+    print("| layer | rows | bf16 us | tiled us | x bf16 | dequantize + cuBLAS us | x bf16 |\n|---|---|---|---|---|---|---|")
+    for name, (N, K, _) in SHAPES[shape].items():
+        copies = 2  # many rows: the products are not bound by reading the weight, L2 matters little
+        weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        mms = [QuantMatmul(bits, *quantize(bits, w.float(), group_size), group_size, torch.bfloat16)
+               for w in weights]
+        for M in rows:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            base = graph_time(lambda: [F.linear(x, w) for w in weights], copies)
+            times = []
+            for threshold in (M + 1, M):  # the tiled kernel, then the dequantizing path
+                for mm in mms:
+                    mm.dequant_rows = threshold
+                times.append(graph_time(lambda: [mm(x) for mm in mms], copies))
+            tiled, dequantized = times
+            print(f"| {name} | {M} | {base * 1e6:.1f} | {tiled * 1e6:.1f} | {base / tiled:.2f} | "
+                  f"{dequantized * 1e6:.1f} | {base / dequantized:.2f} |", flush=True)
+        del weights, mms
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
