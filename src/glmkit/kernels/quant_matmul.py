@@ -451,16 +451,20 @@ class QuantMatmul:
         and o as a fraction of bf16 cuBLAS's speed: 2,048 rows 0.85-0.89x this way against the tiled kernel's
         0.46-0.61x; 512 rows 0.61-0.65x against 0.39-0.51x; at 256 rows neither wins clearly (DEQUANT_ROWS)."""
         chunk = max(64, self.DEQUANT_SCRATCH // (2 * self.K) // 64 * 64)
-        out = None if chunk >= self.N else torch.empty(x.shape[0], self.N, dtype=x.dtype, device=x.device)
+        if chunk >= self.N:
+            return F.linear(x, self._dequantize(0, self.N, x.dtype), self.bias)
+        out = torch.empty(x.shape[0], self.N, dtype=x.dtype, device=x.device)
         for row0 in range(0, self.N, chunk):
             row_end = min(self.N, row0 + chunk)
-            w = torch.empty(row_end - row0, self.K, dtype=x.dtype, device=x.device)
-            grid = (triton.cdiv(row_end - row0, 32), self.k_pad // self.block_k)
-            _dequantize_kernel[grid](self.qweight, self.scales, w, row0, row_end, self.N, self.K,
-                                     self.qweight.stride(0), BITS=self.bits, GROUPED=self.scale_per_group,
-                                     FAST_UNPACK=self.fast_unpack, BLOCK_N=32, BLOCK_K=self.block_k, num_warps=4)
             bias = None if self.bias is None else self.bias[row0:row_end]
-            if out is None:
-                return F.linear(x, w, bias)
-            out[:, row0:row_end] = F.linear(x, w, bias)
+            out[:, row0:row_end] = F.linear(x, self._dequantize(row0, row_end, x.dtype), bias)
         return out
+
+    def _dequantize(self, row0: int, row_end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Weight rows [row0, row_end) as a new [rows, K] tensor in `dtype`."""
+        w = torch.empty(row_end - row0, self.K, dtype=dtype, device=self.qweight.device)
+        grid = (triton.cdiv(row_end - row0, 32), self.k_pad // self.block_k)
+        _dequantize_kernel[grid](self.qweight, self.scales, w, row0, row_end, self.N, self.K, self.qweight.stride(0),
+                                 BITS=self.bits, GROUPED=self.scale_per_group, FAST_UNPACK=self.fast_unpack,
+                                 BLOCK_N=32, BLOCK_K=self.block_k, num_warps=4)
+        return w
