@@ -54,3 +54,28 @@ def test_rope_and_cache(rotary_dim, interleaved):
     untouched = torch.ones(16, dtype=torch.bool)
     untouched[slots.cpu()] = False
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+def test_pdl_is_off_off_hopper_and_when_asked(monkeypatch):
+    """Programmatic dependent launch (kernels/pdl.py) only inside pdl.scope(True) (quantized models' decode graphs)
+    or where GLMKIT_PDL asks for it, and only where it exists: a GPU of compute capability 9 or later, compiled
+    code (not the interpreter)."""
+    from glmkit.kernels import pdl
+
+    cuda = torch.device("cuda")
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9  # else: the interpreter
+    assert pdl.launch(torch.device("cpu"), "gemv") == {"PDL": False}
+    monkeypatch.delenv("GLMKIT_PDL", raising=False)
+    assert not pdl.enabled(cuda, "gemv")
+    with pdl.scope(True):
+        assert pdl.enabled(cuda, "gemv") == hopper
+        with pdl.scope(False):
+            assert not pdl.enabled(cuda, "gemv")
+    assert not pdl.enabled(cuda, "gemv")
+    monkeypatch.setenv("GLMKIT_PDL", "1")
+    assert pdl.enabled(cuda, "gemv") == hopper
+    monkeypatch.setenv("GLMKIT_PDL", "int4_gemv,paged_decode")
+    assert pdl.enabled(cuda, "int4_gemv") == hopper and not pdl.enabled(cuda, "gemv")
+    monkeypatch.setenv("GLMKIT_PDL", "0")
+    with pdl.scope(True):
+        assert not pdl.enabled(cuda, "gemv")

@@ -68,6 +68,21 @@ def test_gpu_quantized_matches_cpu_kernels(checkpoints, quantization, tmp_path):
     assert all(len(o.token_ids) == 24 for o in gpu.generate(PROMPTS, GREEDY))
 
 
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_gpu_pdl_changes_no_token(checkpoints, quantization, monkeypatch):
+    """With programmatic dependent launch (kernels/pdl.py: quantized models' decode graphs, from compute
+    capability 9) each kernel of a step starts while the previous one finishes and waits for its inputs: graphs
+    captured with it and without it give the same tokens, prompt and decode, single row and batched."""
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("GLMKIT_PDL", flag)
+        llm = LLM(str(checkpoints["qwen2"]), device="cuda", quantization=quantization)
+        assert llm.engine.runner.graphs.quantized == (quantization != "none")
+        outs[flag] = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        outs[flag + "-one"] = [o.token_ids for o in llm.generate(PROMPTS[1:2], GREEDY)]
+    assert outs["0"] == outs["1"] and outs["0-one"] == outs["1-one"]
+
+
 @pytest.mark.parametrize("family", ["chatglm", "qwen2"])
 def test_gpu_bf16_within_tolerance(checkpoints, family):
     cpu = LLM(str(checkpoints[family]), dtype="float32", device="cpu")

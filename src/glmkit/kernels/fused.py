@@ -14,19 +14,26 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait
+
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+                         PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if PDL:  # kernels/pdl.py: only the weight is read before the wait
+        gdc_launch_dependents()
+        gdc_wait()
     x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(res_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
         tl.store(res_ptr + row * n + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * n + cols, (xf * inv * w).to(x.dtype), mask=mask)
 
 
@@ -36,12 +43,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     out = torch.empty_like(x)
     if rows:
         _add_rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, out, n, eps,
-                                      BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None)
+                                      BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None,
+                                      **pdl.launch(x.device, "add_rms_norm"))
     return out, (residual if residual is not None else x)
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -57,7 +68,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows:
         block = 1024
-        _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](x, out, n, BLOCK=block)
+        _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](x, out, n, BLOCK=block,
+                                                            **pdl.launch(x.device, "silu_and_mul"))
     return out
 
 
@@ -65,7 +77,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def _rope_and_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
                            stride_t, num_heads, num_kv_heads, cache_stride_slot,
                            HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr,
+                           PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     # Program (t, c) takes rows c * BLOCK_R ... of token t's [q heads | k heads | v heads]. Every load comes
     # before the first store, so the memory round trips overlap instead of queueing behind possibly aliasing
     # stores.
@@ -123,4 +139,5 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     _rope_and_cache_kernel[(num_tokens, triton.cdiv(rows, block_r))](
         qkv, cos, sin, positions, slot_mapping, k_cache, v_cache, qkv.stride(0), num_heads, num_kv_heads,
         k_cache.stride(0), HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(head_dim), INTERLEAVED=interleaved)
+        BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(head_dim), INTERLEAVED=interleaved,
+        **pdl.launch(qkv.device, "rope_and_cache"))

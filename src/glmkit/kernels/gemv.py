@@ -9,9 +9,10 @@ an H100 (2.6-3.1 TB/s against 2.1-2.8 per layer) and 3.04 against 3.43 ms on an 
     gemv(x [1, K], weight [N, K], bias [N] | None) -> [1, N] in x's dtype
 
 Each program owns BLOCK_N output rows and walks K in BLOCK_K steps: a [BLOCK_N, BLOCK_K] weight tile (each row's
-bytes contiguous, 16-byte loads), multiplied by the matching slice of x in fp32. With DEFER the products are
-summed element-wise across the walk and reduced over K once at the end (fewer shuffles: better for short K);
-otherwise each step reduces its tile (fewer registers: more programs in flight for wide N). No split-K, so the
+bytes contiguous, 16-byte loads), multiplied by the matching slice of x in fp32; the first tile is loaded before
+waiting on the previous kernel (kernels/pdl.py). With DEFER the products are summed element-wise across the walk
+and reduced over K once at the end (fewer shuffles: better for short K); otherwise each step reduces its tile
+(fewer registers: more programs in flight for wide N). No split-K, so the
 result does not depend on timing, and a launch depends only on the shapes: safe inside CUDA graphs.
 """
 
@@ -21,30 +22,34 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait
+
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
                  HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DEFER: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     if EVEN_N:
         rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     else:  # the last tile's missing rows read row N - 1 again and are not stored
         rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
+    if PDL:  # kernels/pdl.py: the first weight tile is read while the previous kernel finishes
+        gdc_launch_dependents()
+    w = _weight_tile(rows, offs_k, K, EVEN_K)
+    if PDL:
+        gdc_wait()
     if DEFER:
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc += _product(w, x_ptr, offs_k, K, EVEN_K)
     else:
         total = tl.zeros((BLOCK_N,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+        total += tl.sum(_product(w, x_ptr, offs_k, K, EVEN_K), 1)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
-        if EVEN_K:
-            a = tl.load(x_ptr + k)
-            w = tl.load(rows + k[None, :])
-        else:
-            a = tl.load(x_ptr + k, mask=k < K, other=0.0)
-            w = tl.load(rows + k[None, :], mask=k[None, :] < K, other=0.0)
-        prod = w.to(tl.float32) * a.to(tl.float32)[None, :]
+        prod = _product(_weight_tile(rows, k, K, EVEN_K), x_ptr, k, K, EVEN_K)
         if DEFER:
             acc += prod
         else:
@@ -60,6 +65,24 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
         tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty))
     else:
         tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _weight_tile(rows, k, K, EVEN_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] weight tile at columns k (zeros past K)."""
+    if EVEN_K:
+        return tl.load(rows + k[None, :])
+    return tl.load(rows + k[None, :], mask=k[None, :] < K, other=0.0)
+
+
+@triton.jit
+def _product(w, x_ptr, k, K, EVEN_K: tl.constexpr):
+    """w times x's columns k, element-wise in fp32."""
+    if EVEN_K:
+        a = tl.load(x_ptr + k)
+    else:
+        a = tl.load(x_ptr + k, mask=k < K, other=0.0)
+    return w.to(tl.float32) * a.to(tl.float32)[None, :]
 
 
 def config(N: int, K: int) -> tuple[int, int, bool, int]:
@@ -84,5 +107,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, out, N, K, weight.stride(0),
         HAS_BIAS=bias is not None, EVEN_N=N % block_n == 0, EVEN_K=K % block_k == 0, DEFER=defer,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1, **pdl.launch(x.device, "gemv"))
     return out

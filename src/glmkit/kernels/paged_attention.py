@@ -43,6 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait
+
 __all__ = ["paged_decode_attention", "choose_num_splits", "default_block_n", "attend_cache_tile"]
 
 # Split heuristic (see choose_num_splits); tuned on an H200 with bf16, head_dim 64 and 128, block_size 16.
@@ -105,7 +108,11 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # kernels/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -168,7 +175,11 @@ def _combine_splits_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -298,7 +309,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             qk_scale, num_splits,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
             BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION=dot_precision,
-            DOT_FP32=dot_fp32, num_warps=4,
+            DOT_FP32=dot_fp32, num_warps=4, **pdl.launch(q.device, "paged_decode"),
         )
         if num_splits > 1:
             _combine_splits_kernel[(batch, num_heads)](
@@ -306,7 +317,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                 out.stride(0), out.stride(1), out.stride(2), num_splits,
                 NUM_HEADS=num_heads, HEAD_DIM=head_dim,
                 BLOCK_S=min(COMBINE_BLOCK_S, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
-                num_warps=4,
+                num_warps=4, **pdl.launch(q.device, "combine_splits"),
             )
     return out
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, gdc_wait
+
 # Nibble magic: (magic | u) is the float magic + u exactly for u < 16, and fma(., 1, -(magic + 8)) gives u - 8.
 _MAGIC = {  # magic | magic, 1.0 | 1.0, -(magic + 8) | -(magic + 8), packed fma type
     "bf16": ("0x43004300", "0x3F803F80", "0xC308C308", "bf16x2"),
@@ -130,24 +132,26 @@ def _int8_to_f32(b, FAST: tl.constexpr):
 @triton.jit
 def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, row_bytes, stride_wn, EVEN: tl.constexpr,
                       HAS_BIAS: tl.constexpr, FAST_UNPACK: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_B: tl.constexpr):
+                      BLOCK_B: tl.constexpr, PDL: tl.constexpr):
     """One row of x, int8: each program owns BLOCK_N output rows and walks their bytes BLOCK_B at a time, products
     in fp32 reduced per step (no tensor cores: a single row would waste 15/16 of an mma tile's loads). Summing
     element-wise and reducing once at the end, with the bytes read to share x's register layout, measured slower
-    (more registers, fewer programs in flight)."""
+    (more registers, fewer programs in flight). The first block is loaded before waiting on the previous kernel
+    (kernels/pdl.py)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n = tl.minimum(offs_n, N - 1)  # the last tile's missing rows read row N - 1 again and are not stored
     rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
     offs_b = tl.arange(0, BLOCK_B)
+    if PDL:  # kernels/pdl.py: the first bytes are read while the previous kernel finishes
+        gdc_launch_dependents()
+    w = _int8_bytes(rows, offs_b, row_bytes, EVEN)
+    if PDL:
+        gdc_wait()
     total = tl.zeros((BLOCK_N,), tl.float32)
-    for b0 in range(0, row_bytes, BLOCK_B):
+    total += _int8_sums(w, x_ptr, offs_b, K, FAST_UNPACK)
+    for b0 in range(BLOCK_B, row_bytes, BLOCK_B):
         j = b0 + offs_b
-        if EVEN:
-            w = tl.load(rows + j[None, :])
-        else:
-            w = tl.load(rows + j[None, :], mask=j[None, :] < row_bytes, other=0)  # x is 0 there
-        a = tl.load(x_ptr + j, mask=j < K, other=0.0)
-        total += tl.sum(_int8_to_f32(w, FAST_UNPACK) * a.to(tl.float32)[None, :], 1)
+        total += _int8_sums(_int8_bytes(rows, j, row_bytes, EVEN), x_ptr, j, K, FAST_UNPACK)
     total *= tl.load(s_ptr + n)  # one fp32 scale per row, once
     if HAS_BIAS:  # added in fp32, before the one rounding to the output dtype
         total += tl.load(b_ptr + n).to(tl.float32)
@@ -155,9 +159,25 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, row_bytes, stri
 
 
 @triton.jit
+def _int8_bytes(rows, j, row_bytes, EVEN: tl.constexpr):
+    """[BLOCK_N, BLOCK_B] weight bytes j of each row (zeros past the row: x is 0 there)."""
+    if EVEN:
+        return tl.load(rows + j[None, :])
+    return tl.load(rows + j[None, :], mask=j[None, :] < row_bytes, other=0)
+
+
+@triton.jit
+def _int8_sums(w, x_ptr, j, K, FAST_UNPACK: tl.constexpr):
+    """Each row's sum of its bytes w times x's elements j, in fp32."""
+    a = tl.load(x_ptr + j, mask=j < K, other=0.0)
+    return tl.sum(_int8_to_f32(w, FAST_UNPACK) * a.to(tl.float32)[None, :], 1)
+
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K4, row_words, stride_wn,
                       HALF: tl.constexpr, GROUPED: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      IS_BF16: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                      IS_BF16: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                      PDL: tl.constexpr):
     """One row of x, int4: each program owns BLOCK_N output rows and walks them BLOCK_W 32-bit words at a time
     (_dot_int4_word: packed arithmetic). x_ptr is x as int64 quads (K4 of them), w_ptr the weight as int32, s_ptr
     the scales (per row, or GROUPED [K tiles, N, 2] pairs), b_ptr the bias (read if HAS_BIAS). EVEN: whole
@@ -167,7 +187,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K4, row_words, str
     rows in its registers, so x, loaded as [K tiles, 1, words], is read once per thread for all its rows. Words,
     x quads and scale pairs are all read two elements at a time (8-byte words, 16-byte quads, 4-byte pairs), so
     they share one register layout: nothing moves between threads inside the loop, and the sums stay element-wise
-    until the end."""
+    until the end. The first block's words are loaded before waiting on the previous kernel (kernels/pdl.py)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n = tl.minimum(offs_n, N - 1)[None, :, None]  # the last tile's missing rows read row N - 1 again, unstored
     Q: tl.constexpr = HALF // 4  # words per K tile
@@ -178,30 +198,51 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K4, row_words, str
     w_ptrs = w_ptr + n.to(tl.int64) * stride_wn + t * Q + q2
     x_ptrs = x_ptr + t * (2 * Q) + q  # the x quad of each word's low nibbles (the high ones': Q further)
     s_ptrs = s_ptr + (t * N + n) * 2 + q % 2  # even words: the tile's low-half scale, odd words: the high half's
+    word = t * Q + q
+    if PDL:  # kernels/pdl.py: the first words are read while the previous kernel finishes
+        gdc_launch_dependents()
+    w = _int4_words(w_ptrs, word, row_words, EVEN)
+    if PDL:
+        gdc_wait()
     acc = tl.zeros((T, BLOCK_N, Q), tl.float32)
-    for w0 in range(0, row_words, BLOCK_W):
-        if EVEN:
-            w = tl.load(w_ptrs)
-            xl = tl.load(x_ptrs)
-            xh = tl.load(x_ptrs + Q)
-        else:
-            w = tl.load(w_ptrs, mask=w0 + t * Q + q < row_words, other=0)  # x is 0 there
-            xl = tl.load(x_ptrs, mask=2 * w0 + t * (2 * Q) + q < K4, other=0)
-            xh = tl.load(x_ptrs + Q, mask=2 * w0 + t * (2 * Q) + q + Q < K4, other=0)
-        if GROUPED:
-            if EVEN:
-                sc = tl.load(s_ptrs)
-            else:
-                sc = tl.load(s_ptrs, mask=w0 // Q + t < row_words // Q, other=0.0)
-            s_ptrs += T * N * 2
-        else:
-            sc = w  # unused
-        acc += _dot_int4_word(w, xl, xh, sc, IS_BF16, GROUPED, FAST)
+    acc += _int4_block(w, x_ptrs, s_ptrs, 0, t, q, K4, row_words, Q, T, IS_BF16, GROUPED, EVEN, FAST)
+    for w0 in range(BLOCK_W, row_words, BLOCK_W):
         w_ptrs += BLOCK_W
         x_ptrs += 2 * BLOCK_W
+        s_ptrs += T * N * 2
+        w = _int4_words(w_ptrs, w0 + word, row_words, EVEN)
+        acc += _int4_block(w, x_ptrs, s_ptrs, w0, t, q, K4, row_words, Q, T, IS_BF16, GROUPED, EVEN, FAST)
     total = tl.sum(tl.sum(acc, 2), 0)
     if not GROUPED:  # one fp32 scale per row, once
         total *= tl.load(s_ptr + tl.minimum(offs_n, N - 1))
     if HAS_BIAS:
         total += tl.load(b_ptr + tl.minimum(offs_n, N - 1)).to(tl.float32)
     tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _int4_words(w_ptrs, word, row_words, EVEN: tl.constexpr):
+    """A block of weight words, `word` their offsets in the row (zeros past it: x is 0 there)."""
+    if EVEN:
+        return tl.load(w_ptrs)
+    return tl.load(w_ptrs, mask=word < row_words, other=0)
+
+
+@triton.jit
+def _int4_block(w, x_ptrs, s_ptrs, w0, t, q, K4, row_words, Q: tl.constexpr, T: tl.constexpr,
+                IS_BF16: tl.constexpr, GROUPED: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr):
+    """One block's words w (from word w0 of the rows) times their x quads, scaled per tile if GROUPED."""
+    if EVEN:
+        xl = tl.load(x_ptrs)
+        xh = tl.load(x_ptrs + Q)
+    else:
+        xl = tl.load(x_ptrs, mask=2 * w0 + t * (2 * Q) + q < K4, other=0)
+        xh = tl.load(x_ptrs + Q, mask=2 * w0 + t * (2 * Q) + q + Q < K4, other=0)
+    if GROUPED:
+        if EVEN:
+            sc = tl.load(s_ptrs)
+        else:
+            sc = tl.load(s_ptrs, mask=w0 // Q + t < row_words // Q, other=0.0)
+    else:
+        sc = w  # unused
+    return _dot_int4_word(w, xl, xh, sc, IS_BF16, GROUPED, FAST)

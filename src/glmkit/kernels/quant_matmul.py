@@ -63,6 +63,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import pdl
 from .quant_gemv import _MAGIC, _int4_gemv_kernel, _int8_gemv_kernel, _int8_to_f32
 
 # Nibbles -> floats, four bytes (eight values) per asm block: byte j's low nibble becomes element j of the first
@@ -425,7 +426,8 @@ class QuantMatmul:
             _int8_gemv_kernel[grid](
                 x, self.qweight, self.scales, self._bias_arg(), out, self.N, self.K, row_bytes,
                 self.qweight.stride(0), EVEN=row_bytes % block_b == 0, HAS_BIAS=self.bias is not None,
-                FAST_UNPACK=self.fast_unpack, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps, num_stages=1)
+                FAST_UNPACK=self.fast_unpack, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps, num_stages=1,
+                **pdl.launch(x.device, "int8_gemv"))
             return out
         if block_n * block_b // 4 < 64 * warps:
             raise ValueError(f"int4 single-row tile {block_n} x {block_b} bytes gives a thread of {warps} warps "
@@ -437,7 +439,8 @@ class QuantMatmul:
             HALF=self.block_k // 2, GROUPED=self.scale_per_group,
             EVEN=row_words % (block_b // 4) == 0 and self.K == self.k_pad, HAS_BIAS=self.bias is not None,
             IS_BF16=x.dtype == torch.bfloat16,
-            FAST=self.fast_unpack, BLOCK_N=block_n, BLOCK_W=block_b // 4, num_warps=warps, num_stages=1)
+            FAST=self.fast_unpack, BLOCK_N=block_n, BLOCK_W=block_b // 4, num_warps=warps, num_stages=1,
+            **pdl.launch(x.device, "int4_gemv"))
         return out
 
     def _bias_arg(self) -> torch.Tensor:
