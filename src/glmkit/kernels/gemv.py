@@ -69,10 +69,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
 
 @triton.jit
 def _weight_tile(rows, k, K, EVEN_K: tl.constexpr):
-    """The [BLOCK_N, BLOCK_K] weight tile at columns k (zeros past K)."""
+    """The [BLOCK_N, BLOCK_K] weight tile at columns k (zeros past K; the int8 GEMV's bytes too)."""
     if EVEN_K:
         return tl.load(rows + k[None, :])
-    return tl.load(rows + k[None, :], mask=k[None, :] < K, other=0.0)
+    return tl.load(rows + k[None, :], mask=k[None, :] < K, other=0)
 
 
 @triton.jit

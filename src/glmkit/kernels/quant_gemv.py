@@ -13,6 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .gemv import _weight_tile
 from .pdl import gdc_launch_dependents, gdc_wait
 
 # Nibble magic: (magic | u) is the float magic + u exactly for u < 16, and fma(., 1, -(magic + 8)) gives u - 8.
@@ -144,26 +145,18 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, row_bytes, stri
     offs_b = tl.arange(0, BLOCK_B)
     if PDL:  # kernels/pdl.py: the first bytes are read while the previous kernel finishes
         gdc_launch_dependents()
-    w = _int8_bytes(rows, offs_b, row_bytes, EVEN)
+    w = _weight_tile(rows, offs_b, row_bytes, EVEN)
     if PDL:
         gdc_wait()
     total = tl.zeros((BLOCK_N,), tl.float32)
     total += _int8_sums(w, x_ptr, offs_b, K, FAST_UNPACK)
     for b0 in range(BLOCK_B, row_bytes, BLOCK_B):
         j = b0 + offs_b
-        total += _int8_sums(_int8_bytes(rows, j, row_bytes, EVEN), x_ptr, j, K, FAST_UNPACK)
+        total += _int8_sums(_weight_tile(rows, j, row_bytes, EVEN), x_ptr, j, K, FAST_UNPACK)
     total *= tl.load(s_ptr + n)  # one fp32 scale per row, once
     if HAS_BIAS:  # added in fp32, before the one rounding to the output dtype
         total += tl.load(b_ptr + n).to(tl.float32)
     tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=offs_n < N)
-
-
-@triton.jit
-def _int8_bytes(rows, j, row_bytes, EVEN: tl.constexpr):
-    """[BLOCK_N, BLOCK_B] weight bytes j of each row (zeros past the row: x is 0 there)."""
-    if EVEN:
-        return tl.load(rows + j[None, :])
-    return tl.load(rows + j[None, :], mask=j[None, :] < row_bytes, other=0)
 
 
 @triton.jit
