@@ -17,7 +17,8 @@ With --sweep it also times the tiled kernel and tile choices of the single-row o
 --quant with --rows times products of that many rows instead (decode batches, prompt chunks): bf16 cuBLAS, the
 tiled quantized kernel and the dequantize-then-cuBLAS path (QuantMatmul._dequantized), each forced whatever
 QuantMatmul.DEQUANT_ROWS would pick, with both quantized times as a fraction of bf16's speed (what DEQUANT_ROWS
-was chosen from).
+was chosen from); for int8 also int8a8's int8 x int8 product (kernels/int8_matmul.py, the rows' quantizing
+launch included).
 """
 
 from __future__ import annotations
@@ -155,12 +156,17 @@ def quantized(shape: str, bits: int, group_size: int, sweep: bool = False) -> No
 def many_rows(shape: str, bits: int, group_size: int, rows: list[int]) -> None:
     print(f"\n# {torch.cuda.get_device_name()}, {shape}, int{bits}" + (f" g{group_size}" if bits == 4 else "")
           + "; x bf16 = bf16 cuBLAS time / quantized time")
-    print("| layer | rows | bf16 us | tiled us | x bf16 | dequantize + cuBLAS us | x bf16 |\n|---|---|---|---|---|---|---|")
+    a8 = " int8a8 us | x bf16 |" if bits == 8 else ""
+    print("| layer | rows | bf16 us | tiled us | x bf16 | dequantize + cuBLAS us | x bf16 |" + a8 + "\n|"
+          + "---|" * (9 if a8 else 7))
     for name, (N, K, _) in SHAPES[shape].items():
         copies = 2  # many rows: the products are not bound by reading the weight, L2 matters little
         weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-        mms = [QuantMatmul(bits, *quantize(bits, w.float(), group_size), group_size, torch.bfloat16)
-               for w in weights]
+        packed = [quantize(bits, w.float(), group_size) for w in weights]
+        mms = [QuantMatmul(bits, q, s, group_size, torch.bfloat16) for q, s in packed]
+        # int8a8: the same weights with int8 rows (qkv's in two halves, as models/quant.py's REFINED_INPUTS)
+        a8s = [QuantMatmul(bits, q, s, group_size, torch.bfloat16, int8_activations=2 if name == "qkv" else 1)
+               for q, s in packed] if bits == 8 else []
         for M in rows:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             base = graph_time(lambda: [F.linear(x, w) for w in weights], copies)
@@ -170,11 +176,14 @@ def many_rows(shape: str, bits: int, group_size: int, rows: list[int]) -> None:
                     mm.dequant_rows = threshold
                 times.append(graph_time(lambda: [mm(x) for mm in mms], copies))
             tiled, dequantized = times
-            print(f"| {name} | {M} | {base * 1e6:.1f} | {tiled * 1e6:.1f} | {base / tiled:.2f} | "
-                  f"{dequantized * 1e6:.1f} | {base / dequantized:.2f} |", flush=True)
-        del weights, mms
+            line = (f"| {name} | {M} | {base * 1e6:.1f} | {tiled * 1e6:.1f} | {base / tiled:.2f} | "
+                    f"{dequantized * 1e6:.1f} | {base / dequantized:.2f} |")
+            if a8s:
+                t = graph_time(lambda: [mm(x) for mm in a8s], copies)
+                line += f" {t * 1e6:.1f} | {base / t:.2f} |"
+            print(line, flush=True)
+        del weights, mms, a8s, packed
         torch.cuda.empty_cache()
-
 
 if __name__ == "__main__":
     main()

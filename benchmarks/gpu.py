@@ -1,7 +1,7 @@
 """GPU speed of glmkit against Hugging Face transformers, in one run, on a random-weight model of a real shape.
 
     python benchmarks/gpu.py [--shape chatglm3-6b|glm4-9b] [--concurrency 1 16 64 256] [--skip-hf]
-        [--quantization none|int8|int4] [--memory-8k [MODE ...]]
+        [--quantization none|int8|int8a8|int4] [--memory-8k [MODE ...]]
 
 Builds (once, under --work-dir) a GLM checkpoint in the transformers-native layout with random bf16 weights
 and a word-level tokenizer covering every id, then measures on the same GPU in this process:
@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--quantization", default="none", choices=("none", "int8", "int4"))
+    parser.add_argument("--quantization", default="none", choices=("none", "int8", "int8a8", "int4"))
     parser.add_argument("--kv-cache-memory", type=float, default=8.0, help="GiB for glmkit's KV pool")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--profile", action="store_true", help="cProfile the engine at the highest concurrency")

@@ -2,7 +2,7 @@
 delta.
 
     python benchmarks/perplexity.py [--model PATH] [--text benchmarks/data/perplexity.txt] [--window 512]
-        [--max-windows N] [--modes fp32 bf16 int8 int8a8 int8a8-fbgemm int4] [--threads 2]
+        [--max-windows N] [--modes fp32 bf16 int8 int8a8 int8a8-fbgemm int8a8-cuda int4] [--threads 2]
 
 The text (English technical prose, Python functions with docstrings, a Chinese paragraph; about 1,800 tokens) is
 cut into non-overlapping windows of `--window` tokens; each window is one fresh causal pass through the model, and
@@ -13,7 +13,9 @@ Each mode loads the model once, then frees it before the next, so at most one co
 embedded default model is a Q4_K_M GGUF, so "fp32" means those weights dequantized to fp32; int8/int4 quantize
 that again at load time (activations bf16). int8a8 is int8 with int8 activations quantized per token on glmkit's
 own kernel (as benchmarks/cpu_decode.py runs it; glmkit/models/cpu_int8.py), qkv's in two 8-bit halves;
-int8a8-fbgemm the same on fbgemm's product, qkv at bf16 activations.
+int8a8-fbgemm the same on fbgemm's product, qkv at bf16 activations. int8a8-cuda is what int8a8 computes on a
+GPU (kernels/int8_matmul.py), emulated here on the CPU: the int8 weights' W8A16 product, each linear's input
+first rounded as that kernel rounds it (per row, mid + step * a with a in [-127, 127]; qkv's in two halves).
 """
 
 from __future__ import annotations
@@ -29,12 +31,34 @@ import torch
 from glmkit import LLM
 from glmkit.models.cpu_int8 import using_kernel
 from glmkit.models.layers import AttentionBatch, SeqSlice
+from glmkit.models.quant import REFINED_INPUTS, QuantLinear
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "perplexity.txt"
 MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
          "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8a8"), "int8a8-fbgemm": ("bfloat16", "int8a8"),
-         "int4": ("bfloat16", "int4")}
+         "int8a8-cuda": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
 KERNELS = {"int8a8-fbgemm": ("fbgemm", None)}  # int8a8 on fbgemm's product rather than glmkit's own kernel
+
+
+def round_rows(x: torch.Tensor, halves: int) -> torch.Tensor:
+    """x with each row rounded as kernels/int8_matmul.py does: mid + step * a over the row's range, a in
+    [-127, 127] rounded half up; with two halves the rounding error is rounded the same way and added back."""
+    left, total = x.float(), torch.zeros(x.shape, dtype=torch.float32)
+    for _ in range(halves):
+        hi, lo = left.amax(-1, keepdim=True), left.amin(-1, keepdim=True)
+        mid, step = (hi + lo) * 0.5, (hi - lo) / 254
+        inv = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+        part = mid + (torch.floor((left - mid) * inv + 128.5) - 128) * step
+        total, left = total + part, left - part
+    return total.to(x.dtype)
+
+
+def emulate_cuda_int8a8(llm: LLM) -> None:
+    """Round the input of every int8 linear as int8a8 does on CUDA (two halves for REFINED_INPUTS)."""
+    for name, module in llm.model.named_modules():
+        if isinstance(module, QuantLinear) and module.bits == 8:
+            halves = 2 if name.endswith(REFINED_INPUTS) else 1
+            module._forward = (lambda inner, h: lambda x: inner(round_rows(x, h)))(module._forward, halves)
 
 
 def window_nll(llm: LLM, ids: list[int], logit_rows: int = 128) -> tuple[float, int]:
@@ -87,6 +111,8 @@ def main() -> None:
         with using_kernel(*KERNELS.get(mode, (None, None))):
             llm = LLM(args.model, dtype=dtype, quantization=quantization, num_threads=args.threads,
                       kv_cache_memory_gb=0.05, enable_prefix_caching=False)
+        if mode == "int8a8-cuda":
+            emulate_cuda_int8a8(llm)
         loaded = time.perf_counter() - start
         if ids is None:
             ids = llm.encode_prompt(text)

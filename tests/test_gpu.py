@@ -68,6 +68,26 @@ def test_gpu_quantized_matches_cpu_kernels(checkpoints, quantization, tmp_path):
     assert all(len(o.token_ids) == 24 for o in gpu.generate(PROMPTS, GREEDY))
 
 
+def test_gpu_int8a8_runs_int8_tensor_cores_close_to_int8(checkpoints):
+    """int8a8 on CUDA: the int8 linears take int8 rows (qkv's in two halves) on the int8 tensor cores
+    (kernels/int8_matmul.py) in prompts and batched decode steps, close to int8's W8A16 products."""
+    from glmkit.models.quant import QuantLinear
+
+    w8a16 = LLM(str(checkpoints["qwen2"]), device="cuda", quantization="int8")
+    w8a8 = LLM(str(checkpoints["qwen2"]), device="cuda", quantization="int8a8")
+    assert w8a8.resolved_config.quantization == "int8a8"
+    halves = {name.rpartition(".")[2]: m._forward.int8_activations for name, m in w8a8.model.named_modules()
+              if isinstance(m, QuantLinear)}
+    assert halves.pop("qkv") == 2 and set(halves) >= {"o", "gate_up", "down"} and set(halves.values()) == {1}
+    for prompt in PROMPTS:
+        ref, got = first_step_logits(w8a16, prompt), first_step_logits(w8a8, prompt)
+        assert (ref - got).abs().max() <= BF16_TOLERANCE * ref.abs().max()
+    outs = w8a8.generate(PROMPTS, GREEDY)  # three rows per decode step: the int8 x int8 kernel in a CUDA graph
+    assert all(len(o.token_ids) == 24 for o in outs)
+    again = w8a8.generate(PROMPTS, GREEDY)  # each row is quantized on its own range: the same tokens again
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+
+
 @pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
 def test_gpu_pdl_changes_no_token(checkpoints, quantization, monkeypatch):
     """With programmatic dependent launch (kernels/pdl.py: quantized models' decode graphs, from compute

@@ -111,14 +111,15 @@ def _requested_quantization(config: EngineConfig, device: torch.device) -> str |
 
 
 def _check_int8_activations(plan: QuantPlan | None, device: torch.device) -> None:
-    """int8a8 runs fbgemm's byte x byte products: an x86 CPU with AVX2 only. Said before minutes of loading."""
-    if plan is None or not plan.int8_activations:
+    """int8a8 runs byte x byte products: on CUDA's int8 tensor cores, or on an x86 CPU with AVX2. Said before
+    minutes of loading."""
+    if plan is None or not plan.int8_activations or device.type == "cuda":
         return
     from .models import cpu_int8
 
     if device.type != "cpu":
-        raise InvalidParameterError("quantization", "int8a8", "int8 activations run on a CPU; on a GPU use int8 "
-                                    "or int4")
+        raise InvalidParameterError("quantization", "int8a8", f"int8 activations run on CUDA or an x86 CPU, not "
+                                    f"{device.type}: use int8 or int4")
     if not cpu_int8.runs_here():
         raise InvalidParameterError("quantization", "int8a8", "int8 activations need an x86 CPU with AVX2 and "
                                     "PyTorch's fbgemm; this one lacks them: use int8")

@@ -1,7 +1,8 @@
 """Weight-only quantized matmul for CUDA (Triton): y = x @ dequantize(weight).T, W8A16 and W4A16.
 
-    mm = QuantMatmul(bits, qweight, scales, group_size, dtype, bias=None)
-            repacks the weight once (tensors it keeps)
+    mm = QuantMatmul(bits, qweight, scales, group_size, dtype, bias=None, int8_activations=0)
+            repacks the weight once (tensors it keeps); int8_activations 1 or 2 (int8 weights, int8a8): rows of
+            2 or more go to kernels/int8_matmul.py, x quantized per row (in two halves with 2)
     mm(x)   x [M, K] bf16/fp16 -> [M, N] in x's dtype (+ bias, added in fp32 before the one rounding); one Triton
             launch, or from DEQUANT_ROWS rows on (prompts) a dequantizing launch and cuBLAS (_dequantized)
 
@@ -63,7 +64,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import int8_matmul, pdl
 from .quant_gemv import _MAGIC, _int4_gemv_kernel, _int8_gemv_kernel, _int8_to_f32
 
 # Nibbles -> floats, four bytes (eight values) per asm block: byte j's low nibble becomes element j of the first
@@ -275,9 +276,13 @@ class QuantMatmul:
     DEQUANT_SCRATCH = 256 << 20
 
     def __init__(self, bits: int, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                 dtype: torch.dtype, bias: torch.Tensor | None = None):
+                 dtype: torch.dtype, bias: torch.Tensor | None = None, int8_activations: int = 0):
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, not {bits}")
+        if int8_activations not in (0, 1, 2) or (int8_activations and bits != 8):
+            raise ValueError(f"int8_activations must be 0, or 1 or 2 (halves) with int8 weights, not "
+                             f"{int8_activations} with int{bits}")
+        self.int8_activations = int8_activations
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"activations must be bfloat16 or float16, not {dtype}")
         self.bits, self.dtype = bits, dtype
@@ -322,6 +327,10 @@ class QuantMatmul:
         self._configs: dict[int, tuple] = {}
         self.gemv_tiles = self.gemv_config(bits, self.N, self.K)
         self.dequant_rows = self.DEQUANT_ROWS
+        if int8_activations:
+            self.row_sums = int8_matmul.weight_row_sums(self.qweight)
+            if int8_activations == 1:  # one int8 half outruns dequantize + cuBLAS at every size measured; two
+                self.dequant_rows = 1 << 62  # halves (qkv) lose to it from 512 rows (benchmarks/gemv.py --rows)
 
     @staticmethod
     def gemv_config(bits: int, N: int, K: int) -> tuple[int, int, int] | None:
@@ -401,6 +410,11 @@ class QuantMatmul:
             return out
         if M == 1 and self.gemv_tiles is not None and (self.bits == 8 or (K % 4 == 0 and x.data_ptr() % 8 == 0)):
             return self._gemv(x, out, *self.gemv_tiles)  # int4 reads x as 8-byte quads
+        if self.int8_activations:
+            q, qs = int8_matmul.quantize_rows(x, self.k_pad, self.int8_activations)
+            cfg = int8_matmul.config(M, self.N, self.k_pad // self.block_k, self.num_sms, self._counters.numel())
+            return int8_matmul.int8_matmul(q, qs, self.qweight, self.scales, self.row_sums, self.bias, out,
+                                           self._counters, self.block_k, cfg)
         block_m, block_n, block_k, split, warps, stages = self.config(M)
         k_tiles = self.k_pad // block_k
         tiles_per_split = triton.cdiv(k_tiles, split)

@@ -319,8 +319,8 @@ def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device:
         model.lm_head.weight = model.embed.weight
     model = model.to(device).eval()
     if plan is not None and pack:
-        prepare_model(model, dtype)
-        if plan.int8_activations:  # int8a8: the int8 linears but qkv to fbgemm's W8A8 product (cpu_int8.py)
+        prepare_model(model, dtype, int8_activations=plan.int8_activations)
+        if plan.int8_activations and device.type == "cpu":  # int8a8 on a CPU: W8A8 products of cpu_int8.py
             # After packing, from the scales rounded to the activations' dtype: what the README's perplexity
             # figure measured (+0.46% against fp32; from fp32 scales +0.76%, within the text's noise).
             use_int8_activations(model)

@@ -13,11 +13,11 @@ no `offsets` (no buffer, nothing saved), so everything written before offsets ex
 
 At load time each QuantLinear packs its weight once for the device's kernel: PyTorch's `_weight_int8pack_mm` /
 `_weight_int4pack_mm_for_cpu` on CPU, our Triton kernel (kernels/quant_matmul.py) on CUDA. Activations stay
-in bf16/fp16 (W8A16, W4A16), except in int8a8 mode on an x86 CPU with AVX2, where the int8 linears but qkv
-quantize their inputs per token and run fbgemm's byte x byte product (W8A8, models/cpu_int8.py). Nothing is
-compiled at run time. Offsets cost no kernel of their own: the CPU kernel computes (u - 8) * scale + zero per group and
-takes them as its zeros; on CUDA the Triton kernel computes the symmetric part and QuantLinear adds
-sum(x over each group) @ offsets.T.
+in bf16/fp16 (W8A16, W4A16), except in int8a8 mode, where the int8 linears quantize their inputs per token (W8A8):
+on an x86 CPU with AVX2 through models/cpu_int8.py, on CUDA through kernels/int8_matmul.py (int8 tensor cores;
+qkv's rows in two 8-bit halves, `int8_activations`). Nothing is compiled at run time. Offsets cost no kernel of
+their own: the CPU kernel computes (u - 8) * scale + zero per group and takes them as its zeros; on CUDA the
+Triton kernel computes the symmetric part and QuantLinear adds sum(x over each group) @ offsets.T.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ INT4_INT8_LAYERS = ("attn.qkv",)
 _CPU_INT4_GROUPS = (256, 128, 64, 32)  # group sizes PyTorch's CPU int4 kernel accepts
 # Linears that are quantized; embeddings, norms and biases stay in float.
 QUANTIZED = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down", "lm_head")
+# int8a8 on CUDA: linears whose inputs go in as two 8-bit halves (about 16 bits). qkv is the most sensitive to
+# rounded inputs (README, "Quantization"), as on the CPU (cpu_int8.REFINED).
+REFINED_INPUTS = ("attn.qkv",)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class QuantPlan:
     #                        awq / gptq: 4-bit checkpoints of AutoAWQ / AutoGPTQ, converted while loading
     int8_layers: tuple[str, ...] = ()            # int4 mode: linears (name suffixes) kept in int8
     checkpoint_format: str | None = None         # awq: "gemm"; gptq: "gptq" (v1: zeros stored minus one), "gptq_v2"
-    int8_activations: bool = False               # int8a8: the int8 linears quantize their inputs too (CPU only)
+    int8_activations: bool = False               # int8a8: the int8 linears quantize their inputs too
 
     @classmethod
     def fresh(cls, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> QuantPlan:
@@ -260,6 +263,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self._forward = None
         self._bias_in_forward = False  # the kernel adds the bias itself (CUDA, symmetric)
+        self.int8_activations = 0  # CUDA int8a8 (set before prepare): inputs quantized to int8, 1 or 2 halves
 
     def extra_repr(self) -> str:
         extras = (", offsets" if self.asymmetric else "") + (", act-order" if self.perm is not None else "")
@@ -293,7 +297,7 @@ class QuantLinear(nn.Module):
 
         symmetric = self.offsets is None
         mm = QuantMatmul(self.bits, self.qweight, self.scales, self.group_size, dtype,
-                         bias=self.bias if symmetric else None)
+                         bias=self.bias if symmetric else None, int8_activations=self.int8_activations)
         self.qweight, self.scales = mm.qweight, mm.scales  # the kernel's layout replaces ours (no 2nd copy)
         if symmetric:
             self._bias_in_forward = self.bias is not None
@@ -363,7 +367,12 @@ def replace_linears(model: nn.Module, plan: QuantPlan, state: dict | None = None
                                                permuted=name + ".perm" in state))
 
 
-def prepare_model(model: nn.Module, dtype: torch.dtype) -> None:
-    for module in model.modules():
+def prepare_model(model: nn.Module, dtype: torch.dtype, int8_activations: bool = False) -> None:
+    """Pack every QuantLinear for its device. `int8_activations` (int8a8 on CUDA): the int8 linears quantize
+    their inputs per row on the GPU's int8 tensor cores, those named in REFINED_INPUTS in two 8-bit halves
+    (kernels/int8_matmul.py; the CPU's int8a8 is models/cpu_int8.py, switched on after packing)."""
+    for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
+            if int8_activations and module.bits == 8 and module.qweight.device.type == "cuda":
+                module.int8_activations = 2 if name.endswith(REFINED_INPUTS) else 1
             module.prepare(dtype)
