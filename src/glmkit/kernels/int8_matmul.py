@@ -1,24 +1,25 @@
 """int8 x int8 products on tensor cores for CUDA (Triton): the GPU side of int8a8 (W8A8).
 
-    q, s = quantize_rows(x, k_pad, halves)     x [M, K] -> int8 [halves, M, k_pad] and fp32 scales [halves, M]
-    int8_matmul(q, s, qweight, scales, bias, out, counters, config)
-                                               out [M, N] = sum over halves of s * (q @ qweight.T) * scales
+    q, qs = quantize_rows(x, k_pad, halves)    x [M, K] -> a: int8 [halves, M, k_pad], (step, mid) fp32 [halves, 2, M]
+    int8_matmul(q, qs, qweight, scales, row_sums, bias, out, counters, block_k, config(...))
+        out [M, N] = sum over halves of (step * (a @ qweight.T) + mid * row_sums) * scales (+ bias)
 
 Each row of x is quantized on its own range, centred on it (x ~= mid + step * a, a in [-127, 127], rounded half
 up), so a row's result does not depend on the rows beside it, as on the CPU (models/cpu_int8.py). The midpoint
 costs nothing in the loop: x @ q.T = step * (a @ q.T) + mid * (row sums of q, kept beside the weight). Centring
 matters: rounding symmetric about zero (a = x * 127 / max|x|) cost the default model +1.12% perplexity against
-fp32, centred rows +0.61% (`benchmarks/perplexity.py --modes fp32 int8a8-cuda`, which emulates this rounding). With `halves` = 2 the rounding error is quantized
-again the same way (about 16 bits in all: what int8a8 gives the sensitive qkv projection); the kernel multiplies
-both halves by each weight tile it loads and adds them in fp32 at the end.
+fp32, centred rows +0.61% (`benchmarks/perplexity.py --modes fp32 int8a8-cuda` emulates this rounding). With
+`halves` = 2 the rounding error is quantized again the same way (about 16 bits in all: what int8a8 gives the
+sensitive qkv projection); the kernel multiplies both halves by each weight tile it loads and adds them in fp32
+at the end.
 
 The product runs on int8 tensor cores (mma / wgmma s8.s8.s32) with int32 sums over the whole of K, the weight bytes
 going in as they are stored (glmkit's int8 layout, `qweight` [N, k_pad], K contiguous, which is what the
 tensor cores want of the second operand): nothing is converted inside the loop, where the W8A16 kernel
 (quant_matmul.py) turns every weight byte into bf16. Scales, bias and the one rounding to the output dtype
 come at the end, in fp32. On an H200 over ChatGLM3-6B's linears (`benchmarks/gemv.py --quant int8 --rows`),
-both launches together against bf16 cuBLAS: 64 rows 1.09-1.70x (the W8A16 kernel 0.62-1.07x), 256 rows
-0.78-1.31x (W8A16 0.40-0.56x).
+both launches together against bf16 cuBLAS: 64 rows 0.87-1.92x (the W8A16 kernel 0.62-1.31x), 256 rows
+0.55-1.49x (W8A16 0.39-0.59x); the lowest is qkv, whose two halves double the multiplies.
 
 Split-K (a GPU that the output tiles alone cannot fill) works as in quant_matmul.py: fp32 partials, the last split
 to arrive adds them in split order (deterministic). Nothing synchronizes with the host: CUDA graphs capture it.
