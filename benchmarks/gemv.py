@@ -185,5 +185,6 @@ def many_rows(shape: str, bits: int, group_size: int, rows: list[int]) -> None:
         del weights, mms, a8s, packed
         torch.cuda.empty_cache()
 
+
 if __name__ == "__main__":
     main()
