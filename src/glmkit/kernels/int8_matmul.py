@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .split_k import store_tile
+
 
 @triton.jit
 def _round_row(x, valid):
@@ -107,27 +109,8 @@ def _int8_matmul_kernel(q_ptr, qs_ptr, w_ptr, ws_ptr, wsum_ptr, b_ptr, out_ptr, 
         total += mid[:, None] * tl.load(wsum_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     total = total * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
 
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:  # in fp32, before the one rounding to the output dtype
-        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    else:
-        bias = 0.0
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, (total + bias).to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        # Serial reduction by the last split to finish: deterministic (partials added in split order).
-        tile = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(partial_ptr + pid_k * M * N + tile, total, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves (release below)
-        counter = counter_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(partial_ptr + s * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, (total + bias).to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(counter, 0)  # ready for the next launch
+    store_tile(total, b_ptr, out_ptr, partial_ptr, counter_ptr, offs_m, offs_n, M, N, stride_om, pid_m, pid_n, pid_k,
+               HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 def quantize_rows(x: torch.Tensor, k_pad: int, halves: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,7 @@ import triton.language as tl
 
 from . import int8_matmul, pdl
 from .quant_gemv import _MAGIC, _int4_gemv_kernel, _int8_gemv_kernel, _int8_to_f32
+from .split_k import store_tile
 
 # Nibbles -> floats, four bytes (eight values) per asm block: byte j's low nibble becomes element j of the first
 # result, its high nibble element j of the second. prmt reorders the bytes (b0, b2, b1, b3) so that one
@@ -172,27 +173,8 @@ def _quant_matmul_kernel(
         scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
         acc = acc * scale[None, :]
 
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]  # M * N may pass 2**31
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:  # in fp32, before the one rounding to the output dtype
-        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    else:
-        bias = 0.0
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, (acc + bias).to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        # Serial reduction by the last split to finish: deterministic (partials added in split order).
-        tile = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(partial_ptr + pid_k * M * N + tile, acc, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves (release below)
-        counter = counter_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(partial_ptr + s * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, (total + bias).to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(counter, 0)  # ready for the next launch
+    store_tile(acc, b_ptr, out_ptr, partial_ptr, counter_ptr, offs_m, offs_n, M, N, stride_om, pid_m, pid_n, pid_k,
+               HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
