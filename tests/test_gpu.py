@@ -88,7 +88,7 @@ def test_gpu_int8a8_runs_int8_tensor_cores_close_to_int8(checkpoints):
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+@pytest.mark.parametrize("quantization", ["none", "int8", "int8a8", "int4"])
 def test_gpu_pdl_changes_no_token(checkpoints, quantization, monkeypatch):
     """With programmatic dependent launch (kernels/pdl.py: quantized models' decode graphs, from compute
     capability 9) each kernel of a step starts while the previous one finishes and waits for its inputs: graphs
