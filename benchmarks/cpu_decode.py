@@ -1,13 +1,14 @@
 """Single-stream CPU decode tokens/s of the default model: glmkit fp32, bf16, int8, int8a8, int4, and llama.cpp.
 
     python benchmarks/cpu_decode.py [--threads 2] [--tokens 128] [--repeats 3]
-        [--modes fp32 bf16 int8 int8a8 int8a8-avx2 int8a8-fbgemm int4 llama.cpp] [--model PATH.gguf]
+        [--modes fp32 bf16 int8 int8a8 int8a8-avx2 int8a8-fbgemm int8a8-torch-ops int4 llama.cpp] [--model PATH.gguf]
 
 int8 runs the int8 weights with bf16 activations (PyTorch's `_weight_int8pack_mm`); int8a8 the same weights with
 int8 activations quantized per token on glmkit's own kernel (glmkit/models/cpu_int8.py, kernels/cpu_int8.c) on
 the widest instruction set the CPU has, qkv's in two 8-bit halves; int8a8-avx2 the same on its AVX2 path (what a
 CPU without VNNI runs); int8a8-fbgemm the same weights on fbgemm's dynamic quantized linear (the fallback where
-glmkit's kernel was not built; qkv at bf16 activations).
+glmkit's kernel was not built; qkv at bf16 activations); int8a8-torch-ops int8a8 with the step's small operations
+(RMSNorm, SiLU-and-mul, decode attention) in PyTorch rather than kernels/cpu_decode.c.
 
 Decode rate excludes prompt processing. glmkit: one request for 1 token and one for tokens + 1 from the same
 prompt (prefix caching off, so both prefill alike); rate = tokens / (difference of the two times). llama.cpp
@@ -28,20 +29,22 @@ import time
 from functools import partial
 
 from glmkit import LLM, SamplingParams
+from glmkit.kernels import cpu_decode
 from glmkit.models.cpu_int8 import using_kernel
 
 GLMKIT_MODES = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
                 "int8": ("bfloat16", "int8"), "int8a8": ("bfloat16", "int8a8"),
                 "int8a8-avx2": ("bfloat16", "int8a8"), "int8a8-fbgemm": ("bfloat16", "int8a8"),
-                "int4": ("bfloat16", "int4")}
+                "int8a8-torch-ops": ("bfloat16", "int8a8"), "int4": ("bfloat16", "int4")}
 # int8a8 on glmkit's kernel's AVX2 path (what a CPU without VNNI runs), or on fbgemm's product
 KERNELS = {"int8a8-avx2": ("glmkit", "avx2"), "int8a8-fbgemm": ("fbgemm", None)}
+TORCH_OPS = {"int8a8-torch-ops"}  # the step's small operations in PyTorch, not kernels/cpu_decode.c
 LLAMA = "llama.cpp"
 PROMPT = ("Write a Python function that reads a CSV file and returns its rows as a list of dictionaries, "
           "with error handling for missing files and malformed lines. Explain each step.")
 
 
-def glmkit_rate(llm: LLM, prompt: list[int], tokens: int) -> float:
+def glmkit_rate(llm: LLM, prompt: list[int], tokens: int, c_ops: bool = True) -> float:
     def timed(n: int) -> float:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         start = time.perf_counter()
@@ -50,8 +53,9 @@ def glmkit_rate(llm: LLM, prompt: list[int], tokens: int) -> float:
         assert len(out.token_ids) == n, (len(out.token_ids), n)
         return elapsed
 
-    first = timed(1)
-    return tokens / (timed(tokens + 1) - first)
+    with cpu_decode.using(c_ops):
+        first = timed(1)
+        return tokens / (timed(tokens + 1) - first)
 
 
 def llama_rate(llama, prompt: list[int], tokens: int) -> float:
@@ -94,7 +98,7 @@ def main() -> None:
               flush=True)
         if prompt is None:
             prompt = llm.render_chat([{"role": "user", "content": PROMPT}])
-        runners[mode] = partial(glmkit_rate, llm, prompt)
+        runners[mode] = partial(glmkit_rate, llm, prompt, c_ops=mode not in TORCH_OPS)
     if LLAMA in args.modes:
         try:
             from llama_cpp import Llama

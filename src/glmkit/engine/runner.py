@@ -191,7 +191,8 @@ class ModelRunner:
         if any(n != longest for n in lengths):
             lens = torch.tensor(lengths, device=self.device)
             mask = (torch.arange(longest, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
-        return DecodeGroup(row_ids, torch.tensor(padded, device=self.device), mask)
+        return DecodeGroup(row_ids, torch.tensor(padded, device=self.device), mask,
+                           context_lens=torch.tensor(lengths, device=self.device))
 
     def _decode_inputs(self, rows: list[StepRow], positions: list[int]):
         """(rotary positions, slots, block tables, context lengths) of decode rows computing these positions; a

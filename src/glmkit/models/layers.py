@@ -11,7 +11,8 @@ attention of new tokens after a cached context read the cache in place through b
 (kernels/paged_attention.py, kernels/paged_prefill.py), and rotary + the K/V writes, add +
 RMSNorm and SiLU-and-mul are fused Triton kernels (kernels/fused.py), and single-row products use a GEMV kernel
 (kernels/gemv.py); the layers carry the residual stream apart from the hidden state so that each residual add
-fuses into the next norm.
+fuses into the next norm. On a CPU, bf16 inference runs add + RMSNorm, SiLU-and-mul, rotary + the K/V writes and
+decode attention as one C call each (kernels/cpu_decode.py) where that extension was built.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def _cuda_kernels():
                            paged_prefill=paged_prefill.paged_prefill_attention)
 
 
+@functools.cache
+def _cpu_kernels():
+    """The C operations of the CPU decode step (kernels/cpu_decode.py), imported on first use."""
+    from ..kernels import cpu_decode
+
+    return cpu_decode
+
+
 @dataclass
 class SeqSlice:
     q_start: int                   # first row of this sequence in the flat token batch
@@ -46,13 +55,14 @@ class SeqSlice:
 
 @dataclass
 class DecodeGroup:
-    """Sequences that add one token to a cached context, attended in one batched call: on CPU by gathering
-    their slots (`kv_slots`, `mask`), on CUDA by the paged kernel reading the cache through `block_tables`."""
+    """Sequences that add one token to a cached context, attended in one batched call: on CPU through their slots
+    (`kv_slots`, `mask`; with `context_lens`, one C call of kernels/cpu_decode.py), on CUDA by the paged kernel
+    reading the cache through `block_tables`."""
     rows: torch.Tensor | None      # [B] their rows in the flat token batch (None: every row, a decode-only batch)
     kv_slots: torch.Tensor | None = None      # [B, max_context] cache slots, padded
     mask: torch.Tensor | None = None          # [B, 1, 1, max_context] True where a slot is real; None: all real
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 block ids
-    context_lens: torch.Tensor | None = None  # [B] int32 tokens to attend, the new one included
+    context_lens: torch.Tensor | None = None  # [B] tokens to attend, the new one included (int32; CPU: int64)
     block_size: int = 0
 
 
@@ -109,6 +119,8 @@ class RMSNorm(nn.Module):
         is written into `residual` in place."""
         if x.is_cuda:
             return _cuda_kernels().fused.add_rms_norm(x, residual, self.weight, self.eps)
+        if _cpu_kernels().usable(x, residual, self.weight):  # one C call, in place of eight PyTorch operations
+            return _cpu_kernels().add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         return self.forward(x), x
@@ -145,13 +157,17 @@ class Rotary:
                 else (lambda a, b: torch.cat([a, b], -1)))
         self.cos_full, self.sin_signed = join(self.cos, self.cos), join(-self.sin, self.sin)
 
+    def cover(self, positions: torch.Tensor) -> None:
+        """Grow the tables to these positions (unless sized for every position already)."""
+        if not self.fixed and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            self._grow(int(positions.max()) + 1)
+
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`rotate`'s full-width tables [T, 1, rotary_dim] at these positions [T]. Every layer of a step asks
         for the same positions tensor: its tables are gathered once and handed out again."""
         if self.last is not None and self.last[0] is positions:
             return self.last[1]
-        if not self.fixed and positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            self._grow(int(positions.max()) + 1)
+        self.cover(positions)
         tables = (self.cos_full.index_select(0, positions)[:, None, :],
                   self.sin_signed.index_select(0, positions)[:, None, :])
         self.last = positions, tables
@@ -249,6 +265,12 @@ class Attention(nn.Module):
             _cuda_kernels().fused.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, rotary.interleaved,
                                                  batch.slot_mapping, k_cache, v_cache, heads, groups)
             q, k, v = qkv.split([heads, groups, groups], dim=1)
+        elif (_cpu_kernels().usable(qkv, k_cache, v_cache, rotary.cos_full)
+              and positions.dtype == batch.slot_mapping.dtype == torch.int64):  # the same in one C call
+            rotary.cover(positions)
+            _cpu_kernels().rope_and_cache(qkv, positions, rotary.cos_full, rotary.sin_signed, rotary.interleaved,
+                                          batch.slot_mapping, k_cache, v_cache, heads, groups)
+            q, k, v = qkv.split([heads, groups, groups], dim=1)
         else:
             q, k = rotary(qkv[:, : heads + groups], positions).split([heads, groups], dim=1)  # one rotary call
             v = qkv[:, heads + groups:]
@@ -284,6 +306,10 @@ class Attention(nn.Module):
             out = _cuda_kernels().paged_decode(q, kv_cache[0], kv_cache[1], d.block_tables, d.context_lens,
                                                d.block_size)
             return out.view(q.shape[0], -1)
+        cpu = _cpu_kernels()
+        if (d.context_lens is not None and d.kv_slots.is_contiguous() and q.dtype == torch.bfloat16
+                and q.stride(2) == 1 and q.stride(1) == q.shape[2] and cpu.usable(*kv_cache)):
+            return cpu.decode_attention(q, kv_cache[0], kv_cache[1], d.kv_slots, d.context_lens)
         flat = d.kv_slots.view(-1)
         k_ctx, v_ctx = (c.index_select(0, flat).view(*d.kv_slots.shape, *c.shape[1:]).to(q.dtype)
                         for c in kv_cache)  # [B, S, G, D]
@@ -300,6 +326,8 @@ class MLP(nn.Module):
         gate_up = self.gate_up(x)
         if gate_up.is_cuda:
             return self.down(_cuda_kernels().fused.silu_and_mul(gate_up))
+        if _cpu_kernels().usable(gate_up):
+            return self.down(_cpu_kernels().silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
