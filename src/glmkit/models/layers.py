@@ -266,8 +266,8 @@ class Attention(nn.Module):
                                                  batch.slot_mapping, k_cache, v_cache, heads, groups)
             q, k, v = qkv.split([heads, groups, groups], dim=1)
         elif (_cpu_kernels().usable(qkv, k_cache, v_cache, rotary.cos_full)
-              and positions.dtype == batch.slot_mapping.dtype == torch.int64):  # the same in one C call
-            rotary.cover(positions)
+              and positions.dtype == batch.slot_mapping.dtype == torch.int64):
+            # the same in one C call, over tables DecoderModel.forward has grown to these positions
             _cpu_kernels().rope_and_cache(qkv, positions, rotary.cos_full, rotary.sin_signed, rotary.interleaved,
                                           batch.slot_mapping, k_cache, v_cache, heads, groups)
             q, k, v = qkv.split([heads, groups, groups], dim=1)
@@ -368,6 +368,7 @@ class DecoderModel(nn.Module):
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
         x, residual = self.embed(input_ids), None
         self.rotary.last = None
+        self.rotary.cover(positions)  # once a step, for every layer's rotary (the C call refuses what is past it)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, batch, kv_cache, self.rotary)
         return self.norm.add(x, residual)[0]
